@@ -1,0 +1,310 @@
+"""The typed configuration of one run: data, model, assigner, train, eval.
+
+Every knob an ablation touches is a field here whose default is the paper's value. YAML files
+are flat (no inheritance); ``--set dotted.key=value`` overrides are applied before validation,
+so a wrong key or type is reported the same way wherever it came from.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from dwlab.errors import DwlabError
+
+PRESETS_DIR = Path(__file__).parent / "configs"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SynthConfig(Strict):
+    """The embedded generated dataset (used when ``data.root`` is null)."""
+
+    n_train: int = Field(400, ge=1)
+    n_val: int = Field(100, ge=1)
+    seed: int = 0
+    image_size: int = Field(128, ge=32)
+
+
+class DataConfig(Strict):
+    root: str | None = None  # null: generate the embedded dataset into the cache and use it
+    train_ann: str = "instances_train.json"
+    train_images: str = "train"
+    val_ann: str = "instances_val.json"
+    val_images: str = "val"
+    min_size: int = Field(800, ge=16)  # shorter side after resize
+    max_size: int = Field(1333, ge=16)  # longer side at most
+    flip_prob: float = Field(0.5, ge=0.0, le=1.0)
+    size_divisor: int = Field(32, ge=1)
+    num_workers: int = Field(2, ge=0)
+    synth: SynthConfig = SynthConfig()
+
+
+class ModelConfig(Strict):
+    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    pretrained: bool | str = True  # True: torchvision ImageNet weights; a str: local state_dict path
+    norm: Literal["frozen_bn", "bn"] = "frozen_bn"
+    frozen_stages: int = Field(1, ge=-1, le=4)  # -1 none, 0 stem, 1 stem + layer1, ...
+    fpn_channels: int = Field(256, ge=8)
+    head_convs: int = Field(4, ge=0)
+    head_norm_groups: int = Field(32, ge=1)
+    num_classes: int | None = None  # null: from the dataset's categories
+    prior_prob: float = Field(0.01, gt=0.0, lt=1.0)  # cls bias init (released DW code: 0.02)
+    reg_bias_init: float = 0.0  # regression bias init (released DW code: 4.0)
+    anchor_offset: float = Field(0.5, ge=0.0, le=1.0)  # point = stride * (i + offset)
+    box_refine: bool = False  # paper Eq. 9-10
+    refine_sampler: Literal["deform_conv", "grid_sample"] = "deform_conv"
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> ModelConfig:
+        if self.head_convs and self.fpn_channels % self.head_norm_groups:
+            raise ValueError(
+                f"fpn_channels={self.fpn_channels} is not divisible by "
+                f"head_norm_groups={self.head_norm_groups}"
+            )
+        return self
+
+
+class FCOSAssignerConfig(Strict):
+    """FCOS (Tian et al., ICCV 2019) with center sampling."""
+
+    center_radius: float = Field(1.5, gt=0.0)
+    # regression ranges per level: level l takes max(l,t,r,b) in [size_ranges[l], size_ranges[l+1])
+    size_ranges: list[float] = [0.0, 64.0, 128.0, 256.0, 512.0, 1e8]
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+
+
+class DWAssignerConfig(Strict):
+    """Dual Weighting (Li et al., CVPR 2022). Symbols follow the paper: beta, mu, gamma1, gamma2.
+
+    ``variant: official`` fills every field left null with the released code's choice
+    (METHOD.md, "Where the released code differs"); ``paper`` fills them with the paper's.
+    """
+
+    variant: Literal["paper", "official"] = "paper"
+    beta: float = 5.0  # Eq. 3: t = s * iou**beta
+    mu: float = 5.0  # Eq. 4: exp(mu * t)
+    gamma1: float = 2.0  # Eq. 5-6: P_neg exponent
+    gamma2: float = 2.0  # Eq. 7: I_neg = s**gamma2
+    neg_variant: Literal["full", "pos_only", "no_pneg", "no_ineg", "one_minus_wpos"] = "full"
+    bag: Literal["soft", "threshold", "topk"] = "soft"
+    bag_radius: float = Field(2.0, gt=0.0)  # threshold bag: distance / stride < r
+    bag_topk: int = Field(9, ge=1)  # top-k bag: k nearest per FPN level
+    prior_sigma: float = Field(1.11, gt=0.0)  # soft bag: Gaussian sigma in stride units
+    # released-code constants (null: decided by ``variant``)
+    loc_score: Literal["iou_pow", "exp_giou"] | None = None  # t = s*iou**beta | s*exp(-beta*GIoULoss)
+    mu_norm: float | None = None  # exponent in the pos normaliser (paper: mu, official: 3)
+    pneg_high: float | None = None  # IoU where P_neg reaches 0 (paper 0.95, official 1.0)
+    pneg_bag_minmax: bool | None = None  # min-max normalise P_neg within each bag (official)
+    pos_scale: float | None = None  # scale of both pos terms (paper 1.0, official 0.25)
+    pneg_low: float = 0.5  # IoU below which P_neg = 1
+
+    @model_validator(mode="after")
+    def _fill_variant(self) -> DWAssignerConfig:
+        official = self.variant == "official"
+        defaults = {
+            "loc_score": "exp_giou" if official else "iou_pow",
+            "mu_norm": 3.0 if official else self.mu,
+            "pneg_high": 1.0 if official else 0.95,
+            "pneg_bag_minmax": official,
+            "pos_scale": 0.25 if official else 1.0,
+        }
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        if not self.pneg_low < self.pneg_high:
+            raise ValueError(f"pneg_low={self.pneg_low} must be below pneg_high={self.pneg_high}")
+        return self
+
+
+class AssignerConfig(Strict):
+    name: Literal["fcos", "dw"] = "dw"
+    fcos: FCOSAssignerConfig = FCOSAssignerConfig()
+    dw: DWAssignerConfig = DWAssignerConfig()
+
+
+class TrainConfig(Strict):
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(16, ge=1)  # images per worker
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # not applied to norm layers and biases
+    warmup_iters: int = Field(1000, ge=0)
+    warmup_ratio: float = Field(0.001, gt=0.0, le=1.0)
+    lr_steps: list[int] = [8, 11]  # epochs after which lr /= 10
+    lr_gamma: float = 0.1
+    grad_clip: float | None = None  # max grad norm
+    amp: bool = True  # used on CUDA only
+    threads: int | None = None  # torch CPU threads (null: torch's default)
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_iters_per_epoch: int | None = Field(None, ge=1)  # cap for quick runs and benchmarks
+    log_every: int = Field(20, ge=1)
+    progress: bool = True  # rich progress bar
+    save_checkpoints: bool = True
+
+
+class EvalConfig(Strict):
+    score_thresh: float = 0.05
+    pre_nms_topk: int = 1000  # per level
+    nms_thresh: float = 0.6
+    max_dets: int = 100
+    batch_size: int = Field(8, ge=1)
+    every: int = Field(1, ge=0)  # evaluate every N epochs (0: only after the last)
+
+
+class Config(Strict):
+    name: str = "run"
+    scale: Literal["smoke", "paper", "custom"] = "custom"
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    assigner: AssignerConfig = AssignerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{source}: unknown key '{key}'"
+    value = first.get("input")
+    shown = "" if isinstance(value, dict) else f" (got {value!r})"
+    return f"{source}: {key}: {first['msg']}{shown}"
+
+
+def validate(raw: dict[str, Any], source: str) -> Config:
+    """Validate a raw mapping; any problem becomes a one-line ``DwlabError`` naming ``source``."""
+    if not isinstance(raw, dict):
+        raise DwlabError(f"{source}: expected a mapping of config sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise DwlabError(_format_validation_error(err, source)) from None
+
+
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a file, with one-line errors for a missing or malformed file."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise DwlabError(f"{path}: cannot read ({err.strerror or err})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise DwlabError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A config argument is a file path, or the name of a preset in ``dwlab/configs``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESETS_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    known = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+    raise DwlabError(f"config '{name_or_path}' is neither a file nor a preset ({known})")
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"train.epochs=2"`` -> (["train", "epochs"], 2); the value is read as YAML."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise DwlabError(f"override '{item}': expected dotted.key=value")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with dotted overrides set; unknown keys are refused.
+
+    ``overrides`` is a list of ``"a.b=v"`` strings (the CLI's ``--set``) or a mapping
+    ``{"a.b": v}`` (sweep points).
+    """
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else [(k.split("."), v) for k, v in overrides.items()]
+    )
+    out = _deep_copy(raw)
+    for keys, value in items:
+        label = ".".join(keys)
+        node: dict[str, Any] = out
+        model: type[BaseModel] = Config
+        for i, key in enumerate(keys):
+            fields = model.model_fields
+            if key not in fields:
+                where = ".".join(keys[:i]) or "the top level"
+                raise DwlabError(
+                    f"override '{label}': unknown key '{key}' in {where} "
+                    f"(known: {', '.join(fields)})"
+                )
+            if i == len(keys) - 1:
+                node[key] = value
+                break
+            annotation = fields[key].annotation
+            if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+                raise DwlabError(f"override '{label}': '{key}' is a value, not a section")
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node, model = child, annotation
+    return out
+
+
+def _deep_copy(raw: Any) -> Any:
+    if isinstance(raw, dict):
+        return {k: _deep_copy(v) for k, v in raw.items()}
+    if isinstance(raw, list):
+        return [_deep_copy(v) for v in raw]
+    return raw
+
+
+def load_config(name_or_path: str, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Read a config file or preset, apply dotted overrides, validate."""
+    path = resolve_path(name_or_path)
+    raw = read_yaml(path)
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise DwlabError(f"{path}: expected a mapping of config sections, got {type(raw).__name__}")
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+    return validate(raw, str(path))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    return cfg.model_dump(mode="json")
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Config | dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"train.lr": 0.01, ...}``: the resolved config as dotted keys (MLflow params, diffs)."""
+    raw = to_dict(cfg) if isinstance(cfg, Config) else cfg
+    flat: dict[str, Any] = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{dotted}."))
+        else:
+            flat[dotted] = value
+    return flat

@@ -1,0 +1,34 @@
+"""Helpers that behave the same with and without torch.distributed."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def reduce_mean(value: Tensor) -> Tensor:
+    """Mean of a scalar tensor over workers (a loss normaliser); the value itself alone."""
+    if not is_distributed():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def normaliser(value: Tensor | float, device: torch.device) -> Tensor:
+    """A loss normaliser: averaged over workers and clamped to at least 1 (DETR-style)."""
+    value = torch.as_tensor(value, dtype=torch.float32, device=device)
+    return reduce_mean(value).clamp(min=1.0)
