@@ -148,6 +148,9 @@ class TrainConfig(Strict):
     log_every: int = Field(20, ge=1)
     progress: bool = True  # rich progress bar
     save_checkpoints: bool = True
+    # test-only fault injection (the fault suite and the sweep's retry tests use these)
+    inject_nan_at_iter: int | None = None  # make the loss NaN at this global iteration
+    inject_error_at_epoch: int | None = None  # raise RuntimeError when this epoch starts
 
 
 class EvalConfig(Strict):

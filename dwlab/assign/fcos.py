@@ -1,0 +1,132 @@
+"""FCOS label assignment (Tian et al., "FCOS: Fully Convolutional One-Stage Object Detection",
+ICCV 2019, with the center sampling of FCOS-imprv) and its loss.
+
+An anchor point is positive for GT g when
+  (i)  it lies within ``center_radius * stride`` of g's centre (clipped to g's box), and
+  (ii) its largest regression distance max(l, t, r, b) to g is inside its level's size range;
+among several such GTs it takes the one of smallest area. Loss: focal loss on the class score
+(alpha 0.25, gamma 2), GIoU loss on positives' boxes, BCE on centerness targets
+sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)); each summed and divided by the number of
+positives (averaged over workers).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+from dwlab.box_ops import boxes_to_distances, box_centers
+from dwlab.config import FCOSAssignerConfig
+from dwlab.data.target import Target
+from dwlab.distributed import normaliser
+from dwlab.models.outputs import Anchors, HeadOutputs
+
+
+def pad_targets(targets: list[Target], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack GTs of a batch, padded to the largest G: boxes ``Tensor[B, G, 4]``,
+    labels ``Tensor[B, G]`` and validity ``Tensor[B, G]`` (bool)."""
+    g = max((len(t.labels) for t in targets), default=0)
+    boxes = torch.zeros(len(targets), g, 4, device=device)
+    labels = torch.zeros(len(targets), g, dtype=torch.long, device=device)
+    valid = torch.zeros(len(targets), g, dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        n = len(t.labels)
+        boxes[i, :n], labels[i, :n], valid[i, :n] = t.boxes, t.labels, True
+    return boxes, labels, valid
+
+
+@torch.no_grad()
+def fcos_match(
+    anchors: Anchors, gt_boxes: Tensor, gt_valid: Tensor, *, center_radius: float, size_ranges: list[float]
+) -> Tensor:
+    """Matched GT index per anchor, ``Tensor[B, A]`` long, -1 = background.
+
+    gt_boxes ``Tensor[B, G, 4]`` xyxy; gt_valid ``Tensor[B, G]``.
+    """
+    b, g = gt_valid.shape
+    if g == 0:
+        return torch.full((b, len(anchors)), -1, dtype=torch.long, device=gt_boxes.device)
+    points = anchors.points[None, :, None, :]  # [1, A, 1, 2]
+    boxes = gt_boxes[:, None]  # [B, 1, G, 4]
+    dist = boxes_to_distances(points, boxes)  # [B, A, G, 4]
+    inside_box = dist.min(-1).values > 0
+    # (i) center sampling: the point is inside the radius*stride square around g's centre, within g
+    radius = (anchors.strides * center_radius)[None, :, None]  # [1, A, 1]
+    centers = box_centers(boxes)  # [B, 1, G, 2]
+    sampling = torch.cat(
+        [
+            torch.maximum(centers - radius[..., None], boxes[..., :2]),
+            torch.minimum(centers + radius[..., None], boxes[..., 2:]),
+        ],
+        dim=-1,
+    )
+    in_center = boxes_to_distances(points, sampling).min(-1).values > 0
+    # (ii) the level's size range
+    bounds = torch.tensor(size_ranges, device=gt_boxes.device)
+    lo, hi = bounds[anchors.levels][None, :, None], bounds[anchors.levels + 1][None, :, None]
+    max_dist = dist.max(-1).values
+    in_range = (max_dist >= lo) & (max_dist <= hi)
+    match = inside_box & in_center & in_range & gt_valid[:, None, :]
+    area = ((gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1]))[:, None, :]
+    area = torch.where(match, area.expand_as(match), torch.full_like(match, float("inf"), dtype=area.dtype))
+    min_area, idx = area.min(-1)
+    return torch.where(torch.isinf(min_area), torch.full_like(idx, -1), idx)
+
+
+def centerness_target(distances: Tensor) -> Tensor:
+    """(l, t, r, b) ``Tensor[N, 4]`` -> ``Tensor[N]`` = sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))."""
+    lr, tb = distances[:, [0, 2]], distances[:, [1, 3]]
+    ratio = (lr.min(-1).values / lr.max(-1).values.clamp(min=1e-6)) * (
+        tb.min(-1).values / tb.max(-1).values.clamp(min=1e-6)
+    )
+    return ratio.clamp(min=0).sqrt()
+
+
+class FCOSAssigner:
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        center_radius: float = 1.5,
+        size_ranges: list[float] = (0.0, 64.0, 128.0, 256.0, 512.0, 1e8),
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+    ) -> None:
+        if len(size_ranges) != 6:
+            raise ValueError(f"size_ranges needs 6 bounds for P3-P7, got {list(size_ranges)}")
+        self.num_classes = num_classes
+        self.center_radius = center_radius
+        self.size_ranges = list(size_ranges)
+        self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+
+    @classmethod
+    def from_config(cls, cfg: FCOSAssignerConfig, num_classes: int) -> FCOSAssigner:
+        return cls(num_classes, **cfg.model_dump())
+
+    def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        device = outputs.cls_logits.device
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, device)
+        matched = fcos_match(
+            outputs.anchors, gt_boxes, gt_valid, center_radius=self.center_radius, size_ranges=self.size_ranges
+        )  # [B, A]
+        pos = matched >= 0
+        batch_idx, anchor_idx = pos.nonzero(as_tuple=True)
+        gt_idx = matched[batch_idx, anchor_idx]
+        num_pos = normaliser(pos.sum(), device)
+
+        cls_target = torch.zeros_like(outputs.cls_logits)
+        cls_target[batch_idx, anchor_idx, gt_labels[batch_idx, gt_idx]] = 1.0
+        loss_cls = sigmoid_focal_loss(
+            outputs.cls_logits.float(), cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+
+        pos_boxes = outputs.boxes()[batch_idx, anchor_idx].float()
+        target_boxes = gt_boxes[batch_idx, gt_idx]
+        loss_box = generalized_box_iou_loss(pos_boxes, target_boxes, reduction="sum")
+        ctr_target = centerness_target(boxes_to_distances(outputs.anchors.points[anchor_idx], target_boxes))
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            outputs.centerness[batch_idx, anchor_idx].float(), ctr_target, reduction="sum"
+        )
+        return {"loss_cls": loss_cls / num_pos, "loss_box": loss_box / num_pos, "loss_ctr": loss_ctr / num_pos}

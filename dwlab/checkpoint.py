@@ -1,0 +1,57 @@
+"""Atomic checkpoints: write a temp file, then rename. ``last.pt`` is the newest, ``prev.pt``
+the one before; a corrupt or half-written ``last.pt`` falls back to ``prev.pt``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dwlab.errors import DwlabError
+
+LAST, PREV = "last.pt", "prev.pt"
+
+
+def save_atomic(state: dict[str, Any], directory: Path) -> Path:
+    """Save ``state`` as ``directory/last.pt``; the previous ``last.pt`` becomes ``prev.pt``.
+
+    A crash at any point leaves at least one complete checkpoint: the temp file is complete
+    before any rename, and each rename is atomic.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / f".{LAST}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    last = directory / LAST
+    if last.exists():
+        os.replace(last, directory / PREV)
+    os.replace(tmp, last)
+    return last
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Load one checkpoint file (``weights_only=True``: tensors and plain containers only)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise DwlabError(f"{path}: checkpoint not found") from None
+    except Exception as err:  # a truncated zip, a pickle with code in it, not a checkpoint at all
+        raise DwlabError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__})") from None
+
+
+def load_latest(directory: Path, warn=print) -> dict[str, Any] | None:
+    """The newest loadable checkpoint in ``directory`` (``last.pt``, else ``prev.pt``), or None
+    when there is none. A corrupt file is reported in one line and skipped."""
+    for name in (LAST, PREV):
+        path = directory / name
+        if not path.exists():
+            continue
+        try:
+            return load(path)
+        except DwlabError as err:
+            warn(f"warning: {err}; trying the previous checkpoint")
+    return None

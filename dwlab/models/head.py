@@ -1,0 +1,71 @@
+"""The FCOS head: shared cls and reg towers over P3-P7, outputs only (no targets, no loss)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for _ in range(num_convs):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1), nn.GroupNorm(groups, channels), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+class FCOSHead(nn.Module):
+    """Per level: cls logits (C), centerness logit (on the reg tower) and (l, t, r, b) distances
+    = ReLU(scale_level * conv(reg tower)) * stride, optionally refined (paper Eq. 9-10)."""
+
+    def __init__(
+        self,
+        channels: int,
+        num_classes: int,
+        strides: tuple[int, ...],
+        *,
+        num_convs: int = 4,
+        norm_groups: int = 32,
+        prior_prob: float = 0.01,
+        reg_bias_init: float = 0.0,
+        box_refine: bool = False,
+        refine_sampler: str = "deform_conv",
+        anchor_offset: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.strides = strides
+        self.cls_tower = _tower(channels, num_convs, norm_groups)
+        self.reg_tower = _tower(channels, num_convs, norm_groups)
+        self.cls_logits = nn.Conv2d(channels, num_classes, 3, padding=1)
+        self.bbox_pred = nn.Conv2d(channels, 4, 3, padding=1)
+        self.centerness = nn.Conv2d(channels, 1, 3, padding=1)
+        self.scales = nn.Parameter(torch.ones(len(strides)))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.normal_(module.weight, std=0.01)
+                nn.init.zeros_(module.bias)
+        nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
+        nn.init.constant_(self.bbox_pred.bias, reg_bias_init)
+        self.refine = None
+        if box_refine:
+            from dwlab.models.refine import BoxRefine
+
+            self.refine = BoxRefine(channels, refine_sampler, anchor_offset)
+
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]:
+        """features: per level ``Tensor[B, F, H_l, W_l]``. Returns per-level lists of
+        cls ``[B, C, H, W]``, centerness ``[B, 1, H, W]``, distances ``[B, 4, H, W]`` and,
+        with refinement, the coarse distances (else None)."""
+        cls_out, ctr_out, dist_out, coarse_out = [], [], [], []
+        for level, (feature, stride) in enumerate(zip(features, self.strides)):
+            cls_feat = self.cls_tower(feature)
+            reg_feat = self.reg_tower(feature)
+            cls_out.append(self.cls_logits(cls_feat))
+            ctr_out.append(self.centerness(reg_feat))
+            dist = torch.relu(self.scales[level] * self.bbox_pred(reg_feat)) * stride
+            if self.refine is not None:
+                coarse_out.append(dist)
+                dist = self.refine(reg_feat, dist, stride)
+            dist_out.append(dist)
+        return cls_out, ctr_out, dist_out, (coarse_out if self.refine is not None else None)

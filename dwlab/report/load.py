@@ -1,0 +1,147 @@
+"""Read the sweep's trial runs from MLflow into pandas (read-only: never creates a store).
+
+One row per trial run (tag ``dwlab.kind = trial``), in MLflow's own column convention:
+``run_id``, ``experiment``, ``status``, ``params.<dotted key>`` (strings, as logged),
+``metrics.<key>`` (the last step's value), ``tags.<key>``. Metric histories are read on demand
+by :func:`load_histories`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+from urllib.parse import urlparse
+
+import pandas as pd
+
+from dwlab.errors import DwlabError
+
+TRIAL_FILTER = "tags.`dwlab.kind` = 'trial'"
+PAGE = 1000
+
+
+def default_tracking_uri() -> str:
+    """The sweep's store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db``.
+
+    Same rule as ``dwlab.sweep.tracking.tracking_uri``, which is used once it exists.
+    """
+    try:
+        from dwlab.sweep.tracking import tracking_uri
+    except ImportError:
+        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
+    return tracking_uri()
+
+
+@contextlib.contextmanager
+def _fail_fast_http() -> Iterator[None]:
+    """Few retries and a short timeout while probing an HTTP store (user's env wins)."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _one_line(err: Exception) -> str:
+    text = str(err).strip().splitlines()
+    return (text[0] if text else type(err).__name__)[:200]
+
+
+def open_store(uri: str):
+    """An ``MlflowClient`` on ``uri``, after checking the store answers.
+
+    A sqlite URI whose file does not exist is refused rather than created (MLflow would
+    create an empty store, and the report would then say "no runs" about a mistyped path).
+    """
+    from mlflow.tracking import MlflowClient
+
+    parsed = urlparse(uri)
+    if parsed.scheme == "sqlite":
+        # sqlite:///rel/path is relative to the cwd, sqlite:////abs/path absolute (SQLAlchemy)
+        path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
+        if path and path != ":memory:" and not Path(path).is_file():
+            raise DwlabError(f"cannot reach the MLflow store {uri}: no such database file")
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        with _fail_fast_http():
+            client.search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+        raise DwlabError(f"cannot reach the MLflow store {uri}: {_one_line(err)}") from None
+    return client
+
+
+def find_experiments(client, uri: str, names: list[str] | None) -> list:
+    """The named experiments (every name must exist), or every experiment when ``names`` is
+    empty or None."""
+    known = client.search_experiments()
+    by_name = {e.name: e for e in known}
+    if not names:
+        return [e for e in known]
+    missing = [n for n in names if n not in by_name]
+    if missing:
+        listed = ", ".join(sorted(by_name)) or "none"
+        plural = "s" if len(missing) > 1 else ""
+        raise DwlabError(
+            f"no experiment{plural} named {', '.join(repr(m) for m in missing)} in {uri} "
+            f"(experiments there: {listed})"
+        )
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def load_runs(client, uri: str, experiments: list) -> pd.DataFrame:
+    """Every trial run of ``experiments`` as one row; a ``DwlabError`` when there are none."""
+    names = {e.experiment_id: e.name for e in experiments}
+    rows: list[dict] = []
+    token = None
+    while True:
+        page = client.search_runs(
+            list(names), filter_string=TRIAL_FILTER, max_results=PAGE, page_token=token
+        )
+        for run in page:
+            row = {
+                "run_id": run.info.run_id,
+                "experiment": names.get(run.info.experiment_id, run.info.experiment_id),
+                "status": run.info.status,
+                "start_time": run.info.start_time,
+            }
+            row.update({f"params.{k}": v for k, v in run.data.params.items()})
+            row.update({f"metrics.{k}": v for k, v in run.data.metrics.items()})
+            row.update({f"tags.{k}": v for k, v in run.data.tags.items()})
+            rows.append(row)
+        token = page.token
+        if not token:
+            break
+    if not rows:
+        where = ", ".join(sorted(names.values())) or "no experiments"
+        raise DwlabError(f"no dwlab trial runs in {where} at {uri} (run 'dwlab sweep' first)")
+    return pd.DataFrame(rows).sort_values("start_time", kind="stable").reset_index(drop=True)
+
+
+def load_histories(client, run_ids: list[str], keys: tuple[str, ...] = ("AP", "loss")) -> pd.DataFrame:
+    """Metric histories as long rows ``run_id, key, step, value`` (one value per step: the last
+    one logged)."""
+    rows = [
+        {"run_id": rid, "key": key, "step": m.step, "value": m.value, "timestamp": m.timestamp}
+        for rid in run_ids
+        for key in keys
+        for m in client.get_metric_history(rid, key)
+    ]
+    frame = pd.DataFrame(rows, columns=["run_id", "key", "step", "value", "timestamp"])
+    frame = frame.sort_values(["run_id", "key", "step", "timestamp"], kind="stable")
+    return frame.drop_duplicates(["run_id", "key", "step"], keep="last").drop(columns="timestamp")
+
+
+def read(uri: str | None, experiments: list[str] | None) -> tuple[str, object, pd.DataFrame]:
+    """``(uri, client, runs)``: open the store and load the trial runs of ``experiments``."""
+    uri = uri or default_tracking_uri()
+    client = open_store(uri)
+    exps = find_experiments(client, uri, experiments)
+    return uri, client, load_runs(client, uri, exps)

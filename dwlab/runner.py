@@ -1,0 +1,338 @@
+"""A whole run from a config: data, model, assigner, optimiser, epochs, checkpoints, evaluation.
+
+A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per
+epoch), ``checkpoints/last.pt`` (+ ``prev.pt``) and ``eval.json`` (final COCO metrics).
+Under torch.distributed (e.g. a Ray Train worker) it trains data-parallel; rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from dwlab import __version__, checkpoint
+from dwlab.assign import build_assigner
+from dwlab.config import Config, DataConfig, dump_yaml, to_dict
+from dwlab.data.coco import CocoDetection, collate
+from dwlab.distributed import is_distributed, rank, world_size
+from dwlab.engine import NonFiniteLoss, StepState, lr_at, param_groups, predict, train_one_epoch
+from dwlab.errors import DwlabError
+from dwlab.evaluation import coco_evaluate, to_coco_results
+from dwlab.models.detector import FCOS, build_model
+
+__all__ = ["EpochReport", "RunResult", "NonFiniteLoss", "run_training", "run_evaluation"]
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # epochs completed (1-based)
+    epochs: int
+    metrics: dict[str, float]  # mean loss terms, lr, iters_per_s, images_seen; AP* when evaluated
+    checkpoint: Path | None  # written for this epoch (rank 0 only)
+
+
+@dataclass
+class RunResult:
+    out_dir: Path
+    metrics: dict[str, float]  # final AP, AP50, AP75, APs, APm, APl
+    epochs_done: int
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def data_paths(cfg: DataConfig) -> tuple[Path, Path, Path, Path]:
+    """(train_ann, train_images, val_ann, val_images); the embedded dataset when root is null."""
+    if cfg.root is None:
+        from dwlab.data.synth import default_dataset
+
+        root = default_dataset(cfg.synth)
+    else:
+        root = Path(cfg.root)
+        if not root.is_dir():
+            raise DwlabError(f"data.root: directory {root} does not exist")
+    return root / cfg.train_ann, root / cfg.train_images, root / cfg.val_ann, root / cfg.val_images
+
+
+def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
+    train_ann, train_images, val_ann, val_images = data_paths(cfg.data)
+    size = dict(min_size=cfg.data.min_size, max_size=cfg.data.max_size)
+    train = CocoDetection(train_ann, train_images, flip_prob=cfg.data.flip_prob, **size)
+    val = CocoDetection(val_ann, val_images, flip_prob=0.0, **size)
+    if val.cat_ids != train.cat_ids:
+        raise DwlabError(f"{val_ann}: categories differ from {train_ann}")
+    return train, val
+
+
+def num_classes_of(cfg: Config, dataset: CocoDetection) -> int:
+    n = cfg.model.num_classes
+    if n is not None and n != dataset.num_classes:
+        raise DwlabError(
+            f"model.num_classes={n} but {dataset.ann_file} has {dataset.num_classes} categories"
+        )
+    return dataset.num_classes
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DwlabError("train.device=cuda but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and is_distributed():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def _loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator: torch.Generator | None) -> DataLoader:
+    sampler = None
+    if train:
+        sampler = (
+            DistributedSampler(dataset, shuffle=True, seed=cfg.train.seed)
+            if is_distributed()
+            else RandomSampler(dataset, generator=generator)
+        )
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+        collate_fn=functools.partial(collate, size_divisor=cfg.data.size_divisor),
+        generator=generator,
+        drop_last=False,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def evaluate(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:
+    """COCO bbox metrics of ``model`` on ``dataset``."""
+    loader = _loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=None)
+    detections, targets = predict(
+        model,
+        loader,
+        device,
+        score_thresh=cfg.eval.score_thresh,
+        pre_nms_topk=cfg.eval.pre_nms_topk,
+        nms_thresh=cfg.eval.nms_thresh,
+        max_dets=cfg.eval.max_dets,
+    )
+    results = to_coco_results(
+        detections, [t.image_id for t in targets], [t.scale for t in targets], dataset.cat_ids
+    )
+    return coco_evaluate(dataset.coco, results, dataset.image_ids)
+
+
+def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = None) -> dict[str, float]:
+    """Evaluate a checkpoint on the config's val set; writes ``out_path`` (json) if given."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    state = checkpoint.load(Path(checkpoint_path))
+    _, val = build_datasets(cfg)
+    device = pick_device(cfg.train.device)
+    model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes_of(cfg, val))
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        raise DwlabError(f"{checkpoint_path}: does not match the config's model ({str(err).splitlines()[0]})") from None
+    metrics = evaluate(model.to(device), val, cfg, device)
+    if out_path is not None:
+        _write_json(Path(out_path), metrics)
+    return metrics
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(path)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _progress(enabled: bool, total: int, description: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.2f} it/s"),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[losses]}"),
+        disable=not enabled,
+    )
+    task = progress.add_task(description, total=total, rate=0.0, losses="")
+    return progress, task
+
+
+def run_training(
+    cfg: Config,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    on_epoch_end: Callable[[EpochReport], None] | None = None,
+) -> RunResult:
+    """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint."""
+    out_dir = Path(out_dir)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    seed_everything(cfg.train.seed)
+    train_set, val_set = build_datasets(cfg)
+    num_classes = num_classes_of(cfg, train_set)
+    device = pick_device(cfg.train.device)
+    model = build_model(cfg.model, num_classes).to(device)
+    assigner = build_assigner(cfg.assigner, num_classes)
+    optimizer = torch.optim.SGD(
+        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, momentum=cfg.train.momentum
+    )
+    use_amp = cfg.train.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if use_amp else None
+
+    state = StepState()
+    start_epoch = 0
+    history: list[dict] = []
+    ckpt_dir = out_dir / "checkpoints"
+    if resume:
+        saved = checkpoint.load_latest(ckpt_dir, warn=_warn)
+        if saved is None and any(ckpt_dir.glob("*.pt")):
+            raise DwlabError(f"{ckpt_dir}: no loadable checkpoint to resume from")
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            if scaler is not None and "scaler" in saved:
+                scaler.load_state_dict(saved["scaler"])
+            start_epoch, state.iteration = int(saved["epoch"]), int(saved["iteration"])
+            history = _read_history(out_dir / "metrics.jsonl", start_epoch)
+            torch.set_rng_state(saved["rng"])
+    is_main = rank() == 0
+    if is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    net = model
+    if is_distributed():
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    generator = torch.Generator()
+    loader = _loader(train_set, cfg.train.batch_size, cfg, train=True, generator=generator)
+    iters_per_epoch = min(len(loader), cfg.train.max_iters_per_epoch or len(loader))
+    lr_kwargs = dict(
+        base_lr=cfg.train.lr,
+        warmup_iters=cfg.train.warmup_iters,
+        warmup_ratio=cfg.train.warmup_ratio,
+        steps=cfg.train.lr_steps,
+        gamma=cfg.train.lr_gamma,
+    )
+    images_seen = int(history[-1]["images_seen"]) if history else 0
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        if cfg.train.inject_error_at_epoch is not None and epoch + 1 == cfg.train.inject_error_at_epoch:
+            raise RuntimeError(f"injected error at the start of epoch {epoch + 1} (train.inject_error_at_epoch)")
+        generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+        if isinstance(loader.sampler, DistributedSampler):
+            loader.sampler.set_epoch(epoch)
+        progress, task = _progress(cfg.train.progress and is_main, iters_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}")
+
+        def on_step(step: dict[str, float], progress=progress, task=task) -> None:
+            shown = " ".join(f"{k}={v:.3f}" for k, v in step.items() if k.startswith("loss"))
+            rate = progress.tasks[0].speed or 0.0
+            progress.update(task, advance=1, losses=shown, rate=rate)
+
+        with progress:
+            epoch_metrics = train_one_epoch(
+                net,
+                assigner,
+                loader,
+                optimizer,
+                lambda it, e=epoch: lr_at(it, e, **lr_kwargs),
+                state,
+                device,
+                scaler=scaler,
+                grad_clip=cfg.train.grad_clip,
+                max_iters=cfg.train.max_iters_per_epoch,
+                nan_at_iter=cfg.train.inject_nan_at_iter,
+                on_step=on_step,
+            )
+        images_seen += int(epoch_metrics.pop("images")) * world_size()
+        metrics = {**epoch_metrics, "images_seen": float(images_seen)}
+        last = epoch + 1 == cfg.train.epochs
+        if last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
+            metrics.update(_evaluate_on_main(model, val_set, cfg, device))
+        ckpt_path = None
+        if is_main:
+            if cfg.train.save_checkpoints:
+                ckpt_path = checkpoint.save_atomic(
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                        "epoch": epoch + 1,
+                        "iteration": state.iteration,
+                        "rng": torch.get_rng_state(),
+                        "config": to_dict(cfg),
+                        "dwlab_version": __version__,
+                    },
+                    ckpt_dir,
+                )
+            history.append({"epoch": epoch + 1, **metrics})
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+        if on_epoch_end is not None:
+            on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path))
+
+    final = {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics}
+    if not final and history:  # resumed after the last epoch: nothing left to train
+        final = {k: history[-1][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in history[-1]}
+    if is_main and final:
+        _write_json(out_dir / "eval.json", final)
+    return RunResult(out_dir, final, max(start_epoch, cfg.train.epochs))
+
+
+def _evaluate_on_main(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:
+    """Evaluate on rank 0 and share the metrics with every rank."""
+    result = [evaluate(model, dataset, cfg, device) if rank() == 0 else None]
+    if is_distributed():
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
+    """The per-epoch lines of ``metrics.jsonl`` up to ``up_to_epoch`` (rewrites the file
+    without later lines, which a killed run may have left)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if row.get("epoch", 0) <= up_to_epoch:
+            rows.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def _warn(message: str) -> None:
+    import sys
+
+    print(message, file=sys.stderr)

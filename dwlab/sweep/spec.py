@@ -1,0 +1,450 @@
+"""Sweep files: schema, validation and expansion into trials.
+
+A sweep file names a base config, a list of points (each a mapping of dotted overrides, or a
+``grid`` whose Cartesian product is a set of points), seeds per point and resources per trial::
+
+    name: table2                 # experiment name (default: the file's stem)
+    table: table2                # which paper table it reproduces (table2 .. table6)
+    base: null                   # config preset or path (relative to this file); null: the scale preset
+    scale: smoke                 # smoke | paper (--scale overrides)
+    seeds: 1                     # seeds 0 .. seeds-1 per point (--seeds overrides)
+    set: {train.epochs: 8}       # overrides applied to every point
+    points:
+      - {assigner.dw.beta: 5, id: my-id, label: "beta 5"}       # one point
+      - grid: {assigner.dw.mu: [3, 4, 5]}                        # three points
+        assigner.dw.beta: 5                                      # fixed keys of this grid
+    resources: {cpus_per_trial: 1, gpus_per_trial: 0, workers_per_trial: 1}
+      # or per scale: {smoke: {...}, paper: {...}}
+    max_retries: 1
+    checkpoint_artifact: true
+
+The sweep is the union of the points in order, de-duplicated on the resolved config. Every
+point is resolved with ``load_config`` before anything starts, so a bad key, value or path
+stops the sweep with one line naming the sweep file, the key and the problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dwlab.config import Config, flatten, load_config, parse_override, read_yaml, resolve_path, to_dict
+from dwlab.errors import DwlabError
+
+TABLES = ("table2", "table3", "table4", "table5", "table6")
+SCALES = ("smoke", "paper")
+PAPER_IMAGES_PER_BATCH = 16  # 8 GPUs x 2 images (paper, Sec. 4)
+PAPER_LR = 0.01
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
+_RESERVED = ("id", "label")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Resources(_Strict):
+    """What one trial gets. ``cpus_per_trial`` and ``gpus_per_trial`` are split evenly over
+    ``workers_per_trial`` (default: one worker per GPU when ``gpus_per_trial > 1``, else 1)."""
+
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)
+    workers_per_trial: int | None = Field(None, ge=1)
+
+    @property
+    def workers(self) -> int:
+        if self.workers_per_trial is not None:
+            return self.workers_per_trial
+        return int(self.gpus_per_trial) if self.gpus_per_trial > 1 else 1
+
+    @property
+    def cpus_per_worker(self) -> float:
+        return self.cpus_per_trial / self.workers
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.gpus_per_trial / self.workers
+
+    @property
+    def threads(self) -> int:
+        """torch CPU threads per worker (``train.threads``)."""
+        return max(1, int(self.cpus_per_worker))
+
+
+class SweepFile(_Strict):
+    """The YAML schema; ``points`` items and ``resources`` are checked further in ``expand``."""
+
+    name: str | None = None
+    table: Literal["table2", "table3", "table4", "table5", "table6"] | None = None
+    base: str | None = None
+    scale: Literal["smoke", "paper"] = "smoke"
+    seeds: int = Field(1, ge=1, le=1000)
+    set: dict[str, Any] = {}
+    points: list[dict[str, Any]]
+    resources: dict[str, Any] = {}
+    max_retries: int = Field(1, ge=0, le=100)
+    checkpoint_artifact: bool = True
+
+
+@dataclass(frozen=True)
+class Point:
+    id: str
+    overrides: dict[str, Any]  # the point's own dotted overrides, values as written
+    label: str | None = None
+
+
+@dataclass(frozen=True)
+class Trial:
+    point: Point
+    seed: int
+    config: Config  # fully resolved: base + set + point + --set + seed/threads
+    config_hash: str
+    run_dir: Path
+
+    @property
+    def key(self) -> str:
+        return f"{self.point.id}/seed{self.seed}"
+
+
+@dataclass
+class Plan:
+    """An expanded, validated sweep: everything needed to run it or print it."""
+
+    file: Path
+    name: str  # experiment name; ``<name>-paper`` at the paper scale
+    table: str | None
+    scale: str
+    base: str  # resolved base config path
+    base_config: Config
+    overrides: dict[str, Any]  # file ``set`` + ``--set``
+    points: list[Point]
+    seeds: list[int]
+    trials: list[Trial]
+    resources: Resources
+    max_retries: int
+    checkpoint_artifact: bool
+    runs_dir: Path
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.resources.workers
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def config_hash(cfg: Config) -> str:
+    """sha256 of the resolved config as canonical JSON (the idempotence key of a trial)."""
+    text = json.dumps(to_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _one_line(message: str) -> str:
+    return " ".join(str(message).split())
+
+
+def _format_pydantic(err: ValidationError, prefix: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    where = f"{prefix}.{loc}" if prefix and loc else (prefix or loc or "<root>")
+    if first["type"] == "extra_forbidden":
+        return f"unknown key '{where}'"
+    if first["type"] == "missing":
+        return f"'{where}' is required"
+    value = first.get("input")
+    shown = "" if isinstance(value, (dict, list)) else f" (got {value!r})"
+    return f"{where}: {first['msg']}{shown}"
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, (int, float, str)):
+        return str(value)
+    return json.dumps(value, separators=(",", ""), default=str)
+
+
+def _key_order() -> dict[str, int]:
+    return {k: i for i, k in enumerate(flatten(Config()))}
+
+
+def point_id(overrides: dict[str, Any]) -> str:
+    """A short stable id: ``beta=5,mu=6`` (last key component; full key where they clash),
+    keys in the config's field order; ``base`` for no overrides."""
+    if not overrides:
+        return "base"
+    order = _key_order()
+    keys = sorted(overrides, key=lambda k: (order.get(k, len(order)), k))
+    last = [k.split(".")[-1] for k in keys]
+    parts = [
+        f"{short if last.count(short) == 1 else key}={_fmt_value(overrides[key])}"
+        for key, short in zip(keys, last)
+    ]
+    return _UNSAFE.sub("_", ",".join(parts))[:100]
+
+
+def _check_override_keys(mapping: dict[str, Any], where: str) -> None:
+    for key in mapping:
+        if not isinstance(key, str) or not key.strip():
+            raise DwlabError(f"{where}: expected dotted config keys, got {key!r}")
+
+
+# ----------------------------------------------------------------------------- points
+
+
+def _expand_item(item: Any, index: int) -> list[tuple[dict[str, Any], str | None, str | None]]:
+    """One ``points`` entry -> [(overrides, explicit id, label)]."""
+    where = f"points[{index}]"
+    if not isinstance(item, dict):
+        raise DwlabError(f"{where}: expected a mapping of dotted overrides or {{grid: ...}}")
+    if "grid" not in item:
+        overrides = {k: v for k, v in item.items() if k not in _RESERVED}
+        _check_override_keys(overrides, where)
+        explicit, label = item.get("id"), item.get("label")
+        if explicit is not None and (not isinstance(explicit, str) or not _NAME_RE.match(explicit)):
+            raise DwlabError(
+                f"{where}.id: {explicit!r} is not a valid id (letters, digits, . _ + = , -; at most 100)"
+            )
+        if label is not None and not isinstance(label, str):
+            raise DwlabError(f"{where}.label: expected a string, got {label!r}")
+        return [(overrides, explicit, label)]
+    for key in _RESERVED:
+        if key in item:
+            raise DwlabError(f"{where}.{key}: not allowed in a grid item (each grid point gets its own id)")
+    grid = item["grid"]
+    if not isinstance(grid, dict):
+        raise DwlabError(f"{where}.grid: expected a mapping of key: [values], got {type(grid).__name__}")
+    if not grid:
+        raise DwlabError(f"{where}.grid: empty grid")
+    fixed = {k: v for k, v in item.items() if k != "grid"}
+    _check_override_keys(fixed, where)
+    _check_override_keys(grid, f"{where}.grid")
+    for key, values in grid.items():
+        if not isinstance(values, list):
+            raise DwlabError(f"{where}.grid.{key}: expected a list of values, got {values!r}")
+        if not values:
+            raise DwlabError(f"{where}.grid.{key}: empty list of values")
+    keys = list(grid)
+    return [
+        ({**fixed, **dict(zip(keys, combo))}, None, None)
+        for combo in itertools.product(*(grid[k] for k in keys))
+    ]
+
+
+def _resolve_base(base: str | None, scale: str, sweep_dir: Path, file: Path) -> str:
+    if base is None:
+        return str(resolve_path(scale))
+    if not isinstance(base, str) or not base.strip():
+        raise DwlabError(f"{file}: base: expected a config preset name or path, got {base!r}")
+    candidate = sweep_dir / base
+    if candidate.is_file():
+        return str(candidate)
+    try:
+        return str(resolve_path(base))
+    except DwlabError as err:
+        raise DwlabError(f"{file}: base: {err}") from None
+
+
+def _resources(raw: dict[str, Any], scale: str) -> Resources:
+    where = "resources"
+    if raw and set(raw) <= set(SCALES):
+        raw, where = raw.get(scale) or {}, f"resources.{scale}"
+        if not isinstance(raw, dict):
+            raise DwlabError(f"{where}: expected a mapping, got {raw!r}")
+    try:
+        res = Resources.model_validate(raw)
+    except ValidationError as err:
+        raise DwlabError(_format_pydantic(err, where)) from None
+    if res.workers > 1 and res.gpus_per_trial and (res.gpus_per_worker % 1 or res.gpus_per_worker < 1):
+        raise DwlabError(
+            f"{where}: gpus_per_trial={res.gpus_per_trial:g} cannot be split into whole GPUs "
+            f"over workers_per_trial={res.workers}"
+        )
+    return res
+
+
+def _sweep_name(spec: SweepFile, file: Path, scale: str) -> str:
+    name = spec.name if spec.name is not None else file.stem
+    if not _NAME_RE.match(name):
+        raise DwlabError(f"name: {name!r} is not a valid sweep name (letters, digits, . _ + = , -)")
+    return name if scale == "smoke" else f"{name}-{scale}"
+
+
+def _strip_source(message: str, source: str) -> str:
+    return message[len(source) + 2 :] if message.startswith(source + ": ") else message
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def load_plan(
+    file: Path | str,
+    *,
+    scale: str | None = None,
+    seeds: int | None = None,
+    set_: list[str] | None = None,
+    runs_dir: Path | str = Path("runs/sweeps"),
+) -> Plan:
+    """Read, validate and expand a sweep file. Any problem is a one-line ``DwlabError`` that
+    starts with the sweep file's path; nothing is started or written."""
+    file = Path(file)
+    try:
+        return _load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir))
+    except DwlabError as err:
+        message = _one_line(str(err))
+        raise DwlabError(message if message.startswith(str(file)) else f"{file}: {message}") from None
+
+
+def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path) -> Plan:
+    raw = read_yaml(file)
+    if not isinstance(raw, dict):
+        raise DwlabError(f"expected a mapping with 'points', got {type(raw).__name__}")
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise DwlabError(f"unknown key {bad_keys[0]!r}")
+    try:
+        spec = SweepFile.model_validate(raw)
+    except ValidationError as err:
+        raise DwlabError(_format_pydantic(err, "")) from None
+    if scale is not None and scale not in SCALES:
+        raise DwlabError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
+    if seeds is not None and seeds < 1:
+        raise DwlabError(f"--seeds: expected at least 1, got {seeds}")
+    scale = scale or spec.scale
+    n_seeds = seeds or spec.seeds
+    if not spec.points:
+        raise DwlabError("points: empty list (give at least one point or grid)")
+    _check_override_keys(spec.set, "set")
+    cli_set = {}
+    for item in set_:
+        keys, value = parse_override(item)
+        cli_set[".".join(keys)] = value
+    name = _sweep_name(spec, file, scale)
+    resources = _resources(spec.resources, scale)
+    base = _resolve_base(spec.base, scale, file.parent, file)
+
+    def resolve(overrides: dict[str, Any], where: str) -> Config:
+        try:
+            return load_config(base, overrides)
+        except DwlabError as err:
+            raise DwlabError(f"{where}: {_strip_source(_one_line(str(err)), base)}") from None
+
+    base_config = resolve({}, "base")
+    resolve(dict(spec.set), "set")
+    resolve({**spec.set, **cli_set}, "--set")
+
+    points: list[Point] = []
+    seen_hashes: dict[str, str] = {}
+    seen_ids: dict[str, str] = {}
+    for index, item in enumerate(spec.points):
+        for overrides, explicit, label in _expand_item(item, index):
+            pid = explicit or point_id(overrides)
+            where = f"points[{index}] ({pid})"
+            cfg = resolve({**spec.set, **overrides, **cli_set}, where)
+            digest = config_hash(cfg)
+            if digest in seen_hashes:  # the same config twice (e.g. the centre of a cross)
+                continue
+            if pid in seen_ids:
+                raise DwlabError(f"{where}: id '{pid}' names two different points; give them distinct 'id's")
+            seen_hashes[digest] = seen_ids[pid] = pid
+            points.append(Point(pid, overrides, label))
+
+    runs_dir = runs_dir.resolve()
+    runtime = {"train.progress": False}
+    trials = []
+    for point in points:
+        user = {**spec.set, **point.overrides, **cli_set}
+        extra = dict(runtime)
+        if "train.threads" not in user:
+            extra["train.threads"] = resources.threads
+        for seed in range(n_seeds):
+            cfg = resolve({**user, **extra, "train.seed": seed}, f"point {point.id} seed {seed}")
+            trials.append(
+                Trial(point, seed, cfg, config_hash(cfg), runs_dir / name / point.id / f"seed{seed}")
+            )
+
+    plan = Plan(
+        file=file,
+        name=name,
+        table=spec.table,
+        scale=scale,
+        base=base,
+        base_config=base_config,
+        overrides={**spec.set, **cli_set},
+        points=points,
+        seeds=list(range(n_seeds)),
+        trials=trials,
+        resources=resources,
+        max_retries=spec.max_retries,
+        checkpoint_artifact=spec.checkpoint_artifact,
+        runs_dir=runs_dir,
+    )
+    plan.warnings.extend(_warnings(plan, cli_set))
+    return plan
+
+
+def _warnings(plan: Plan, cli_set: dict[str, Any]) -> list[str]:
+    out = []
+    varied = {k for p in plan.points for k in p.overrides}
+    for key in sorted(varied & set(cli_set)):
+        out.append(f"--set {key} overrides a key the points vary: those points collapse into one")
+    if plan.scale == "paper":
+        seen = set()
+        for trial in plan.trials:
+            t = trial.config.train
+            images = plan.world_size * t.batch_size
+            if (images, t.lr) in seen:
+                continue
+            seen.add((images, t.lr))
+            if images != PAPER_IMAGES_PER_BATCH or t.lr != PAPER_LR:
+                out.append(
+                    f"paper scale with {plan.world_size} worker(s) x {t.batch_size} images = "
+                    f"{images} images per batch at lr {t.lr:g} (paper: {PAPER_IMAGES_PER_BATCH} "
+                    f"images, lr {PAPER_LR:g}); results are not comparable to the paper's"
+                )
+    return out
+
+
+def config_diff(cfg: Config, base: Config) -> dict[str, Any]:
+    """Dotted keys whose resolved value differs from ``base``."""
+    new, old = flatten(cfg), flatten(base)
+    return {k: v for k, v in new.items() if old.get(k) != v}
+
+
+def describe(plan: Plan) -> list[str]:
+    """The dry-run listing: the expanded trials and the config keys that differ from the base."""
+    diffs = [config_diff(t.config, plan.base_config) for t in plan.trials]
+    common = {
+        k: v for k, v in (diffs[0] if diffs else {}).items()
+        if k != "train.seed" and all(k in d and d[k] == v for d in diffs)
+    }
+    res = plan.resources
+    lines = [
+        f"sweep {plan.name} ({plan.file}): {len(plan.points)} points x {len(plan.seeds)} seeds = "
+        f"{len(plan.trials)} trials, scale {plan.scale}, table {plan.table or '-'}",
+        f"base: {plan.base}",
+        f"every trial: " + (" ".join(f"{k}={_fmt_value(v)}" for k, v in common.items()) or "-"),
+        f"resources per trial: {res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
+        f"{res.workers} worker(s); retries {plan.max_retries}",
+        f"run directories: {plan.runs_dir / plan.name}/<point>/seed<k>",
+    ]
+    width = max((len(t.point.id) for t in plan.trials), default=5)
+    lines.append(f"{'point':<{width}}  seed  differs from base")
+    for trial, diff in zip(plan.trials, diffs):
+        shown = " ".join(
+            f"{k}={_fmt_value(v)}" for k, v in diff.items() if k not in common and k != "train.seed"
+        )
+        lines.append(f"{trial.point.id:<{width}}  {trial.seed:>4}  {shown or '-'}")
+    lines.extend(f"warning: {w}" for w in plan.warnings)
+    return lines
