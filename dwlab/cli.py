@@ -13,7 +13,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 
-from dwlab.errors import DwlabError
+from dwlab.errors import DwlabError, NonFiniteLoss
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedded default.")
@@ -28,17 +28,31 @@ SetOption = Annotated[
 
 
 def user_errors(fn: F) -> F:
-    """Turn a ``DwlabError`` into one line on stderr and exit code 2."""
+    """Turn a ``DwlabError`` into one line on stderr and exit code 2, a diverged training
+    (``NonFiniteLoss``) into one line and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except DwlabError as err:
-            typer.echo(f"error: {err}", err=True)
+            typer.echo(f"error: {one_line(err)}", err=True)
             raise typer.Exit(2) from None
+        except NonFiniteLoss as err:
+            typer.echo(f"error: {one_line(err)}", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def one_line(err: Exception) -> str:
+    """The message of ``err``; for an error re-raised from a DataLoader worker (whose message
+    carries the worker's traceback) the original message, without the traceback."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
 
 
 @app.command()
@@ -93,6 +107,101 @@ def data_synth(
         raise DwlabError(f"--train and --val must be at least 1 (got {train}, {val})")
     path = generate(out, n_train=train, n_val=val, seed=seed, image_size=image_size)
     typer.echo(f"wrote {path}")
+
+
+# ----------------------------------------------------------------------------- sweep (issue 5)
+
+
+@app.command()
+@user_errors
+def sweep(
+    file: Annotated[Path, typer.Argument(help="Sweep file, e.g. experiments/table2.yaml.")],
+    scale: Annotated[Optional[str], typer.Option(help="smoke or paper (default: the file's scale).")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds per point (default: the file's seeds).")] = None,
+    set_: SetOption = None,
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: as many as the resources fit).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue interrupted trials from their checkpoints and MLflow runs.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Print the expanded trials and their config differences; run nothing.")] = False,
+    runs_dir: Annotated[Path, typer.Option(help="Where trial run directories and Ray's results go.")] = Path("runs/sweeps"),
+) -> None:
+    """Run a sweep file's trials (one per point and seed) on Ray Tune, tracked in MLflow."""
+    from dwlab.sweep.spec import describe, load_plan
+
+    plan = load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir)
+    if dry_run:
+        typer.echo("\n".join(describe(plan)))
+        return
+    from rich.console import Console
+
+    from dwlab.sweep.tune_run import run_sweep
+
+    outcome = run_sweep(
+        plan, console=Console(), address=address, max_concurrent=max_concurrent, resume=resume
+    )
+    typer.echo(
+        f"sweep {plan.name}: {len(outcome.finished)} finished, {len(outcome.skipped)} skipped, "
+        f"{len(outcome.failed)} failed, {len(outcome.killed)} killed in {outcome.wall_s:.0f} s"
+    )
+    for key, error in outcome.failed.items():
+        typer.echo(f"  FAILED {key}: {error}", err=True)
+    for key in outcome.killed:
+        typer.echo(f"  KILLED {key} (re-run with --resume to continue it)", err=True)
+    if not outcome.ok:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def ui(
+    port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+) -> None:
+    """Start the MLflow UI on the default store (./mlruns, or $MLFLOW_TRACKING_URI)."""
+    import subprocess
+
+    from dwlab.sweep.tracking import tracking_uri
+
+    uri = tracking_uri()
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    typer.echo(" ".join(cmd[1:]))
+    try:
+        code = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        code = 0
+    raise typer.Exit(code)
+
+
+# ----------------------------------------------------------------------------- end of sweep
+
+
+# ----------------------------------------------------------------------------- report (issue 6)
+
+
+@app.command()
+@user_errors
+def report(
+    experiment: Annotated[
+        Optional[list[str]],
+        typer.Option("--experiment", "-e", help="MLflow experiment (= sweep name) to report (repeatable; default: all)."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Output directory for tables, figures and README.md.")] = Path("reports"),
+    tracking_uri: Annotated[
+        Optional[str], typer.Option(help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db).")
+    ] = None,
+) -> None:
+    """Rebuild the paper's Tables 2-6 from the sweeps' runs: markdown, CSV, figures, README."""
+    from dwlab.report import build_report
+
+    result = build_report(experiment or None, out, tracking_uri=tracking_uri)
+    for name, t in result.tables.items():
+        typer.echo(f"{out / (name + '.md')}: {t.header['runs']} runs, scale {t.header['scale']}")
+    typer.echo(f"{len(result.files)} files written to {out} (index: {out / 'README.md'})")
+    for line in result.skipped:
+        typer.echo(f"not produced: {line}")
+
+
+# ----------------------------------------------------------------------------- end of report
 
 
 def main() -> None:

@@ -12,11 +12,8 @@ import torch
 from torch import Tensor, nn
 
 from dwlab.assign.base import LabelAssigner
+from dwlab.errors import NonFiniteLoss
 from dwlab.models.postprocess import Detections, postprocess
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; the message names the iteration and every loss term."""
 
 
 @dataclass

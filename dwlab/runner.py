@@ -24,8 +24,8 @@ from dwlab.assign import build_assigner
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, collate
 from dwlab.distributed import is_distributed, rank, world_size
-from dwlab.engine import NonFiniteLoss, StepState, lr_at, param_groups, predict, train_one_epoch
-from dwlab.errors import DwlabError
+from dwlab.engine import StepState, lr_at, param_groups, predict, train_one_epoch
+from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import FCOS, build_model
 
@@ -123,7 +123,8 @@ def seed_everything(seed: int) -> None:
 
 def evaluate(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:
     """COCO bbox metrics of ``model`` on ``dataset``."""
-    loader = _loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=None)
+    # its own generator: evaluating must not advance the global RNG that training draws from
+    loader = _loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     detections, targets = predict(
         model,
         loader,

@@ -11,11 +11,12 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 
 from dwlab.data.target import Target
 from dwlab.data.transforms import hflip, normalize, resize_keep_ratio
@@ -106,9 +107,11 @@ class CocoDetection(Dataset):
         """The original image, ``Tensor[3, H, W]`` uint8 RGB."""
         path = self.image_dir / self.coco.imgs[image_id]["file_name"]
         try:
-            return decode_image(str(path), mode=ImageReadMode.RGB)
-        except (RuntimeError, OSError, ValueError) as err:
+            with Image.open(path) as img:
+                array = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError, SyntaxError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise DwlabError(f"{path}: cannot decode image ({str(err).splitlines()[0]})") from None
+        return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
     def raw_target(self, image_id: int) -> tuple[Tensor, Tensor]:
         """Boxes ``Tensor[G, 4]`` xyxy and labels ``Tensor[G]`` in original pixels, no crowd,

@@ -1,0 +1,63 @@
+import pytest
+
+from dwlab.config import apply_overrides, flatten, load_config, validate
+from dwlab.errors import DwlabError
+from tests.conftest import write_yaml
+
+
+def test_presets_load_and_differ():
+    smoke, paper = load_config("smoke"), load_config("paper")
+    assert smoke.model.backbone == "resnet18" and paper.model.backbone == "resnet50"
+    assert paper.model.fpn_channels == 256 and paper.model.head_convs == 4
+    assert (paper.data.min_size, paper.data.max_size) == (800, 1333)
+    assert paper.train.epochs == 12 and paper.train.lr_steps == [8, 11]
+    assert smoke.data.root is None  # the embedded dataset
+
+
+def test_overrides_apply_and_yaml_typed():
+    cfg = load_config("smoke", ["train.epochs=2", "assigner.name=fcos", "assigner.dw.beta=3.5", "train.grad_clip=null"])
+    assert cfg.train.epochs == 2 and cfg.assigner.name == "fcos"
+    assert cfg.assigner.dw.beta == 3.5 and cfg.train.grad_clip is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.epoch=2", "unknown key 'epoch' in train"),
+        ("trian.epochs=2", "unknown key 'trian' in the top level"),
+        ("train.epochs.x=2", "'epochs' is a value, not a section"),
+        ("train.epochs", "expected dotted.key=value"),
+    ],
+)
+def test_bad_override_is_one_line(override, message):
+    with pytest.raises(DwlabError, match=message) as err:
+        load_config("smoke", [override])
+    assert "\n" not in str(err.value)
+
+
+def test_wrong_type_and_unknown_key_name_the_file_and_key(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"train": {"epochs": "many"}})
+    with pytest.raises(DwlabError, match=r"c.yaml: train.epochs: .*integer.*'many'"):
+        load_config(str(path))
+    path = write_yaml(tmp_path / "d.yaml", {"model": {"depth": 50}})
+    with pytest.raises(DwlabError, match=r"d.yaml: unknown key 'model.depth'"):
+        load_config(str(path))
+    with pytest.raises(DwlabError, match="neither a file nor a preset"):
+        load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_dw_variant_fills_released_code_constants():
+    paper = validate({"assigner": {"dw": {"mu": 6}}}, "x").assigner.dw
+    assert (paper.loc_score, paper.mu_norm, paper.pneg_high, paper.pneg_bag_minmax, paper.pos_scale) == (
+        "iou_pow", 6.0, 0.95, False, 1.0)
+    official = validate({"assigner": {"dw": {"variant": "official"}}}, "x").assigner.dw
+    assert (official.loc_score, official.mu_norm, official.pneg_high, official.pneg_bag_minmax, official.pos_scale) == (
+        "exp_giou", 3.0, 1.0, True, 0.25)
+    mixed = validate({"assigner": {"dw": {"variant": "official", "pos_scale": 1.0}}}, "x").assigner.dw
+    assert mixed.pos_scale == 1.0 and mixed.mu_norm == 3.0  # each constant overridable
+
+
+def test_flatten_and_overrides_from_mapping():
+    raw = apply_overrides({}, {"assigner.dw.beta": 4, "train.lr": 0.02})
+    flat = flatten(validate(raw, "x"))
+    assert flat["assigner.dw.beta"] == 4 and flat["train.lr"] == 0.02 and "model.backbone" in flat

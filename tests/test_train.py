@@ -1,0 +1,111 @@
+"""End-to-end: training, overfitting through the real COCO evaluation, resume, NaN, CLI errors."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dwlab import checkpoint
+from dwlab.cli import app
+from dwlab.config import validate
+from dwlab.data.synth import generate
+from dwlab.errors import NonFiniteLoss
+from dwlab.runner import run_training
+from tests.conftest import tiny_config, write_json, write_yaml
+
+runner = CliRunner()
+
+
+def test_overfits_a_handful_of_images(tmp_path):
+    """(a) 4 generated images, trained on and evaluated on themselves: AP50 >= 0.9."""
+    root = generate(tmp_path / "data", n_train=4, n_val=1, seed=3, image_size=128)
+    raw = tiny_config(
+        root,
+        data={"val_ann": "instances_train.json", "val_images": "train", "flip_prob": 0.0},
+        train={"epochs": 60, "warmup_iters": 10, "lr_steps": [45], "save_checkpoints": False},
+    )
+    result = run_training(validate(raw, "test"), tmp_path / "run")
+    assert result.metrics["AP50"] >= 0.9, result.metrics
+    assert json.loads((tmp_path / "run" / "eval.json").read_text()) == result.metrics
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 60 and lines[-1]["loss"] < lines[0]["loss"] / 2
+
+
+def test_resume_continues_at_the_right_epoch_with_the_same_state(tmp_path, synth_root):
+    """(e) 2 epochs + resume to 3 == 3 epochs straight: same weights, same optimizer state."""
+    raw = tiny_config(synth_root, train={"epochs": 3})
+    straight = run_training(validate(raw, "t"), tmp_path / "straight")
+    events = []
+    run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "split")
+    resumed = run_training(
+        validate(raw, "t"), tmp_path / "split", resume=True, on_epoch_end=lambda r: events.append(r.epoch)
+    )
+    assert events == [3]
+    a = checkpoint.load(tmp_path / "straight" / "checkpoints" / "last.pt")
+    b = checkpoint.load(tmp_path / "split" / "checkpoints" / "last.pt")
+    assert a["epoch"] == b["epoch"] == 3 and a["iteration"] == b["iteration"] == 9
+    for key, value in a["model"].items():
+        assert torch.allclose(value.float(), b["model"][key].float(), atol=1e-5), key
+    for pa, pb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.allclose(pa["momentum_buffer"], pb["momentum_buffer"], atol=1e-5)
+    assert resumed.metrics == straight.metrics
+    epochs = [json.loads(x)["epoch"] for x in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+
+def test_resume_falls_back_to_previous_checkpoint_when_last_is_corrupt(tmp_path, synth_root, capsys):
+    run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "r")
+    ckpt = tmp_path / "r" / "checkpoints"
+    (ckpt / "last.pt").write_bytes((ckpt / "last.pt").read_bytes()[:1000])  # half-written
+    events = []
+    run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "r", resume=True,
+                 on_epoch_end=lambda r: events.append(r.epoch))
+    assert events == [2]  # prev.pt held epoch 1: epoch 2 is trained again
+    assert "last.pt: corrupt or unreadable checkpoint" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_with_the_iteration_and_terms(tmp_path, synth_root):
+    raw = tiny_config(synth_root, train={"inject_nan_at_iter": 1})
+    with pytest.raises(NonFiniteLoss, match=r"at iteration 1: loss_cls=.*loss_box=.*loss_ctr="):
+        run_training(validate(raw, "t"), tmp_path / "nan")
+
+
+def test_cli_train_and_eval(tmp_path, synth_root):
+    cfg = write_yaml(tmp_path / "c.yaml", tiny_config(synth_root))
+    res = runner.invoke(app, ["train", str(cfg), "--out", str(tmp_path / "run"), "--set", "train.epochs=1"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "run" / "config.yaml").exists() and "AP=" in res.output
+    ckpt = tmp_path / "run" / "checkpoints" / "last.pt"
+    res = runner.invoke(app, ["eval", str(cfg), "--checkpoint", str(ckpt), "--out", str(tmp_path / "e.json")])
+    assert res.exit_code == 0, res.output
+    assert set(json.loads((tmp_path / "e.json").read_text())) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+
+
+def _bad_inputs(tmp_path, synth_root):
+    not_coco = write_json(tmp_path / "notcoco.json", {"hello": 1})
+    broken = generate(tmp_path / "broken", n_train=2, n_val=1, seed=0, image_size=64)
+    next((broken / "train").glob("*.png")).write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return {
+        "unknown key": (tiny_config(synth_root, train={"epochz": 1}), [], "unknown key 'train.epochz'"),
+        "wrong type": (tiny_config(synth_root, train={"epochs": "two"}), [], "train.epochs: Input should be a valid integer"),
+        "missing data": (tiny_config(tmp_path / "nowhere"), [], "data.root: directory"),
+        "not coco": (tiny_config(tmp_path, data={"train_ann": "notcoco.json", "train_images": "."}), [], "not a COCO instances file"),
+        "bad override": (tiny_config(synth_root), ["--set", "model.depth=50"], "override 'model.depth': unknown key 'depth' in model"),
+        "unreadable image": (tiny_config(broken, data={"num_workers": 1}), [], "cannot decode image"),
+    }
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, synth_root):
+    """(d) each bad input: one line on stderr naming the problem, exit code 2, via the console script."""
+    for name, (raw, extra, message) in _bad_inputs(tmp_path, synth_root).items():
+        cfg = write_yaml(tmp_path / f"{name.replace(' ', '_')}.yaml", raw)
+        proc = subprocess.run(
+            [sys.executable, "-m", "dwlab.cli", "train", str(cfg), "--out", str(tmp_path / "out"), *extra],
+            capture_output=True, text=True, timeout=300,
+        )
+        err = proc.stderr.strip()
+        assert proc.returncode == 2, (name, err)
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (name, err)
