@@ -195,7 +195,7 @@ def report(
 
     result = build_report(experiment or None, out, tracking_uri=tracking_uri)
     for name, t in result.tables.items():
-        typer.echo(f"{out / (name + '.md')}: {t.header['runs']} runs, scale {t.header['scale']}")
+        typer.echo(f"{out / (name + '.md')}: runs {t.header['runs']}, scale {t.header['scale']}")
     typer.echo(f"{len(result.files)} files written to {out} (index: {out / 'README.md'})")
     for line in result.skipped:
         typer.echo(f"not produced: {line}")

@@ -55,7 +55,7 @@ class ModelConfig(Strict):
     head_norm_groups: int = Field(32, ge=1)
     num_classes: int | None = None  # null: from the dataset's categories
     prior_prob: float = Field(0.01, gt=0.0, lt=1.0)  # cls bias init (released DW code: 0.02)
-    reg_bias_init: float = 0.0  # regression bias init (released DW code: 4.0)
+    reg_bias_init: float = 4.0  # regression bias init (released DW code; keeps the ReLU distances alive)
     anchor_offset: float = Field(0.5, ge=0.0, le=1.0)  # point = stride * (i + offset)
     box_refine: bool = False  # paper Eq. 9-10
     refine_sampler: Literal["deform_conv", "grid_sample"] = "deform_conv"

@@ -25,6 +25,7 @@ from torch import Tensor
 from dwlab.box_ops import box_centers
 
 BAG_KINDS = ("soft", "threshold", "topk")
+_MARGIN = 1e-3  # stride units; above level_grids' tolerance (1e-3 px) at any stride >= 1
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,9 @@ class LevelGrid:
     y0: float
 
 
-def level_grids(points: Tensor, strides: Tensor, levels: Tensor, atol: float = 1e-3) -> list[LevelGrid] | None:
+def level_grids(
+    points: Tensor, strides: Tensor, levels: Tensor, atol: float = 1e-3
+) -> list[LevelGrid] | None:
     """Recover the per-level grids of ``Anchors.grid`` points, or None if they are not such grids.
 
     points ``Tensor[A, 2]`` (x, y) pixels; strides ``Tensor[A]``; levels ``Tensor[A]`` long,
@@ -78,37 +81,45 @@ def split_levels(values: Tensor, points: Tensor, strides: Tensor, levels: Tensor
     grids = level_grids(points, strides, levels)
     if grids is None:
         raise ValueError("anchor points are not row-major per-level grids (Anchors.grid)")
-    return [values[g.start : g.start + g.height * g.width].reshape(g.height, g.width, *values.shape[1:]) for g in grids]
+    tail = values.shape[1:]
+    return [values[g.start : g.start + g.height * g.width].reshape(g.height, g.width, *tail) for g in grids]
 
 
 def _inside_pairs_grid(points: Tensor, gt_boxes: Tensor, grids: list[LevelGrid]) -> tuple[Tensor, Tensor]:
-    """Inside pairs from each GT's row/column range per level; see ``inside_pairs``."""
+    """Candidate pairs from each GT's row/column range per level (see ``inside_pairs``): the
+    points strictly inside, plus any within ``_MARGIN`` strides of the border (filtered after)."""
     device, num_gts, num_levels = points.device, gt_boxes.shape[0], len(grids)
-    meta = torch.tensor(
-        [[g.stride, g.x0, g.y0] for g in grids], dtype=torch.float64, device=device
-    )  # [L, 3]
+    meta = torch.tensor([[g.stride, g.x0, g.y0] for g in grids], dtype=torch.float64, device=device)
     ints = torch.tensor([[g.start, g.height, g.width] for g in grids], dtype=torch.long, device=device)
-    stride, x0, y0 = meta[:, 0], meta[:, 1], meta[:, 2]
+    stride, x0, y0 = meta[:, 0], meta[:, 1], meta[:, 2]  # [L]
     start, height, width = ints[:, 0], ints[:, 1], ints[:, 2]
     boxes = gt_boxes.double()[:, None, :]  # [G, 1, 4]
-    # a superset of the inside columns/rows (one extra on each side); filtered exactly below
-    col_lo = torch.floor((boxes[..., 0] - x0) / stride).long().clamp(min=0)  # [G, L]
-    col_hi = torch.minimum(torch.ceil((boxes[..., 2] - x0) / stride).long(), width - 1)
-    row_lo = torch.floor((boxes[..., 1] - y0) / stride).long().clamp(min=0)
-    row_hi = torch.minimum(torch.ceil((boxes[..., 3] - y0) / stride).long(), height - 1)
+    # column j is inside iff x1 < x0 + j * stride < x2, i.e. floor(q1) < j < ceil(q2)
+    col_lo = (torch.floor((boxes[..., 0] - x0) / stride - _MARGIN) + 1).long().clamp(min=0)  # [G, L]
+    col_hi = torch.minimum((torch.ceil((boxes[..., 2] - x0) / stride + _MARGIN) - 1).long(), width - 1)
+    row_lo = (torch.floor((boxes[..., 1] - y0) / stride - _MARGIN) + 1).long().clamp(min=0)
+    row_hi = torch.minimum((torch.ceil((boxes[..., 3] - y0) / stride + _MARGIN) - 1).long(), height - 1)
     n_cols = (col_hi - col_lo + 1).clamp(min=0)
-    n_rows = (row_hi - row_lo + 1).clamp(min=0)
-    block_sizes = (n_cols * n_rows).reshape(-1)  # [G * L], block = (gt, level)
-    block = torch.repeat_interleave(torch.arange(num_gts * num_levels, device=device), block_sizes)
-    first = torch.cumsum(block_sizes, 0) - block_sizes
-    local = torch.arange(block.shape[0], device=device) - first[block]
-    n_cols_b = n_cols.reshape(-1)[block]
-    level = block % num_levels
-    row = row_lo.reshape(-1)[block] + local // n_cols_b
-    col = col_lo.reshape(-1)[block] + local % n_cols_b
-    anchor = start[level] + row * width[level] + col
-    gt = block // num_levels
-    return anchor, gt
+    sizes = (n_cols * (row_hi - row_lo + 1).clamp(min=0)).reshape(-1)  # [G * L], block = (gt, level)
+    gt_of_block = torch.arange(num_gts, device=device).repeat_interleave(num_levels)
+    table = torch.stack(  # one row per block, gathered once per pair
+        [
+            torch.cumsum(sizes, 0) - sizes,
+            n_cols.reshape(-1),
+            row_lo.reshape(-1),
+            col_lo.reshape(-1),
+            start.repeat(num_gts),
+            width.repeat(num_gts),
+            gt_of_block,
+        ],
+        dim=1,
+    )
+    block = torch.repeat_interleave(torch.arange(num_gts * num_levels, device=device), sizes)
+    first, cols, row0, col0, level_start, level_width, gt = table.index_select(0, block).unbind(1)
+    local = torch.arange(block.shape[0], device=device) - first
+    row = row0 + torch.div(local, cols, rounding_mode="floor")
+    col = col0 + local - (row - row0) * cols
+    return level_start + row * level_width + col, gt
 
 
 def inside_pairs(points: Tensor, strides: Tensor, levels: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,10 +138,8 @@ def inside_pairs(points: Tensor, strides: Tensor, levels: Tensor, gt_boxes: Tens
     else:  # fallback for arbitrary points: a dense boolean [G, A] mask
         gt, anchor = _inside_test(points[None, :, :], gt_boxes[:, None, :]).nonzero(as_tuple=True)
         return anchor, gt
-    keep = _inside_test(points[anchor], gt_boxes[gt])
-    anchor, gt = anchor[keep], gt[keep]
-    order = torch.argsort(gt * points.shape[0] + anchor)  # GT-major, anchors ascending
-    return anchor[order], gt[order]
+    keep = _inside_test(points.index_select(0, anchor), gt_boxes.index_select(0, gt))
+    return anchor[keep], gt[keep]  # blocks (gt, level) in order, rows then columns: sorted
 
 
 def _inside_test(points: Tensor, boxes: Tensor) -> Tensor:
@@ -167,7 +176,9 @@ def candidate_prior(
     assert strides.shape == levels.shape == points.shape[:1], (strides.shape, levels.shape)
     assert gt_boxes.dim() == 2 and gt_boxes.shape[1] == 4, gt_boxes.shape
     anchor, gt = inside_pairs(points, strides, levels, gt_boxes)
-    offset = (points[anchor] - box_centers(gt_boxes.to(points.dtype))[gt]) / strides[anchor, None]
+    centres = box_centers(gt_boxes.to(points.dtype))
+    offset = points.index_select(0, anchor) - centres.index_select(0, gt)
+    offset = offset / strides.index_select(0, anchor)[:, None]  # (dx, dy) in stride units  [P, 2]
     dist2 = (offset**2).sum(-1)  # squared distance to the GT centre, stride units  [P]
     if kind == "soft":
         prior = torch.exp(-dist2 / (2 * sigma**2))

@@ -1,0 +1,488 @@
+"""Dual Weighting label assignment (Li, He, Li, Zhang, "A Dual Weighting Label Assignment Scheme
+for Object Detection", CVPR 2022) and its loss, on FCOS outputs.
+
+Symbols follow the paper (the project brief's "alpha/beta" grid is the paper's beta and mu):
+``s`` joint score sigmoid(cls) * sigmoid(centerness), ``t = s * iou**beta`` (Eq. 3),
+``w_pos = exp(mu t) t prior / sum_bag`` (Eq. 4), ``w_neg = P_neg(iou) * s**gamma2``
+(Eq. 5-8), loss Eq. 11-12 with the released code's normalisation (see ``/work/shared/paper/
+METHOD.md``). ``variant="official"`` switches to the released code's constants.
+
+The weighting math exists once, on flat (anchor, GT) pair vectors: ``pair_weights``. The dense
+``dual_weights`` and the assigner both call it. The assigner never builds a dense
+``[A, G]`` float matrix: pairs come sparse from ``bags.candidate_prior`` for all images at once
+(GT indices offset per image), IoU/GIoU/weights are computed on those pairs only, and the
+negative weights live on the ``[B, A, C]`` score tensor the focal-style term needs anyway.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import box_iou
+
+from dwlab.assign.bags import BAG_KINDS, candidate_prior, split_levels
+from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
+from dwlab.config import DWAssignerConfig
+from dwlab.data.target import Target
+from dwlab.distributed import normaliser
+from dwlab.models.outputs import Anchors, HeadOutputs
+
+NEG_VARIANTS = ("full", "pos_only", "no_pneg", "no_ineg", "one_minus_wpos")
+LOC_SCORES = ("iou_pow", "exp_giou")
+EPS = 1e-12  # the released code's EPS in the in-bag min-max of P_neg
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _pneg_curve(iou: Tensor, gamma1: float, low: float, high: float) -> Tensor:
+    """``-k * iou**gamma1 + b`` unclipped, through (low, 1) and (high, 0) (Eq. 5-6)."""
+    k = 1.0 / (high**gamma1 - low**gamma1)  # Eq. 6 (undetermined coefficients)
+    return k * (high**gamma1 - iou**gamma1)  # Eq. 5, b = k * high**gamma1
+
+
+def p_neg(iou: Tensor, gamma1: float, low: float = 0.5, high: float = 0.95) -> Tensor:
+    """Probability of being a negative, ``P_neg(iou)`` (Eq. 5-6); same shape as ``iou``.
+
+    1 for ``iou < low``, 0 for ``iou > high``, ``-k iou**gamma1 + b`` between, decreasing from
+    (low, 1) to (high, 0).
+    """
+    if not 0.0 <= low < high:
+        raise ValueError(f"need 0 <= low < high, got low={low}, high={high}")
+    # the curve is decreasing in iou >= 0, > 1 below low and < 0 above high: clamping is Eq. 5
+    return _pneg_curve(iou, gamma1, low, high).clamp(0.0, 1.0)
+
+
+class PairWeights(NamedTuple):
+    """Weights of P (anchor, GT) pairs, each ``Tensor[P]``, detached."""
+
+    w_pos: Tensor  # Eq. 4, sums to 1 over each GT's bag (paper variant)
+    w_neg: Tensor  # weight of the pair's -ln(1 - s) on its GT's class channel (Eq. 8 / Table 5)
+    p_neg: Tensor  # P_neg used by the normaliser (after the official in-bag min-max)
+
+
+@torch.no_grad()
+def pair_weights(
+    scores: Tensor,
+    ious: Tensor,
+    prior: Tensor,
+    gt_idx: Tensor,
+    num_gts: int,
+    *,
+    beta: float,
+    mu: float,
+    gamma1: float,
+    gamma2: float,
+    neg_variant: str = "full",
+    loc_score: str = "iou_pow",
+    giou_loss: Tensor | None = None,
+    mu_norm: float | None = None,
+    pneg_low: float = 0.5,
+    pneg_high: float = 0.95,
+    pneg_bag_minmax: bool = False,
+) -> PairWeights:
+    """Dual weights of flat pairs; the one implementation of Eq. 3-8.
+
+    scores ``Tensor[P]`` s of the anchor on the GT's class; ious ``Tensor[P]`` IoU of the
+    anchor's predicted box with the GT; prior ``Tensor[P]`` bag prior; gt_idx ``Tensor[P]`` long
+    in ``[0, num_gts)`` (the bag a pair belongs to); giou_loss ``Tensor[P]`` 1 - GIoU, needed for
+    ``loc_score="exp_giou"``. Every pair given is a bag member, whatever its prior.
+    """
+    if neg_variant not in NEG_VARIANTS:
+        raise ValueError(f"unknown neg_variant {neg_variant!r} (expected one of {NEG_VARIANTS})")
+    if loc_score not in LOC_SCORES:
+        raise ValueError(f"unknown loc_score {loc_score!r} (expected one of {LOC_SCORES})")
+    assert scores.shape == ious.shape == prior.shape == gt_idx.shape and scores.dim() == 1
+    mu_norm = mu if mu_norm is None else mu_norm
+    s, iou, prior = scores.float(), ious.float(), prior.float()
+
+    # positive weight
+    if loc_score == "iou_pow":
+        t = s * iou**beta  # Eq. 3
+    else:  # released code: the IoU term as exp(-beta * GIoU loss)
+        if giou_loss is None:
+            raise ValueError("loc_score='exp_giou' needs giou_loss")
+        t = s * torch.exp(-beta * giou_loss.float())
+    numer = torch.exp(mu * t) * t * prior  # Eq. 4
+    denom = _bag_sum(torch.exp(mu_norm * t) * t * prior, gt_idx, num_gts)[gt_idx]
+    # a bag whose every t is 0 (all IoUs 0) would get no weight at all; it falls back to the
+    # prior alone so that each GT still weighs 1 (interpretation; released code: 0)
+    prior_sum = _bag_sum(prior, gt_idx, num_gts)[gt_idx]
+    w_pos = torch.where(
+        denom > 0, numer / denom.clamp(min=torch.finfo(denom.dtype).tiny), prior / prior_sum.clamp(min=EPS)
+    )
+
+    # probability of being a negative
+    if pneg_bag_minmax:  # released code: curve through (low, 1), (high, 0), min-max per bag
+        curve = _pneg_curve(iou, gamma1, pneg_low, pneg_high)
+        inf = torch.full((num_gts,), float("inf"), device=s.device)
+        lo = inf.scatter_reduce(0, gt_idx, curve, "amin")[gt_idx]  # at the bag's best IoU
+        hi = (-inf).scatter_reduce(0, gt_idx, curve, "amax").clamp(max=1.0)[gt_idx]
+        pn = (curve - lo + EPS) / (hi - lo + EPS)
+        pn = torch.where(iou < pneg_low, torch.ones_like(pn), pn)
+    else:
+        pn = p_neg(iou, gamma1, pneg_low, pneg_high)  # Eq. 5-6
+    i_neg = s**gamma2  # Eq. 7
+
+    # in-bag negative weight on the GT's class channel (Eq. 8; Table 5 variants)
+    if neg_variant == "full":
+        w_neg = pn * i_neg  # Eq. 8
+    elif neg_variant == "pos_only":
+        w_neg = torch.zeros_like(s)
+    elif neg_variant == "no_pneg":
+        w_neg = i_neg
+    elif neg_variant == "no_ineg":
+        w_neg = pn
+    else:  # one_minus_wpos; clamped because official w_pos (exp(5t)/sum exp(3t)) can exceed 1
+        w_neg = (1.0 - w_pos).clamp(min=0.0) * i_neg
+    return PairWeights(w_pos, w_neg, pn)
+
+
+def _bag_sum(values: Tensor, gt_idx: Tensor, num_gts: int) -> Tensor:
+    return torch.zeros(num_gts, dtype=values.dtype, device=values.device).index_add_(0, gt_idx, values)
+
+
+@torch.no_grad()
+def dual_weights(
+    scores: Tensor,
+    ious: Tensor,
+    prior: Tensor,
+    *,
+    beta: float,
+    mu: float,
+    gamma1: float,
+    gamma2: float,
+    neg_variant: str = "full",
+    in_bag: Tensor | None = None,
+    giou_loss: Tensor | None = None,
+    **released_code_constants,
+) -> tuple[Tensor, Tensor]:
+    """Dense form of ``pair_weights`` (tests, plots): every argument ``Tensor[A, G]``.
+
+    scores[a, g] the score of anchor a on GT g's class; ious[a, g]; prior[a, g] the bag prior,
+    0 outside the bag (or pass ``in_bag`` ``Tensor[A, G]`` bool to give membership explicitly);
+    giou_loss[a, g] for ``loc_score="exp_giou"``. ``released_code_constants``: ``loc_score``,
+    ``mu_norm``, ``pneg_low``, ``pneg_high``, ``pneg_bag_minmax`` (see ``pair_weights``).
+    Returns ``(w_pos, w_neg)``, ``Tensor[A, G]``: w_pos 0 outside bags; w_neg the in-bag weight
+    on g's class channel, and ``scores ** gamma2`` outside the bag.
+    """
+    assert scores.shape == ious.shape == prior.shape and scores.dim() == 2
+    in_bag = prior > 0 if in_bag is None else in_bag
+    a, g = in_bag.nonzero(as_tuple=True)
+    pw = pair_weights(
+        scores[a, g], ious[a, g], prior[a, g], g, scores.shape[1],
+        beta=beta, mu=mu, gamma1=gamma1, gamma2=gamma2, neg_variant=neg_variant,
+        giou_loss=None if giou_loss is None else giou_loss[a, g], **released_code_constants,
+    )  # fmt: skip
+    w_pos = torch.zeros_like(scores, dtype=torch.float32)
+    w_pos[a, g] = pw.w_pos
+    w_neg = scores.float() ** gamma2  # Eq. 7 outside the bag: the plain focal negative
+    w_neg[a, g] = pw.w_neg
+    return w_pos, w_neg
+
+
+# ----------------------------------------------------------------------------- loss pieces
+
+
+def log_joint_score(cls_logits: Tensor, ctr_logits: Tensor) -> Tensor:
+    """``ln s`` for ``s = sigmoid(cls) * sigmoid(ctr)``, stable; broadcasting shapes."""
+    return F.logsigmoid(cls_logits) + F.logsigmoid(ctr_logits)
+
+
+def log1m_joint_score(cls_logits: Tensor, ctr_logits: Tensor) -> Tensor:
+    """``ln(1 - s)`` for ``s = sigmoid(x) * sigmoid(y)``, stable for any logits:
+    ``1 - s = sigmoid(-x) * (1 + exp(x) * sigmoid(-y))``."""
+    return F.logsigmoid(-cls_logits) + F.softplus(cls_logits + F.logsigmoid(-ctr_logits))
+
+
+def dw_cls_sums(
+    cls_logits: Tensor, centerness: Tensor, pos_entry: Tensor, w_pos: Tensor, w_neg: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Unnormalised classification sums of Eq. 11-12: ``sum w_pos (-ln s)`` over pairs and
+    ``sum w_neg (-ln(1 - s))`` over every (image, anchor, class).
+
+    cls_logits ``Tensor[B, A, C]``; centerness ``Tensor[B, A]`` logits; pos_entry ``Tensor[P]``
+    long, flat index ``(b * A + a) * C + c`` of each pair; w_pos ``Tensor[P]``; w_neg
+    ``Tensor[B, A, C]``. Computed in float32.
+    """
+    cls, ctr = cls_logits.float(), centerness.float()
+    num_classes = cls.shape[-1]
+    pos_logits = cls.reshape(-1).index_select(0, pos_entry)
+    pos_ctr = ctr.reshape(-1).index_select(0, torch.div(pos_entry, num_classes, rounding_mode="floor"))
+    pos = -(w_pos * log_joint_score(pos_logits, pos_ctr)).sum()
+    neg = -(w_neg * log1m_joint_score(cls, ctr.unsqueeze(-1))).sum()
+    return pos, neg
+
+
+# ----------------------------------------------------------------------------- assigner
+
+
+@dataclass
+class Assignment:
+    """Sparse DW assignment of a batch: P (anchor, GT) bag pairs over all images, detached.
+
+    Per pair ``Tensor[P]``: image, anchor (index into A), gt (index into the batch's GTs,
+    images concatenated), label, prior, score (s on the GT's class), iou, w_pos, w_neg, p_neg.
+    Per GT ``Tensor[G]``: gt_image, gt_labels; gt_boxes ``Tensor[G, 4]`` xyxy pixels.
+    Per distinct in-bag (image, anchor, class) entry ``Tensor[E]``: entry (flat index into
+    ``B * A * C``), entry_w_neg and entry_p_neg, the smallest over the pairs sharing it (the
+    best-matched GT decides).
+    """
+
+    image: Tensor
+    anchor: Tensor
+    gt: Tensor
+    label: Tensor
+    prior: Tensor
+    score: Tensor
+    iou: Tensor
+    w_pos: Tensor
+    w_neg: Tensor
+    p_neg: Tensor
+    gt_image: Tensor
+    gt_labels: Tensor
+    gt_boxes: Tensor
+    entry: Tensor
+    entry_w_neg: Tensor
+    entry_p_neg: Tensor
+
+
+class LossSums(NamedTuple):
+    """Unnormalised terms of a batch; ``DWAssigner.__call__`` divides and scales them."""
+
+    cls_pos: Tensor  # sum over pairs of w_pos * -ln s
+    reg: Tensor  # sum over pairs of w_pos * GIoULoss
+    neg: Tensor  # sum over (image, anchor, class) of w_neg * -ln(1 - s)
+    num_gts: Tensor  # number of GTs in the batch
+    neg_norm: Tensor  # sum over in-bag (image, anchor, class) entries of (1 - P_neg)
+
+
+class DWAssigner:
+    """Dual Weighting assigner and loss (paper Eq. 3-8, 11-12), one module per method.
+
+    Every DW constant is a keyword argument with the paper's default (the fields of
+    ``DWAssignerConfig``); ``loc_score``, ``mu_norm``, ``pneg_high``, ``pneg_bag_minmax`` and
+    ``pos_scale`` left None are filled from ``variant`` ("paper" or "official") with the same
+    table as the config. Returns ``{"loss_cls_pos", "loss_reg", "loss_neg"}``, already weighted.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        variant: str = "paper",
+        beta: float = 5.0,
+        mu: float = 5.0,
+        gamma1: float = 2.0,
+        gamma2: float = 2.0,
+        neg_variant: str = "full",
+        bag: str = "soft",
+        bag_radius: float = 2.0,
+        bag_topk: int = 9,
+        prior_sigma: float = 1.11,
+        loc_score: str | None = None,
+        mu_norm: float | None = None,
+        pneg_high: float | None = None,
+        pneg_bag_minmax: bool | None = None,
+        pos_scale: float | None = None,
+        pneg_low: float = 0.5,
+    ) -> None:
+        if variant not in ("paper", "official"):
+            raise ValueError(f"unknown variant {variant!r} (expected 'paper' or 'official')")
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if neg_variant not in NEG_VARIANTS:
+            raise ValueError(f"unknown neg_variant {neg_variant!r} (expected one of {NEG_VARIANTS})")
+        if bag not in BAG_KINDS:
+            raise ValueError(f"unknown bag {bag!r} (expected one of {BAG_KINDS})")
+        if bag_radius <= 0 or bag_topk < 1 or prior_sigma <= 0:
+            raise ValueError(
+                f"bag parameters must be positive: radius={bag_radius}, topk={bag_topk}, sigma={prior_sigma}"
+            )
+        filled = DWAssignerConfig(variant=variant, mu=mu)  # the variant table lives in the config
+        self.loc_score = filled.loc_score if loc_score is None else loc_score
+        self.mu_norm = filled.mu_norm if mu_norm is None else mu_norm
+        self.pneg_high = filled.pneg_high if pneg_high is None else pneg_high
+        self.pneg_bag_minmax = filled.pneg_bag_minmax if pneg_bag_minmax is None else pneg_bag_minmax
+        self.pos_scale = filled.pos_scale if pos_scale is None else pos_scale
+        if self.loc_score not in LOC_SCORES:
+            raise ValueError(f"unknown loc_score {self.loc_score!r} (expected one of {LOC_SCORES})")
+        if not 0.0 <= pneg_low < self.pneg_high:
+            raise ValueError(f"need 0 <= pneg_low < pneg_high, got {pneg_low} and {self.pneg_high}")
+        self.num_classes, self.variant = num_classes, variant
+        self.beta, self.mu, self.gamma1, self.gamma2 = beta, mu, gamma1, gamma2
+        self.neg_variant, self.pneg_low = neg_variant, pneg_low
+        self.bag, self.bag_radius, self.bag_topk, self.prior_sigma = bag, bag_radius, bag_topk, prior_sigma
+
+    @classmethod
+    def from_config(cls, cfg: DWAssignerConfig, num_classes: int) -> DWAssigner:
+        return cls(num_classes, **cfg.model_dump())
+
+    def _weight_kwargs(self) -> dict:
+        return dict(
+            beta=self.beta, mu=self.mu, gamma1=self.gamma1, gamma2=self.gamma2,
+            neg_variant=self.neg_variant, loc_score=self.loc_score, mu_norm=self.mu_norm,
+            pneg_low=self.pneg_low, pneg_high=self.pneg_high, pneg_bag_minmax=self.pneg_bag_minmax,
+        )  # fmt: skip
+
+    # --------------------------------------------------------------------- pairs and weights
+
+    def _check(self, outputs: HeadOutputs, targets: list[Target]) -> None:
+        b, a, c = outputs.cls_logits.shape
+        assert c == self.num_classes, f"cls_logits has {c} classes, the assigner {self.num_classes}"
+        assert outputs.centerness.shape == (b, a), outputs.centerness.shape
+        assert outputs.distances.shape == (b, a, 4), outputs.distances.shape
+        assert len(outputs.anchors) == a, (len(outputs.anchors), a)
+        assert len(targets) == b, f"{len(targets)} targets for {b} images"
+
+    def _pairs(self, anchors: Anchors, targets: list[Target], device: torch.device):
+        """Bag pairs of the whole batch: one ``candidate_prior`` call over all GTs."""
+        gt_boxes = torch.cat([t.boxes.reshape(-1, 4) for t in targets]).to(device, torch.float32)
+        gt_labels = torch.cat([t.labels.reshape(-1) for t in targets]).to(device, torch.long)
+        counts = torch.tensor([len(t.labels) for t in targets], device=device)
+        gt_image = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
+        assert gt_labels.numel() == 0 or (0 <= gt_labels.min() and gt_labels.max() < self.num_classes)
+        anchor, gt, prior = candidate_prior(
+            anchors.points, anchors.strides, anchors.levels, gt_boxes,
+            kind=self.bag, radius=self.bag_radius, topk=self.bag_topk, sigma=self.prior_sigma,
+        )  # fmt: skip
+        return anchor, gt, prior, gt_image, gt_labels, gt_boxes
+
+    def _assign(self, outputs: HeadOutputs, targets: list[Target]) -> tuple[Assignment, Tensor]:
+        """The assignment, plus the pairs' GIoU loss ``Tensor[P]`` with gradient (Eq. 11)."""
+        self._check(outputs, targets)
+        b, a, c = outputs.cls_logits.shape
+        device = outputs.cls_logits.device
+        anchor, gt, prior, gt_image, gt_labels, gt_boxes = self._pairs(outputs.anchors, targets, device)
+        image, label = gt_image.index_select(0, gt), gt_labels.index_select(0, gt)
+        flat = image * a + anchor  # index into B * A
+        points = outputs.anchors.points.index_select(0, anchor)
+        distances = outputs.distances.float().reshape(-1, 4).index_select(0, flat)
+        pred = distances_to_boxes(points, distances)  # [P, 4] xyxy, with gradient
+        pair_gt_boxes = gt_boxes.index_select(0, gt)
+        giou_loss = 1.0 - aligned_giou(pred, pair_gt_boxes)  # [P], with gradient
+        with torch.no_grad():
+            cls = outputs.cls_logits.detach().float().reshape(-1)
+            ctr = outputs.centerness.detach().float().reshape(-1)
+            score = torch.sigmoid(cls.index_select(0, flat * c + label))
+            score = score * torch.sigmoid(ctr.index_select(0, flat))  # s of the GT's class
+            iou = aligned_iou(pred.detach(), pair_gt_boxes)
+            pw = pair_weights(
+                score, iou, prior, gt, gt_boxes.shape[0],
+                giou_loss=giou_loss.detach(), **self._weight_kwargs(),
+            )  # fmt: skip
+            # several pairs on one (image, anchor, class) entry: the smallest weight / P_neg wins
+            entry, inverse = torch.unique(flat * c + label, return_inverse=True)
+            inf = torch.full((entry.shape[0],), float("inf"), device=device)
+            entry_w_neg = inf.scatter_reduce(0, inverse, pw.w_neg, "amin")
+            entry_p_neg = inf.scatter_reduce(0, inverse, pw.p_neg, "amin")
+        assignment = Assignment(
+            image, anchor, gt, label, prior, score, iou, pw.w_pos, pw.w_neg, pw.p_neg,
+            gt_image, gt_labels, gt_boxes, entry, entry_w_neg, entry_p_neg,
+        )  # fmt: skip
+        return assignment, giou_loss
+
+    def assign(self, outputs: HeadOutputs, targets: list[Target]) -> Assignment:
+        """Sparse pairs and their dual weights, without gradient (see ``Assignment``)."""
+        with torch.no_grad():
+            return self._assign(outputs, targets)[0]
+
+    @torch.no_grad()
+    def neg_weights(self, outputs: HeadOutputs, assignment: Assignment) -> Tensor:
+        """Negative weight of every (image, anchor, class), ``Tensor[B, A, C]``: ``s ** gamma2``
+        (focal negative), replaced on in-bag entries by the assignment's in-bag weight."""
+        scores = torch.sigmoid(outputs.cls_logits.detach().float()) * torch.sigmoid(
+            outputs.centerness.detach().float()
+        ).unsqueeze(-1)
+        w_neg = (scores**self.gamma2).reshape(-1)  # Eq. 7, a new tensor
+        w_neg[assignment.entry] = assignment.entry_w_neg
+        return w_neg.reshape(scores.shape)
+
+    # --------------------------------------------------------------------- loss
+
+    def loss_sums(self, outputs: HeadOutputs, targets: list[Target]) -> LossSums:
+        """Unnormalised loss sums of a batch (Eq. 11-12) and their normalisers, before averaging."""
+        asg, giou_loss = self._assign(outputs, targets)
+        b, a, c = outputs.cls_logits.shape
+        w_neg = self.neg_weights(outputs, asg)
+        pos_entry = (asg.image * a + asg.anchor) * c + asg.label
+        cls_pos, neg = dw_cls_sums(outputs.cls_logits, outputs.centerness, pos_entry, asg.w_pos, w_neg)
+        reg = (asg.w_pos * giou_loss).sum()
+        device = outputs.cls_logits.device
+        num_gts = torch.tensor(float(asg.gt_labels.shape[0]), device=device)
+        neg_norm = (1.0 - asg.entry_p_neg).sum()
+        return LossSums(cls_pos, reg, neg, num_gts, neg_norm)
+
+    def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        """Loss terms of a batch (Eq. 11-12): pos terms over the number of GTs, the neg term over
+        the in-bag sum of (1 - P_neg); both normalisers DDP-averaged and clamped to >= 1."""
+        sums = self.loss_sums(outputs, targets)
+        device = outputs.cls_logits.device
+        n_pos = normaliser(sums.num_gts, device)
+        n_neg = normaliser(sums.neg_norm.detach(), device)
+        return {
+            "loss_cls_pos": self.pos_scale * sums.cls_pos / n_pos,
+            "loss_reg": self.pos_scale * self.beta * sums.reg / n_pos,  # Eq. 11: beta * GIoU loss
+            "loss_neg": sums.neg / n_neg,
+        }
+
+    # --------------------------------------------------------------------- visualisation
+
+    @torch.no_grad()
+    def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
+        """Per-image maps for Fig. 5, each value ``Tensor[A]``.
+
+        Each anchor is shown against one "focus" GT of its image: among the bags it belongs
+        to, the GT with the largest w_pos; outside every bag, the GT its predicted box overlaps
+        most. Keys: ``score`` (s on the focus GT's class), ``iou`` (with the focus GT), ``pos``
+        (max over GTs of w_pos), ``neg`` (the applied negative weight on the focus GT's class
+        channel; the largest over classes in an image without GTs), ``in_bag`` (bool),
+        ``focus_gt`` (index within the image, -1 without GTs). Uses a dense ``[A, G_image]``
+        IoU per image: visualisation only, not the training path.
+        """
+        asg = self.assign(outputs, targets)
+        w_neg = self.neg_weights(outputs, asg)
+        scores, boxes = outputs.scores().float(), outputs.boxes().float()
+        num_anchors, device = len(outputs.anchors), boxes.device
+        rows = torch.arange(num_anchors, device=device)
+        maps = []
+        for i in range(len(targets)):
+            own = (asg.gt_image == i).nonzero()[:, 0]  # this image's GTs (a contiguous range)
+            sel = asg.image == i
+            anchor, w_pos = asg.anchor[sel], asg.w_pos[sel]
+            pos = torch.zeros(num_anchors, device=device).scatter_reduce(0, anchor, w_pos, "amax")
+            in_bag = torch.zeros(num_anchors, dtype=torch.bool, device=device)
+            in_bag[anchor] = True
+            if own.numel() == 0:
+                zeros, none = torch.zeros(num_anchors, device=device), torch.full_like(rows, -1)
+                neg = w_neg[i].amax(-1)
+                maps.append(dict(score=zeros, iou=zeros, pos=pos, neg=neg, in_bag=in_bag, focus_gt=none))
+                continue
+            gt_boxes, gt_labels = asg.gt_boxes[own], asg.gt_labels[own]
+            ious = box_iou(boxes[i], gt_boxes)  # [A, G_image], visualisation only
+            key = ious - 2.0  # outside bags: highest IoU; any in-bag pair (w_pos >= 0) beats it
+            key[anchor, asg.gt[sel] - own[0]] = w_pos
+            focus = key.argmax(1)
+            cls = gt_labels[focus]
+            maps.append(
+                dict(score=scores[i, rows, cls], iou=ious[rows, focus], pos=pos, neg=w_neg[i, rows, cls],
+                     in_bag=in_bag, focus_gt=focus)
+            )  # fmt: skip
+        return maps
+
+    def weight_maps(
+        self, outputs: HeadOutputs, targets: list[Target], image: int = 0
+    ) -> dict[str, dict[str, Tensor]]:
+        """``weights`` of one image as ``{"P3": {"score", "iou", "pos", "neg": Tensor[H, W]}, ...}``,
+        the input of ``dwlab.plots.plot_weight_maps``."""
+        per_anchor = self.weights(outputs, targets)[image]
+        a = outputs.anchors
+        out: dict[str, dict[str, Tensor]] = {}
+        for key in ("score", "iou", "pos", "neg"):
+            for level, grid in enumerate(split_levels(per_anchor[key], a.points, a.strides, a.levels)):
+                out.setdefault(f"P{level + 3}", {})[key] = grid.cpu()
+        return out

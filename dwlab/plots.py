@@ -1,0 +1,96 @@
+"""Figures of the DW paper from plain tensors: Fig. 3 (P_neg vs IoU) and Fig. 5 (weight maps).
+
+Matplotlib's object API with the Agg canvas (PNG), so the global backend is never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from dwlab.assign.dw import p_neg
+
+WEIGHT_MAP_COLUMNS = ("score", "iou", "pos", "neg")
+_COLUMN_TITLES = {"score": "cls score", "iou": "IoU", "pos": "pos weight", "neg": "neg weight"}
+
+
+def plot_pneg(
+    out_path: str | Path, gamma1s: Sequence[float] = (1, 2, 3, 4, 5), *, num: int = 501, **kw
+) -> Path:
+    """Fig. 3: ``P_neg(iou)`` (Eq. 5-6) against IoU, one curve per gamma1.
+
+    ``kw`` goes to ``dwlab.assign.dw.p_neg`` (``low``, ``high``). Writes a PNG; returns its path.
+    """
+    out_path = Path(out_path)
+    iou = torch.linspace(0.0, 1.0, num, dtype=torch.float64)
+    fig = Figure(figsize=(5, 3.6))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for gamma1 in gamma1s:
+        ax.plot(iou.numpy(), p_neg(iou, gamma1, **kw).numpy(), label=f"$\\gamma_1$ = {gamma1:g}")
+    ax.set_xlabel("IoU")
+    ax.set_ylabel(r"$P_{neg}$(IoU)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.set_title("Probability of being a negative (Eq. 5-6)")
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=150)
+    return out_path
+
+
+def _as_array(value) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def plot_weight_maps(
+    per_level_maps: Mapping[str, Mapping[str, object]],
+    out_path: str | Path,
+    *,
+    columns: Sequence[str] = WEIGHT_MAP_COLUMNS,
+    title: str | None = None,
+) -> Path:
+    """Fig. 5: one image's maps as heatmaps, rows = FPN levels, columns = ``columns``.
+
+    per_level_maps: ``{"P3": {"score": [H, W], "iou": [H, W], "pos": [H, W], "neg": [H, W]}, ...}``
+    (tensors or arrays; ``DWAssigner.weight_maps`` builds it). Scores and IoU share the [0, 1]
+    colour range; each weight map gets its own range (pos weights are small and sum to 1 per
+    GT). Writes a PNG; returns its path.
+    """
+    if not per_level_maps:
+        raise ValueError("per_level_maps is empty")
+    out_path = Path(out_path)
+    levels = list(per_level_maps)
+    fig = Figure(figsize=(3.0 * len(columns), 2.6 * len(levels)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(levels), len(columns), squeeze=False)
+    for r, level in enumerate(levels):
+        for c, key in enumerate(columns):
+            if key not in per_level_maps[level]:
+                raise ValueError(f"level {level!r} has no {key!r} map (has {sorted(per_level_maps[level])})")
+            arr = _as_array(per_level_maps[level][key])
+            vmin, vmax = (0.0, 1.0) if key in ("score", "iou") else (0.0, max(float(arr.max()), 1e-12))
+            ax = axes[r][c]
+            im = ax.imshow(arr, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(_COLUMN_TITLES.get(key, key))
+            if c == 0:
+                ax.set_ylabel(level)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120)
+    return out_path

@@ -1,0 +1,163 @@
+"""``build_report``: MLflow runs -> ``<out>/tableN.{md,csv}``, figures and ``<out>/README.md``."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from dwlab import paper
+from dwlab.errors import DwlabError
+from dwlab.report import figures, load
+from dwlab.report.tables import SPECS, TableResult, aggregate, build_table, csv_frame, run_labels
+
+
+@dataclass
+class Report:
+    out: Path
+    uri: str
+    tables: dict[str, TableResult]
+    files: list[Path] = field(default_factory=list)  # every file written, README last
+    index: list[tuple[str, str]] = field(default_factory=list)  # (relative path, one-line reading)
+    skipped: list[str] = field(default_factory=list)  # what was not produced, and why
+
+
+def _f(x: float, fmt: str = ".1f") -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
+
+
+def table_reading(t: TableResult) -> str:
+    rows = t.rows.drop_duplicates("label")
+    ran = rows[rows["n_runs"] > 0]
+    done = int((ran["n_finished"] > 0).sum())
+    agr = t.agreement
+    text = (f"{done} of {len(ran)} points run have a finished seed "
+            f"({t.header['scale']} scale, {t.header['dataset']}; runs: {t.header['runs']})")
+    if agr["best"] is not None:
+        text += (f"; best here {agr['best']} at {_f(agr['best_ap'])} AP, paper's best "
+                 f"{' / '.join(agr['paper_best'])} at {agr['paper_best_ap']:.1f}")
+        text += f"; Kendall tau {_f(agr['tau'], '.2f')} over {agr['n_tau']} points"
+        text += f"; {len(agr['within_noise'])} point(s) within seed noise of the best"
+    return text + "."
+
+
+def _peak(part: pd.DataFrame, col: str, label: str = "label") -> str:
+    part = part[part[col].notna()]
+    if part.empty:
+        return "n/a"
+    top = part.loc[part[col].idxmax()]
+    return f"{top[label]} ({top[col]:.1f})"
+
+
+def figure_reading(name: str, t: TableResult) -> str:
+    rows = t.rows.drop_duplicates("label")
+    if name == "table2":
+        mu_line, beta_line = rows[rows["beta"] == 5], rows[rows["mu"] == 5]
+        return ("AP vs mu at beta=5 and vs beta at mu=5, ours (mean ± std, left axis) and the paper "
+                f"(right axis): ours peaks at {_peak(mu_line, 'AP_mean')} on the mu line and "
+                f"{_peak(beta_line, 'AP_mean')} on the beta line; the paper at "
+                f"{_peak(mu_line, 'AP_paper')} and {_peak(beta_line, 'AP_paper')}.")
+    ran = rows[rows["n_runs"] > 0]
+    return (f"bars per point we ran, ours (mean ± std, left axis) vs the paper (right axis): ours "
+            f"highest at {_peak(ran, 'AP_mean')}, the paper highest among them at {_peak(ran, 'AP_paper')}.")
+
+
+def curves_reading(history: pd.DataFrame, labels: dict[str, str]) -> str:
+    data = history[history["run_id"].isin(labels)]
+    if data.empty:
+        return "AP and loss per epoch: no metric history logged by the finished runs."
+    last = data.sort_values("step").groupby(["run_id", "key"]).tail(1)
+    parts = []
+    for key, scale, name in (("loss", 1.0, "final loss"), ("AP", 100.0, "final AP")):
+        v = last[last["key"] == key]["value"] * scale
+        if len(v):
+            parts.append(f"{name} {v.min():.{3 if key == 'loss' else 1}f} to {v.max():.{3 if key == 'loss' else 1}f}")
+    return (f"AP and loss per epoch, mean over finished seeds, {len(set(labels.values()))} points: "
+            + "; ".join(parts) + " across runs.")
+
+
+def _write_table(t: TableResult, out: Path) -> list[Path]:
+    md, csv = out / f"{t.name}.md", out / f"{t.name}.csv"
+    md.write_text(t.markdown)
+    csv_frame(t).to_csv(csv, index=False, float_format="%.4f")
+    return [md, csv]
+
+
+def build_report(experiments: list[str] | None = None, out: Path | str = "reports",
+                 tracking_uri: str | None = None) -> Report:
+    """Read the trial runs of ``experiments`` (all when None) from ``tracking_uri`` (the sweep's
+    store when None) and write every table found, its figures, and the README index."""
+    out = Path(out)
+    uri, client, runs = load.read(tracking_uri, experiments)
+    found = list(dict.fromkeys(runs.get("tags.dwlab.table", pd.Series(dtype=str)).dropna()))
+    known = [t for t in SPECS if t in found]
+    if not known:
+        raise DwlabError(
+            f"{len(runs)} trial run(s) at {uri}, but none tagged with a table this report knows "
+            f"({', '.join(SPECS)}); dwlab.table tags found: {', '.join(map(str, found)) or 'none'}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    agg = aggregate(runs[runs["tags.dwlab.table"].isin(known)])
+    report = Report(out, uri, {})
+    for tag in found:
+        if tag not in SPECS:
+            n = int((runs["tags.dwlab.table"] == tag).sum())
+            why = "their sweep names no table" if tag == "" else f"tagged dwlab.table={tag!r}, not a paper table"
+            report.skipped.append(f"{n} trial run(s) in no table: {why}")
+    for name in known:
+        t = build_table(SPECS[name], agg, runs)
+        report.tables[name] = t
+        report.files += _write_table(t, out)
+    labels = {name: run_labels(t, runs) for name, t in report.tables.items()}
+    history = load.load_histories(client, [rid for lab in labels.values() for rid in lab])
+    for name, t in report.tables.items():
+        report.index.append((f"{name}.md", f"{t.title}: " + table_reading(t)))
+        scale = t.header["scale"]
+        if name == "table2":
+            fig = figures.table2_figure(t.rows, scale, out / "table2.png")
+        else:
+            fig = figures.bars_figure(t.rows, SPECS[name].title, scale, out / f"{name}.png")
+        report.files.append(fig)
+        report.index.append((fig.name, figure_reading(name, t)))
+        curves = figures.curves_figure(history, labels[name], name.replace("table", "Table "),
+                                       out / f"curves_{name}.png")
+        report.files.append(curves)
+        report.index.append((curves.name, curves_reading(history, labels[name])))
+    gamma1s = tuple(sorted({k[0] for k in paper.TABLE3}))
+    pneg = figures.pneg_figure(out / "fig3_pneg.png", gamma1s)
+    report.files.append(pneg)
+    report.index.append((pneg.name, (
+        f"Fig. 3: P_neg(IoU) (Eq. 5-6) for gamma1 in {', '.join(f'{g:g}' for g in gamma1s)}: 1 below "
+        "IoU 0.5, falling to 0 at 0.95; a larger gamma1 keeps P_neg higher at mid IoUs "
+        f"(paper default gamma1 = {paper.DEFAULTS['gamma1']})."
+    )))
+    report.skipped.append("Fig. 5 weight maps: not drawn by the report; use `dwlab plot weights` on a checkpoint")
+    readme = out / "README.md"
+    readme.write_text(render_index(report, experiments))
+    report.files.append(readme)
+    return report
+
+
+def render_index(report: Report, experiments: list[str] | None) -> str:
+    args = "".join(f" --experiment {e}" for e in experiments or [])
+    lines = [
+        "# dwlab report",
+        "",
+        f"Generated by `dwlab report{args} --out {report.out}` from the trial runs in the MLflow store "
+        "the sweeps wrote. Ours: COCO-style AP in percent, mean ± sample std over seeds. "
+        f"The paper's numbers: {paper.SETTING}.",
+        "",
+    ]
+    scales = {t.header["scale"] for t in report.tables.values()}
+    if scales != {"paper"}:
+        lines += [f"> Scale: {', '.join(sorted(scales))}. Not a COCO reproduction unless the scale is "
+                  "'paper'; see each table's header.", ""]
+    lines += ["| file | reading |", "|---|---|"]
+    lines += [f"| [{path}]({path}) | {text.replace('|', '/')} |" for path, text in report.index]
+    csvs = ", ".join(f"[{n}.csv]({n}.csv)" for n in report.tables)
+    lines += ["", f"The same numbers, unrounded: {csvs}.", ""]
+    if report.skipped:
+        lines += ["Not produced:", ""] + [f"- {s}" for s in report.skipped] + [""]
+    return "\n".join(lines)

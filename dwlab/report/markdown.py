@@ -1,0 +1,132 @@
+"""Markdown for one table (header, blocks of lines, agreement) and the cells' formats.
+
+Cells: ours ``"41.5 ± 0.12 (n=3)"`` (``"41.5 (n=1)"`` with one seed), ``"— (1 running, 2 failed)"``
+for a point with no finished run, ``"not run"`` for a paper row nobody ran; the paper's value
+``"41.5"``; the difference ours - paper ``"+0.3"``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+from dwlab import paper
+
+METRICS = ("AP", "AP50", "AP75")
+DASH = "—"
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def counts_text(row) -> str:
+    parts = [f"{int(row[f'n_{s}'])} {s}" for s in ("running", "failed") if row[f"n_{s}"]]
+    return f"({', '.join(parts)})" if parts else "(no finished run)"
+
+
+def ours_cell(row, metric: str) -> str:
+    if row["n_runs"] == 0:
+        return "not run" if metric == "AP" else ""
+    n = int(row[f"{metric}_n"])
+    if n == 0:
+        return f"{DASH} {counts_text(row)}" if metric == "AP" and row["n_finished"] == 0 else DASH
+    mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
+    return f"{mean:.1f} (n=1)" if n == 1 else f"{mean:.1f} ± {std:.2f} (n={n})"
+
+
+def paper_cell(row, metric: str) -> str:
+    value = row[f"{metric}_paper"]
+    return DASH if _nan(value) else f"{value:.1f}"
+
+
+def diff_cell(row, metric: str) -> str:
+    value = row[f"{metric}_diff"]
+    return "" if _nan(value) else f"{value:+.1f}"
+
+
+def gap_cell(row) -> str:
+    gap = row["gap_to_best"]
+    if _nan(gap):
+        return ""
+    if row["is_best"]:
+        return "best"
+    word = {True: "sig.", False: "noise", None: "n<2"}[row["significant"]]
+    return f"{gap:+.1f} ({word})"
+
+
+def runs_cell(row) -> str:
+    parts = [f"{int(row[f'n_{s}'])} {s}" for s in ("finished", "running", "failed") if row[f"n_{s}"]]
+    return ", ".join(parts) or "0"
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def lines_table(row_header: str, rows: pd.DataFrame) -> list[str]:
+    head = [row_header]
+    for m in METRICS:
+        head += [f"{m} ours", f"{m} paper", f"Δ{m}"]
+    head += ["gap to best here", "runs"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for _, r in rows.iterrows():
+        cells = [r["label"]]
+        for m in METRICS:
+            cells += [ours_cell(r, m), paper_cell(r, m), diff_cell(r, m)]
+        cells += [gap_cell(r), runs_cell(r)]
+        out.append("| " + " | ".join(_escape(c) for c in cells) + " |")
+    return out
+
+
+def _num(x: float, fmt: str = ".1f") -> str:
+    return "n/a" if _nan(x) else format(x, fmt)
+
+
+def agreement_lines(agr: dict, paper_scale: bool) -> list[str]:
+    if agr["n_tau"] >= 2 and not _nan(agr["tau"]):
+        tau = f"{agr['tau']:.2f} (p = {agr['p']:.2g}) over {agr['n_tau']} points"
+    else:
+        tau = f"n/a ({agr['n_tau']} point(s) with both ours and the paper's, or no variation)"
+    out = ["**Agreement with the paper**", "", f"- Kendall tau, our AP ordering vs the paper's: {tau}."]
+    pbest = f"{' and '.join(agr['paper_best'])} at {agr['paper_best_ap']:.1f} AP"
+    if agr["best"] is None:
+        out.append(f"- Best here: none (no finished run). Paper's best: {pbest}.")
+    else:
+        here = "".join(
+            f"; here {label} is {mean:.1f} ({gap:+.1f}, "
+            f"{ {True: 'significant', False: 'within seed noise', None: 'n<2, cannot tell'}[sig] })"
+            for label, mean, gap, sig in agr["paper_best_here"]
+        )
+        out.append(f"- Best here: {agr['best']} at {agr['best_ap']:.1f} AP. Paper's best: {pbest}{here}.")
+        noise = ", ".join(agr["within_noise"]) or "none"
+        out.append(f"- Within seed noise of the best here: {noise}.")
+        if agr["unknown"]:
+            out.append(f"- Cannot tell (fewer than 2 finished seeds): {', '.join(agr['unknown'])}.")
+    floor = " (or under 0.3 AP at paper scale)" if paper_scale else ""
+    out.append(
+        f"- Rule: a gap is seed noise when smaller than 2 x the pooled seed std of the two points{floor}."
+    )
+    return out
+
+
+def render_table(spec, result) -> str:
+    """``result`` is a ``tables.TableResult``; ``spec`` its ``tables.TableSpec``."""
+    h = result.header
+    out = [f"# {result.title}", ""]
+    out += [f"- **{k}**: {v}" for k, v in h.items()]
+    out += [f"- **paper**: {paper.SETTING}", ""]
+    for note in result.notes:
+        out += [f"> {note}", ""]
+    for block, part in result.rows.groupby("block", sort=False):
+        if block:
+            out += [f"**{block}**", ""]
+        out += lines_table(spec.row_header, part) + [""]
+    out += [
+        "Ours: COCO AP in percent, mean ± sample std over seeds (n finished); Δ = ours - paper; "
+        "gap = our AP - our best AP.",
+        "",
+    ]
+    out += agreement_lines(result.agreement, result.paper_scale) + [""]
+    return "\n".join(out)

@@ -1,0 +1,418 @@
+"""Trial runs -> the paper's tables: seed aggregation, layouts, agreement, markdown and CSV.
+
+A table's rows come from the runs' ``dwlab.table`` tag. Runs are grouped by
+``(table, dwlab.point)``; each group's key for the paper (``dwlab.paper``) is read off its
+resolved config (the logged params, then ``dwlab.point_overrides``). Every paper row appears,
+with "not run" when no run has its key; points the paper does not have come after it.
+
+Numbers are COCO AP in percent (the runs log [0, 1]). ``std`` is the sample std over seeds
+(ddof 1), so it needs n >= 2.
+
+Seed noise (the agreement line and the "gap to best" column): the gap between two of our
+points is *not significant* when it is smaller than ``2 * sqrt((std_a**2 + std_b**2) / 2)``
+(twice their pooled seed std) or, at paper scale, smaller than 0.3 AP. At other scales with
+fewer than 2 finished seeds on either side it is reported as unknown.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+from scipy.stats import kendalltau
+
+from dwlab import paper
+from dwlab.report.markdown import render_table
+
+METRICS = ("AP", "AP50", "AP75")
+SIZE_METRICS = ("APs", "APm", "APl")
+FINISHED = {"FINISHED"}
+RUNNING = {"RUNNING", "SCHEDULED"}
+FAILED = {"FAILED", "KILLED"}  # a killed trial counts as failed
+NOISE_STDS = 2.0
+PAPER_SCALE_FLOOR = 0.3  # AP; below this a gap is seed noise at paper scale (COCO, R-50 1x)
+
+
+# ----------------------------------------------------------------------------- table specs
+
+
+def _f(x: str) -> float:
+    return float(x)
+
+
+def _g(x) -> str:
+    """5.0 -> "5", 1.3 -> "1.3"."""
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def _truthy(x: str) -> bool:
+    return str(x).strip().lower() in {"true", "1", "yes"}
+
+
+def _key2(p: dict) -> tuple:
+    return (_f(p["assigner.dw.beta"]), _f(p["assigner.dw.mu"]))
+
+
+def _key3(p: dict) -> tuple:
+    return (_f(p["assigner.dw.gamma1"]), _f(p["assigner.dw.gamma2"]))
+
+
+def _key4(p: dict) -> tuple:
+    bag = p["assigner.dw.bag"]
+    if bag == "threshold":
+        return ("threshold", _f(p["assigner.dw.bag_radius"]))
+    if bag == "topk":
+        return ("topk", _f(p["assigner.dw.bag_topk"]))
+    return (bag, None)
+
+
+def _key5(p: dict) -> tuple:
+    return (p["assigner.dw.neg_variant"],)
+
+
+def method_name(p: dict) -> str:
+    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on."""
+    name = p["assigner.name"]
+    return f"{name}+box_refine" if _truthy(p.get("model.box_refine", "false")) else name
+
+
+def _key6(p: dict) -> tuple:
+    name = method_name(p)
+    return (paper.METHOD_TO_TABLE6.get(name, name),)
+
+
+def _label4(k: tuple) -> str:
+    kind, value = k
+    return {"threshold": f"threshold r={_g(value)}", "topk": f"top-k k={_g(value)}"}.get(
+        kind, "soft prior" if kind == "soft" else f"{kind} {_g(value)}"
+    )
+
+
+_OURS6 = {v: k for k, v in paper.METHOD_TO_TABLE6.items()}
+
+
+def _label6(k: tuple) -> str:
+    ours = _OURS6.get(k[0])
+    return f"{k[0]} (ours: {ours})" if ours else k[0]
+
+
+def _by_order(order: list[tuple], keys: list[tuple]) -> list[tuple]:
+    """Paper rows in paper order, then the rest sorted."""
+    extra = sorted((k for k in keys if k not in order), key=lambda k: tuple(map(str, k)))
+    return order + extra
+
+
+def _blocks2(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    b, m = paper.DEFAULTS["beta"], paper.DEFAULTS["mu"]
+    every = set(paper.TABLE2) | set(keys)
+    mu_line = sorted(k for k in every if k[0] == b)
+    beta_line = sorted(k for k in every if k[1] == m)
+    other = sorted(k for k in every if k[0] != b and k[1] != m)
+    blocks = [(f"beta = {b}, mu varied", mu_line), (f"mu = {m}, beta varied", beta_line)]
+    return blocks + ([("other points", other)] if other else [])
+
+
+def _blocks4(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    every = list(paper.TABLE4) + [k for k in keys if k not in paper.TABLE4]
+    titles = {"threshold": "threshold bag (distance / stride < r)", "topk": "top-k bag (k per level)",
+              "soft": "soft center prior"}
+    kinds = list(dict.fromkeys(k[0] for k in every))
+    return [
+        (titles.get(kind, kind), sorted((k for k in every if k[0] == kind), key=lambda k: k[1] or 0))
+        for kind in kinds
+    ]
+
+
+def _flat(order: list[tuple]) -> Callable[[list[tuple]], list[tuple[str, list[tuple]]]]:
+    return lambda keys: [("", _by_order(list(order), keys))]
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    name: str
+    title: str
+    key_names: tuple[str, ...]  # CSV columns for the key
+    row_header: str  # markdown header of the label column
+    key: Callable[[dict], tuple]  # resolved params (dotted, strings) -> paper key
+    label: Callable[[tuple], str]
+    blocks: Callable[[list[tuple]], list[tuple[str, list[tuple]]]]
+
+
+SPECS: dict[str, TableSpec] = {
+    "table2": TableSpec(
+        "table2", "Table 2: beta and mu of the positive weight (Eq. 3-4)", ("beta", "mu"),
+        "beta, mu", _key2, lambda k: f"beta={_g(k[0])}, mu={_g(k[1])}", _blocks2,
+    ),
+    "table3": TableSpec(
+        "table3", "Table 3: gamma1 (P_neg) and gamma2 (I_neg) of the negative weight (Eq. 5-7)",
+        ("gamma1", "gamma2"), "gamma1, gamma2", _key3,
+        lambda k: f"gamma1={_g(k[0])}, gamma2={_g(k[1])}", _flat(list(paper.TABLE3)),
+    ),
+    "table4": TableSpec(
+        "table4", "Table 4: the candidate bag", ("bag", "bag_param"), "bag", _key4, _label4, _blocks4,
+    ),
+    "table5": TableSpec(
+        "table5", "Table 5: the in-bag negative weight", ("neg_variant",), "neg variant", _key5,
+        lambda k: f"{k[0]} (DW)" if k[0] == "full" else k[0], _flat(list(paper.TABLE5)),
+    ),
+    "table6": TableSpec(
+        "table6", "Table 6: label-assignment methods on the same FCOS detector", ("method",),
+        "method (paper row)", _key6, _label6, _flat(list(paper.TABLE6)),
+    ),
+}
+
+
+# ----------------------------------------------------------------------------- aggregation
+
+
+def _params(run: pd.Series) -> dict:
+    """The run's resolved config as ``{dotted: str}``: its params, else its point overrides."""
+    out = {}
+    raw = run.get("tags.dwlab.point_overrides")
+    if isinstance(raw, str) and raw:
+        try:
+            out.update({k: str(v) for k, v in json.loads(raw).items()})
+        except (ValueError, AttributeError):
+            pass
+    out.update({k[len("params."):]: v for k, v in run.items() if k.startswith("params.") and isinstance(v, str)})
+    return out
+
+
+def run_key(spec: TableSpec, run: pd.Series) -> tuple | None:
+    try:
+        return spec.key(_params(run))
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _stat(values: pd.Series) -> tuple[float, float, int]:
+    v = values.dropna().astype(float) * 100.0
+    n = len(v)
+    return (float(v.mean()) if n else math.nan, float(v.std(ddof=1)) if n >= 2 else math.nan, n)
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per ``(table, point)``: run counts and, over the FINISHED seeds, mean / std / n
+    of every AP metric (percent) and the mean images seen. ``key`` is the paper key."""
+    runs = runs.copy()
+    if "tags.dwlab.point" not in runs:
+        runs["tags.dwlab.point"] = None
+    runs["tags.dwlab.point"] = runs["tags.dwlab.point"].fillna(runs["run_id"])
+    rows = []
+    for (table, point), group in runs.groupby(["tags.dwlab.table", "tags.dwlab.point"], sort=False):
+        spec = SPECS.get(table)
+        key = run_key(spec, group.iloc[0]) if spec else None
+        done = group[group["status"].isin(FINISHED)]
+        row = {
+            "table": table, "point": point, "key": key if key is not None else ("?", point),
+            "n_runs": len(group), "n_finished": len(done),
+            "n_running": int(group["status"].isin(RUNNING).sum()),
+            "n_failed": int(group["status"].isin(FAILED).sum()),
+            "seeds": ",".join(sorted(str(s) for s in group.get("tags.dwlab.seed", pd.Series()).dropna())),
+        }
+        for m in METRICS + SIZE_METRICS:
+            col = done.get(f"metrics.{m}", pd.Series(dtype=float))
+            row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = _stat(col)
+        seen = done.get("metrics.images_seen", pd.Series(dtype=float)).dropna()
+        row["images_seen"] = float(seen.mean()) if len(seen) else math.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# ----------------------------------------------------------------------------- one table
+
+
+@dataclass
+class TableResult:
+    name: str
+    title: str
+    header: dict[str, str]
+    rows: pd.DataFrame  # one row per table line, layout order; the CSV
+    agreement: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # warnings printed under the header
+    markdown: str = ""
+
+    @property
+    def paper_scale(self) -> bool:
+        return self.header.get("scale") == "paper"
+
+
+def noise_threshold(std_a: float, n_a: int, std_b: float, n_b: int, paper_scale: bool) -> float | None:
+    """The smallest gap between two points that is not seed noise (None: cannot tell)."""
+    floor = PAPER_SCALE_FLOOR if paper_scale else 0.0
+    if n_a >= 2 and n_b >= 2:
+        return max(NOISE_STDS * math.sqrt((std_a**2 + std_b**2) / 2.0), floor)
+    return floor if paper_scale else None
+
+
+def _values(series: pd.Series | None, fmt: Callable = str) -> str:
+    if series is None:
+        return "unknown"
+    vals = list(dict.fromkeys(fmt(v) for v in series.dropna()))
+    if not vals:
+        return "unknown"
+    return vals[0] if len(vals) == 1 else f"{', '.join(vals)} (mixed)"
+
+
+def header_info(runs: pd.DataFrame) -> dict[str, str]:
+    """What the table was measured on, from its runs' tags, params and metrics."""
+    get = runs.get
+    backbone = get("tags.dwlab.backbone")
+    if backbone is None:
+        backbone = get("params.model.backbone")
+    epochs = _values(get("params.train.epochs"))
+    batch, workers = _values(get("params.train.batch_size")), _values(get("tags.dwlab.world_size"))
+    seen = runs.loc[runs["status"].isin(FINISHED)].get("metrics.images_seen", pd.Series(dtype=float)).dropna()
+    if len(seen) == 0:
+        images = "unknown (no finished run logged images_seen)"
+    elif seen.min() == seen.max():
+        images = f"{seen.iloc[0]:,.0f} per run"
+    else:
+        images = f"{seen.min():,.0f} to {seen.max():,.0f} per run (median {seen.median():,.0f})"
+    counts = runs["status"]
+    parts = [f"{int(counts.isin(s).sum())} {w}" for s, w in ((FINISHED, "finished"), (RUNNING, "running"), (FAILED, "failed"))]
+    return {
+        "dataset": _values(get("tags.dwlab.dataset")),
+        "scale": _values(get("tags.dwlab.scale")),
+        "backbone": _values(backbone),
+        "schedule": f"{epochs} epochs, batch {batch} x {workers} worker(s)",
+        "images seen": images,
+        "runs": f"{len(runs)} ({', '.join(parts)})",
+        "dwlab": f"{_values(get('tags.dwlab.version'))} at commit {_values(get('tags.dwlab.git_commit'), lambda c: str(c)[:10])}",
+        "experiments": _values(runs["experiment"]),
+    }
+
+
+def _empty_row(table: str, key: tuple) -> dict:
+    row = {"table": table, "point": "", "key": key, "n_runs": 0, "n_finished": 0, "n_running": 0,
+           "n_failed": 0, "seeds": "", "images_seen": math.nan}
+    for m in METRICS + SIZE_METRICS:
+        row.update({f"{m}_mean": math.nan, f"{m}_std": math.nan, f"{m}_n": 0})
+    return row
+
+
+def layout(spec: TableSpec, agg: pd.DataFrame) -> pd.DataFrame:
+    """The table's lines in the paper's layout: blocks of keys, the points we ran at each key
+    (a "not run" line for a paper key with none), with the paper's numbers and the differences."""
+    groups = agg[agg["table"] == spec.name] if len(agg) else agg
+    by_key: dict[tuple, list[dict]] = {}
+    for rec in groups.to_dict("records"):
+        by_key.setdefault(rec["key"], []).append(rec)
+    unknown = [k for k in by_key if k[0] == "?"]
+    blocks = spec.blocks([k for k in by_key if k[0] != "?"])
+    if unknown:
+        blocks.append(("points whose config could not be read", unknown))
+    lines = []
+    for block, keys in blocks:
+        for key in keys:
+            recs = by_key.get(key) or [_empty_row(spec.name, key)]
+            ref = paper.paper_value(spec.name, key)
+            for rec in recs:
+                line = dict(rec, block=block)
+                label = spec.label(key) if key[0] != "?" else str(key[1])
+                line["label"] = label if len(recs) == 1 else f"{label} [{rec['point']}]"
+                for name, value in zip(spec.key_names, key if key[0] != "?" else (None,) * len(spec.key_names)):
+                    line[name] = value
+                for m in METRICS:
+                    line[f"{m}_paper"] = getattr(ref, m) if ref else math.nan
+                    line[f"{m}_diff"] = line[f"{m}_mean"] - line[f"{m}_paper"]
+                lines.append(line)
+    return pd.DataFrame(lines)
+
+
+def _mark_gaps(rows: pd.DataFrame, paper_scale: bool) -> tuple[pd.DataFrame, int | None]:
+    """Add ``gap_to_best``, ``gap_threshold`` and ``significant`` (vs our best AP)."""
+    rows = rows.copy()
+    rows["gap_to_best"], rows["gap_threshold"], rows["significant"] = math.nan, math.nan, None
+    rows["is_best"] = False
+    have = rows[rows["AP_n"] > 0]
+    if have.empty:
+        return rows, None
+    ibest = int(have["AP_mean"].idxmax())
+    best = rows.loc[ibest]
+    for i, r in have.iterrows():
+        rows.at[i, "gap_to_best"] = r["AP_mean"] - best["AP_mean"]
+        if r["label"] == best["label"]:  # the best point (Table 2 shows (5, 5) in both blocks)
+            rows.at[i, "is_best"] = True
+            continue
+        thr = noise_threshold(r["AP_std"], r["AP_n"], best["AP_std"], best["AP_n"], paper_scale)
+        if thr is not None:
+            rows.at[i, "gap_threshold"] = thr
+            gap = abs(r["AP_mean"] - best["AP_mean"])
+            rows.at[i, "significant"] = bool(gap >= thr and gap > 1e-9)
+    return rows, ibest
+
+
+def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
+    """Kendall tau of our AP ordering vs the paper's, our best vs the paper's best, and the
+    points within seed noise of our best."""
+    both = rows[(rows["AP_n"] > 0) & rows["AP_paper"].notna()].drop_duplicates("label")
+    tau = p = math.nan
+    if len(both) >= 2:
+        res = kendalltau(both["AP_mean"], both["AP_paper"])
+        tau, p = float(res.statistic), float(res.pvalue)
+    paper_keys, paper_top = paper.best(spec.name)
+    out = {
+        "tau": tau, "p": p, "n_tau": len(both),
+        "paper_best": [spec.label(k) for k in paper_keys], "paper_best_ap": paper_top,
+        "best": None, "best_ap": math.nan, "paper_best_here": [], "within_noise": [], "unknown": [],
+    }
+    if ibest is None:
+        return out
+    out["best"], out["best_ap"] = rows.at[ibest, "label"], rows.at[ibest, "AP_mean"]
+    for _, r in rows[rows["AP_n"] > 0].drop_duplicates("label").iterrows():
+        if r["is_best"]:
+            continue
+        if r["key"] in paper_keys:
+            out["paper_best_here"].append((r["label"], r["AP_mean"], r["gap_to_best"], r["significant"]))
+        if r["significant"] is False:
+            out["within_noise"].append(r["label"])
+        elif r["significant"] is None:
+            out["unknown"].append(r["label"])
+    return out
+
+
+def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> TableResult:
+    """One table: layout, header, gaps, agreement and its markdown."""
+    runs = runs[runs["tags.dwlab.table"] == spec.name]
+    header = header_info(runs)
+    rows, ibest = _mark_gaps(layout(spec, agg), header["scale"] == "paper")
+    result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest))
+    if header["scale"] != "paper":
+        result.notes.append(
+            f"**Not a COCO reproduction.** Measured at scale '{header['scale']}' on dataset "
+            f"'{header['dataset']}'; the paper's numbers are {paper.SETTING}. Absolute values and "
+            "differences are not comparable; compare orderings (Kendall tau) only."
+        )
+    mixed = [k for k in ("dataset", "scale", "backbone", "schedule") if "(mixed)" in header[k]]
+    if mixed:
+        result.notes.append(
+            f"**Mixed settings** ({', '.join(mixed)}): runs measured differently are pooled here; "
+            "report their experiments separately with --experiment."
+        )
+    result.markdown = render_table(spec, result)
+    return result
+
+
+def csv_frame(result: TableResult) -> pd.DataFrame:
+    """The CSV: every number of the markdown table, unrounded."""
+    spec = SPECS[result.name]
+    cols = ["table", "block", "label", "point", *spec.key_names, "n_runs", "n_finished", "n_running",
+            "n_failed", "seeds"]
+    for m in METRICS:
+        cols += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_diff"]
+    for m in SIZE_METRICS:
+        cols += [f"{m}_mean", f"{m}_std"]
+    cols += ["images_seen", "gap_to_best", "gap_threshold", "significant"]
+    return result.rows.reindex(columns=cols)
+
+
+def run_labels(result: TableResult, runs: pd.DataFrame, statuses: set[str] = FINISHED) -> dict[str, str]:
+    """run_id -> the label of its table line, for the table's runs with one of ``statuses``."""
+    by_point = dict(zip(result.rows["point"], result.rows["label"]))
+    part = runs[(runs["tags.dwlab.table"] == result.name) & runs["status"].isin(statuses)]
+    points = part["tags.dwlab.point"] if "tags.dwlab.point" in part else part["run_id"]
+    return {rid: by_point.get(p, str(p)) for rid, p in zip(part["run_id"], points.fillna(part["run_id"]))}

@@ -1,0 +1,274 @@
+"""``dwlab report`` on a temp sqlite MLflow store filled through the real ``MlflowClient``.
+
+The store holds what a sweep writes: one experiment per sweep, a parent run (dwlab.kind=sweep)
+and FINISHED / FAILED / RUNNING trial runs with the sweep's tags, the flattened resolved config
+as params and per-epoch metrics. Expected cells are computed by hand in the comments.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from scipy.stats import kendalltau
+from typer.testing import CliRunner
+
+from dwlab import paper
+from dwlab.cli import app
+from dwlab.config import flatten, load_config
+from dwlab.report import build_report
+from dwlab.report.figures import DPI, FIGSIZE
+from dwlab.report.tables import noise_threshold
+
+EPOCHS = 3
+
+# (table, point id, overrides, [(seed, status, final AP, AP50, AP75)])
+TABLE2 = [
+    # mean 32.0, sample std 2.00 on each metric; paper 41.5 / 59.8 / 45.0
+    ("beta=5,mu=5", {"assigner.dw.beta": 5, "assigner.dw.mu": 5},
+     [(0, "FINISHED", 0.30, 0.50, 0.28), (1, "FINISHED", 0.32, 0.52, 0.30), (2, "FINISHED", 0.34, 0.54, 0.32)]),
+    # mean 35.5 ± 0.71 (n=2), one failed seed; paper 41.5 / 60.1 / 44.6
+    ("beta=5,mu=6", {"assigner.dw.beta": 5, "assigner.dw.mu": 6},
+     [(0, "FINISHED", 0.35, 0.55, 0.33), (1, "FINISHED", 0.36, 0.56, 0.34), (2, "FAILED", None, None, None)]),
+    # 34.5 ± 0.71 (n=2): 1.0 below the best, threshold 2*sqrt((0.5+0.5)/2) = 1.41 -> noise
+    ("beta=5,mu=7", {"assigner.dw.beta": 5, "assigner.dw.mu": 7},
+     [(0, "FINISHED", 0.34, 0.54, 0.32), (1, "FINISHED", 0.35, 0.55, 0.33)]),
+    # one seed: 33.0 (n=1)
+    ("beta=4,mu=5", {"assigner.dw.beta": 4, "assigner.dw.mu": 5}, [(0, "FINISHED", 0.33, 0.53, 0.31)]),
+    # no finished seed: a dash and the counts
+    ("beta=5,mu=3", {"assigner.dw.beta": 5, "assigner.dw.mu": 3}, [(0, "RUNNING", None, None, None), (1, "FAILED", None, None, None)]),
+    # not in the paper: 21.0 ± 1.41 (n=2)
+    ("beta=2,mu=5", {"assigner.dw.beta": 2, "assigner.dw.mu": 5},
+     [(0, "FINISHED", 0.20, 0.40, 0.18), (1, "FINISHED", 0.22, 0.42, 0.20)]),
+]
+TABLE3 = [
+    ("gamma1=2,gamma2=2", {}, [(0, "FINISHED", 0.40, 0.60, 0.38), (1, "FINISHED", 0.42, 0.62, 0.40)]),
+    ("gamma1=1,gamma2=1", {"assigner.dw.gamma1": 1, "assigner.dw.gamma2": 1},
+     [(0, "FINISHED", 0.38, 0.58, 0.36), (1, "FINISHED", 0.38, 0.58, 0.36)]),
+]
+TABLE4 = [
+    ("soft", {}, [(0, "FINISHED", 0.40, 0.60, 0.38)]),
+    ("r=1.3", {"assigner.dw.bag": "threshold", "assigner.dw.bag_radius": 1.3}, [(0, "FINISHED", 0.37, 0.57, 0.35)]),
+    ("k=9", {"assigner.dw.bag": "topk", "assigner.dw.bag_topk": 9}, [(0, "FINISHED", 0.36, 0.56, 0.34)]),
+]
+TABLE5 = [
+    ("full", {}, [(0, "FINISHED", 0.40, 0.60, 0.38), (1, "FINISHED", 0.41, 0.61, 0.39)]),
+    ("pos_only", {"assigner.dw.neg_variant": "pos_only"}, [(0, "FINISHED", 0.30, 0.50, 0.28)]),
+]
+TABLE6 = [
+    ("fcos", {"assigner.name": "fcos"}, [(0, "FINISHED", 0.30, 0.50, 0.28), (1, "FINISHED", 0.31, 0.51, 0.29)]),
+    ("dw", {}, [(0, "FINISHED", 0.40, 0.60, 0.38)]),
+    ("dw+box_refine", {"model.box_refine": True}, [(0, "FINISHED", 0.42, 0.62, 0.40)]),
+    # a method the config does not know yet: its params are written by hand below
+    ("autoassign", {"assigner.name": "autoassign"}, [(0, "FAILED", None, None, None)]),
+]
+SWEEPS = {"table2": TABLE2, "table3": TABLE3, "table4": TABLE4, "table5": TABLE5, "table6": TABLE6}
+
+
+def _trial(client, exp_id, parent, table, point, overrides, seed, status, final):
+    known = {k: v for k, v in overrides.items() if k != "assigner.name" or v in ("fcos", "dw")}
+    params = flatten(load_config("smoke", {**known, "train.epochs": EPOCHS, "train.seed": seed}))
+    params.update(overrides)
+    tags = {
+        "mlflow.parentRunId": parent, "dwlab.kind": "trial", "dwlab.sweep": table, "dwlab.table": table,
+        "dwlab.point": point, "dwlab.point_overrides": json.dumps(overrides, sort_keys=True),
+        "dwlab.seed": str(seed), "dwlab.config_hash": f"h{point}", "dwlab.git_commit": "0123456789abcdef0123",
+        "dwlab.version": "0.1.0", "dwlab.host": "testhost", "dwlab.device": "cpu", "dwlab.scale": "smoke",
+        "dwlab.dataset": "synth", "dwlab.backbone": "resnet18", "dwlab.world_size": "1",
+    }
+    run_id = client.create_run(exp_id, tags=tags, run_name=f"{point}-s{seed}").info.run_id
+    items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i : i + 100])
+    metrics = []
+    for step in range(EPOCHS if status == "FINISHED" else 1):
+        metrics += [Metric("loss", 1.0 - 0.2 * step, 1000 + step, step),
+                    Metric("images_seen", 400.0 * (step + 1), 1000 + step, step)]
+    if final is not None:
+        ap, ap50, ap75 = final
+        metrics += [Metric("AP", ap - 0.05, 1000, 0), Metric("AP", ap, 1002, EPOCHS - 1),
+                    Metric("AP50", ap50, 1002, EPOCHS - 1), Metric("AP75", ap75, 1002, EPOCHS - 1),
+                    Metric("APs", ap / 2, 1002, EPOCHS - 1)]
+    client.log_batch(run_id, metrics=metrics)
+    if status == "FAILED":
+        client.set_tag(run_id, "dwlab.error", "RuntimeError: boom")
+    if status != "RUNNING":
+        client.set_terminated(run_id, status)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlstore")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    for table, points in SWEEPS.items():
+        exp_id = client.create_experiment(table, tags={"dwlab.table": table})
+        parent = client.create_run(exp_id, tags={"dwlab.kind": "sweep", "dwlab.table": table}).info.run_id
+        for point, overrides, seeds in points:
+            for seed, status, ap, ap50, ap75 in seeds:
+                final = None if ap is None else (ap, ap50, ap75)
+                _trial(client, exp_id, parent, table, point, overrides, seed, status, final)
+        client.set_terminated(parent, "FINISHED")
+    client.create_experiment("empty")
+    return uri
+
+
+@pytest.fixture(scope="module")
+def report(store, tmp_path_factory):
+    return build_report(None, tmp_path_factory.mktemp("reports"), tracking_uri=store)
+
+
+def _line(markdown: str, label: str, block: int = 0) -> list[str]:
+    """The cells of the ``block``-th markdown line whose first cell is ``label``."""
+    hits = [ln for ln in markdown.splitlines() if ln.startswith(f"| {label} |")]
+    assert hits, f"no line '{label}' in\n{markdown}"
+    return [c.strip() for c in hits[block].strip("|").split("|")]
+
+
+def test_table2_cells_seed_aggregation_and_dash(report):
+    md = (report.out / "table2.md").read_text()
+    # label | AP ours | AP paper | dAP | AP50 ours | paper | d | AP75 ours | paper | d | gap | runs
+    assert _line(md, "beta=5, mu=5") == [
+        "beta=5, mu=5", "32.0 ± 2.00 (n=3)", "41.5", "-9.5", "52.0 ± 2.00 (n=3)", "59.8", "-7.8",
+        "30.0 ± 2.00 (n=3)", "45.0", "-15.0", "-3.5 (sig.)", "3 finished",
+    ]  # best is 35.5; threshold 2*sqrt((4 + 0.5)/2) = 3.0 < 3.5
+    assert _line(md, "beta=5, mu=6") == [
+        "beta=5, mu=6", "35.5 ± 0.71 (n=2)", "41.5", "-6.0", "55.5 ± 0.71 (n=2)", "60.1", "-4.6",
+        "33.5 ± 0.71 (n=2)", "44.6", "-11.1", "best", "2 finished, 1 failed",
+    ]
+    assert _line(md, "beta=5, mu=7")[1:4] + _line(md, "beta=5, mu=7")[-2:] == [
+        "34.5 ± 0.71 (n=2)", "41.4", "-6.9", "-1.0 (noise)", "2 finished"]
+    assert _line(md, "beta=4, mu=5")[1:4] + [_line(md, "beta=4, mu=5")[-2]] == ["33.0 (n=1)", "41.3", "-8.3", "-2.5 (n<2)"]
+    assert _line(md, "beta=5, mu=3")[:4] == ["beta=5, mu=3", "— (1 running, 1 failed)", "40.8", ""]
+    assert _line(md, "beta=5, mu=3")[4] == "—" and _line(md, "beta=5, mu=3")[-1] == "1 running, 1 failed"
+    assert _line(md, "beta=5, mu=4")[:3] == ["beta=5, mu=4", "not run", "41.2"]
+    assert _line(md, "beta=2, mu=5")[:4] == ["beta=2, mu=5", "21.0 ± 1.41 (n=2)", "—", ""]
+    # the cross: (5, 5) heads no block twice but sits in both the mu line and the beta line
+    assert _line(md, "beta=5, mu=5", 1) == _line(md, "beta=5, mu=5", 0)
+    assert md.index("**beta = 5, mu varied**") < md.index("**mu = 5, beta varied**")
+
+
+def test_table2_header_and_agreement(report):
+    md = (report.out / "table2.md").read_text()
+    for text in ("**dataset**: synth", "**scale**: smoke", "**backbone**: resnet18",
+                 "**schedule**: 3 epochs, batch 8 x 1 worker(s)", "**images seen**: 1,200 per run",
+                 "**runs**: 13 (10 finished, 1 running, 2 failed)", "**dwlab**: 0.1.0 at commit 0123456789",
+                 "**experiments**: table2", "Not a COCO reproduction"):
+        assert text in md, text
+    # tau over the 4 points with both: ours 32.0, 35.5, 34.5, 33.0 vs paper 41.5, 41.5, 41.4, 41.3
+    tau = kendalltau([32.0, 35.5, 34.5, 33.0], [41.5, 41.5, 41.4, 41.3]).statistic
+    assert f"{tau:.2f}" == "0.18"  # (3 concordant - 2 discordant) / sqrt(6 * 5)
+    assert "Kendall tau, our AP ordering vs the paper's: 0.18 (p = " in md
+    assert "over 4 points" in md
+    assert ("Best here: beta=5, mu=6 at 35.5 AP. Paper's best: beta=5, mu=5 and beta=5, mu=6 at 41.5 AP; "
+            "here beta=5, mu=5 is 32.0 (-3.5, significant).") in md
+    assert "Within seed noise of the best here: beta=5, mu=7." in md
+    assert "Cannot tell (fewer than 2 finished seeds): beta=4, mu=5." in md
+
+
+def test_csv_has_the_same_numbers(report):
+    import pandas as pd
+
+    frame = pd.read_csv(report.out / "table2.csv")
+    row = frame[frame["label"] == "beta=5, mu=6"].iloc[0]
+    assert (row["AP_mean"], row["AP_n"], row["AP_paper"], row["n_failed"]) == (35.5, 2, 41.5, 1)
+    assert row["AP_std"] == pytest.approx(math.sqrt(0.5), abs=1e-4)
+    assert row["AP_diff"] == pytest.approx(-6.0)
+    missing = frame[frame["label"] == "beta=5, mu=4"].iloc[0]
+    assert missing["n_runs"] == 0 and math.isnan(missing["AP_mean"])
+
+
+def test_other_tables_layouts(report):
+    t3 = (report.out / "table3.md").read_text()
+    assert _line(t3, "gamma1=1, gamma2=1")[1:4] == ["38.0 ± 0.00 (n=2)", "41.0", "-3.0"]
+    assert _line(t3, "gamma1=3, gamma2=2")[1:3] == ["not run", "41.3"]
+    t4 = (report.out / "table4.md").read_text()
+    assert _line(t4, "threshold r=1.3")[1:4] == ["37.0 (n=1)", "41.3", "-4.3"]
+    assert _line(t4, "top-k k=9")[1:4] == ["36.0 (n=1)", "41.2", "-5.2"]
+    assert _line(t4, "soft prior")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]
+    t5 = (report.out / "table5.md").read_text()
+    assert _line(t5, "full (DW)")[1:4] == ["40.5 ± 0.71 (n=2)", "41.5", "-1.0"]
+    assert _line(t5, "pos_only")[1:4] == ["30.0 (n=1)", "39.5", "-9.5"]
+    t6 = (report.out / "table6.md").read_text()
+    assert _line(t6, "FCOS (ours: fcos)")[1:4] == ["30.5 ± 0.71 (n=2)", "38.6", "-8.1"]
+    assert _line(t6, "DW + box refine (ours: dw+box_refine)")[1:4] == ["42.0 (n=1)", "42.2", "-0.2"]
+    assert _line(t6, "AutoAssign(weight loss) (ours: autoassign)")[1:3] == ["— (1 failed)", "36.6"]
+    assert _line(t6, "PAA")[1:3] == ["not run", "40.4"]
+    assert len([ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]) == 1 + len(paper.TABLE6)
+
+
+def test_figures_are_pngs_of_the_expected_size(report):
+    expected = (int(FIGSIZE[0] * DPI), int(FIGSIZE[1] * DPI))
+    names = [f"table{i}.png" for i in range(2, 7)] + [f"curves_table{i}.png" for i in range(2, 7)]
+    for name in names:
+        path = report.out / name
+        assert path.stat().st_size > 1000, name
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size == expected, name
+    with Image.open(report.out / "fig3_pneg.png") as img:  # dwlab.plots.plot_pneg: 5 x 3.6 in at 150 dpi
+        assert img.format == "PNG" and img.size == (750, 540)
+
+
+def test_readme_indexes_every_table_and_figure(report):
+    readme = (report.out / "README.md").read_text()
+    for path in report.files:
+        if path.name != "README.md" and path.suffix != ".csv":
+            assert f"[{path.name}]({path.name})" in readme, path.name
+    assert "best here beta=5, mu=6 at 35.5 AP" in readme
+    assert "[table2.csv](table2.csv)" in readme
+
+
+def test_noise_threshold():
+    assert noise_threshold(2.0, 3, math.sqrt(0.5), 2, paper_scale=False) == pytest.approx(3.0)
+    assert noise_threshold(0.01, 3, 0.01, 3, paper_scale=True) == pytest.approx(0.3)
+    assert noise_threshold(math.nan, 1, 0.1, 3, paper_scale=False) is None
+    assert noise_threshold(math.nan, 1, math.nan, 1, paper_scale=True) == pytest.approx(0.3)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_writes_the_report(store, tmp_path):
+    res = CliRunner().invoke(app, ["report", "--experiment", "table5", "--out", str(tmp_path), "--tracking-uri", store])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".png") == ["README.md", "table5.csv", "table5.md"]
+    assert "table5.md" in res.output
+
+
+def test_cli_default_store_is_mlflow_tracking_uri(store, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    res = CliRunner().invoke(app, ["report", "-e", "table3", "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "table3.md").is_file()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--experiment", "table9"],
+         "error: no experiment named 'table9' in {uri} (experiments there: Default, empty, table2, table3, "
+         "table4, table5, table6)"),
+        (["--experiment", "empty"], "error: no dwlab trial runs in empty at {uri} (run 'dwlab sweep' first)"),
+    ],
+)
+def test_cli_error_lines(store, tmp_path, args, message):
+    res = CliRunner().invoke(app, ["report", *args, "--out", str(tmp_path), "--tracking-uri", store])
+    assert res.exit_code == 2
+    assert res.output.strip() == message.format(uri=store)
+
+
+def test_cli_unreachable_store(tmp_path, monkeypatch):
+    missing = f"sqlite:///{tmp_path / 'nowhere' / 'mlflow.db'}"
+    res = CliRunner().invoke(app, ["report", "--tracking-uri", missing, "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: cannot reach the MLflow store {missing}: no such database file"
+    assert not (tmp_path / "nowhere").exists()  # the report never creates a store
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    res = CliRunner().invoke(app, ["report", "--tracking-uri", "http://127.0.0.1:9", "--out", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.output.startswith("error: cannot reach the MLflow store http://127.0.0.1:9: ")
+    assert len(res.output.strip().splitlines()) == 1
