@@ -18,6 +18,8 @@ from dwlab.errors import DwlabError, NonFiniteLoss
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedded default.")
 app.add_typer(data_app, name="data")
+plot_app = typer.Typer(no_args_is_help=True, help="Figures of the paper: P_neg curves, weight maps.")
+app.add_typer(plot_app, name="plot")
 
 F = TypeVar("F", bound=Callable)
 
@@ -202,6 +204,35 @@ def report(
 
 
 # ----------------------------------------------------------------------------- end of report
+
+
+@plot_app.command("pneg")
+@user_errors
+def plot_pneg_cmd(
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("reports/fig3_pneg.png"),
+    gamma1: Annotated[str, typer.Option(help="Comma-separated gamma1 values.")] = "1,2,3,4,5",
+) -> None:
+    """Fig. 3: P_neg against IoU for several gamma1 (Eq. 5-6)."""
+    from dwlab.plots import plot_pneg
+
+    try:
+        values = [float(v) for v in gamma1.split(",")]
+    except ValueError:
+        raise DwlabError(f"--gamma1 {gamma1!r}: expected comma-separated numbers") from None
+    typer.echo(f"wrote {plot_pneg(out, values)}")
+
+
+@plot_app.command("weights")
+@user_errors
+def plot_weights_cmd(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a trained run (.pt).")],
+    image: Annotated[str, typer.Option(help="Val image: COCO id or file name.")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("reports/fig5_weights.png"),
+) -> None:
+    """Fig. 5: cls score, IoU, pos weight and neg weight over one image's anchors, per level."""
+    from dwlab.visualize import plot_checkpoint_weights
+
+    typer.echo(f"wrote {plot_checkpoint_weights(checkpoint, image, out)}")
 
 
 def main() -> None:
