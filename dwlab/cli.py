@@ -160,18 +160,17 @@ def ui(
     host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
 ) -> None:
     """Start the MLflow UI on the default store (./mlruns, or $MLFLOW_TRACKING_URI)."""
-    import subprocess
+    import os
 
-    from dwlab.sweep.tracking import tracking_uri
+    from dwlab.sweep.tracking import prepare_store, tracking_uri
 
     uri = tracking_uri()
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    typer.echo(" ".join(cmd[1:]))
-    try:
-        code = subprocess.call(cmd)
-    except KeyboardInterrupt:
-        code = 0
-    raise typer.Exit(code)
+    prepare_store(uri)
+    args = ["ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    typer.echo("mlflow " + " ".join(args))
+    sys.stdout.flush()
+    # replace this process, so that signals (Ctrl-C, SIGTERM) reach the server directly
+    os.execv(sys.executable, [sys.executable, "-m", "mlflow", *args])
 
 
 # ----------------------------------------------------------------------------- end of sweep

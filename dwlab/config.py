@@ -46,7 +46,7 @@ class DataConfig(Strict):
 
 
 class ModelConfig(Strict):
-    backbone: Literal["resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
     pretrained: bool | str = True  # True: torchvision ImageNet weights; a str: local state_dict path
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     frozen_stages: int = Field(1, ge=-1, le=4)  # -1 none, 0 stem, 1 stem + layer1, ...

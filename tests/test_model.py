@@ -142,3 +142,10 @@ def test_postprocess_thresholds_nms_and_caps():
     assert det.labels.tolist() == [1] and det.boxes.tolist() == [[6.0, 6.0, 18.0, 18.0]]
     (det,) = postprocess(out, torch.tensor([[32, 32]]), score_thresh=0.999)
     assert len(det.scores) == 0
+
+
+def test_resnet10_is_resnet18_with_one_block_per_stage():
+    fpn = build_backbone("resnet10", pretrained=False, norm="bn", frozen_stages=-1, fpn_channels=16)
+    assert [len(getattr(fpn.body, f"layer{i}")) for i in range(1, 5)] == [1, 1, 1, 1]
+    with pytest.raises(DwlabError, match="no ImageNet weights for resnet10"):
+        build_backbone("resnet10", pretrained=True, norm="bn", frozen_stages=-1, fpn_channels=16)

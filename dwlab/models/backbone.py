@@ -6,6 +6,7 @@ P7 = conv(relu(P6))), torchvision's ``LastLevelP6P7`` with equal in/out channels
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from dwlab.errors import DwlabError
 
 STAGE_CHANNELS = {  # output channels of layer2, layer3, layer4
+    "resnet10": [128, 256, 512],  # ResNet-18's blocks, one per stage: for CPU smoke runs
     "resnet18": [128, 256, 512],
     "resnet34": [128, 256, 512],
     "resnet50": [512, 1024, 2048],
@@ -28,7 +30,12 @@ STRIDES = (8, 16, 32, 64, 128)
 
 def _resnet(name: str, pretrained: bool | str, norm: str) -> nn.Module:
     norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
-    builder = getattr(models, name)
+    if name == "resnet10":
+        if pretrained is True:
+            raise DwlabError("model.pretrained: torchvision has no ImageNet weights for resnet10; use false or a path")
+        builder = functools.partial(models.ResNet, models.resnet.BasicBlock, [1, 1, 1, 1])
+    else:
+        builder = getattr(models, name)
     if pretrained is True:
         weights = models.get_model_weights(name).IMAGENET1K_V1
         try:
@@ -40,7 +47,7 @@ def _resnet(name: str, pretrained: bool | str, norm: str) -> nn.Module:
                 f"put {Path(weights.url).name} in {hub}, or set model.pretrained to a local "
                 "state_dict path, or to false to train from scratch"
             ) from None
-    net = builder(weights=None, norm_layer=norm_layer)
+    net = builder(norm_layer=norm_layer) if name == "resnet10" else builder(weights=None, norm_layer=norm_layer)
     if isinstance(pretrained, str):
         path = Path(pretrained)
         try:

@@ -434,7 +434,7 @@ def describe(plan: Plan) -> list[str]:
         f"sweep {plan.name} ({plan.file}): {len(plan.points)} points x {len(plan.seeds)} seeds = "
         f"{len(plan.trials)} trials, scale {plan.scale}, table {plan.table or '-'}",
         f"base: {plan.base}",
-        f"every trial: " + (" ".join(f"{k}={_fmt_value(v)}" for k, v in common.items()) or "-"),
+        "every trial: " + (" ".join(f"{k}={_fmt_value(v)}" for k, v in common.items()) or "-"),
         f"resources per trial: {res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
         f"{res.workers} worker(s); retries {plan.max_retries}",
         f"run directories: {plan.runs_dir / plan.name}/<point>/seed<k>",

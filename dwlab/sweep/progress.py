@@ -1,0 +1,127 @@
+"""The live view of a sweep: one row per trial (status, epoch, loss, AP, time) and the ETA."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from dwlab.sweep.spec import Trial
+
+_STYLE = {"PENDING": "dim", "RUNNING": "cyan", "FINISHED": "green", "FAILED": "red", "RETRYING": "yellow"}
+
+
+@dataclass
+class Row:
+    epochs: int
+    status: str = "PENDING"
+    epoch: int = 0
+    first_epoch: int | None = None  # the first epoch this invocation saw (resumed trials skip some)
+    loss: float | None = None
+    ap: float | None = None
+    started: float | None = None
+    ended: float | None = None
+    epoch_times: list[float] = field(default_factory=list)
+    last_report: float | None = None
+    note: str = ""
+
+
+class SweepProgress:
+    def __init__(self, trials: list[Trial], console: Console):
+        self.console = console
+        self.rows = {t.key: Row(epochs=t.config.train.epochs) for t in trials}
+        self.t0 = time.monotonic()
+
+    # ------------------------------------------------------------------ events
+
+    def started(self, key: str) -> None:
+        row = self.rows[key]
+        row.status, row.started, row.last_report = "RUNNING", time.monotonic(), time.monotonic()
+
+    def result(self, key: str, result: dict[str, Any]) -> None:
+        row, now = self.rows[key], time.monotonic()
+        metrics = result.get("metrics") or {}
+        epoch = int(result.get("epoch", row.epoch))
+        if not result.get("final"):
+            if row.first_epoch is None:
+                row.first_epoch = epoch
+            elif row.last_report is not None and epoch > row.epoch:
+                row.epoch_times.append((now - row.last_report) / (epoch - row.epoch))
+            row.last_report = now
+        row.epoch = epoch
+        if "loss" in metrics:
+            row.loss = metrics["loss"]
+        if "AP" in metrics:
+            row.ap = metrics["AP"]
+
+    def retrying(self, key: str, failures: int, error: str) -> None:
+        row = self.rows[key]
+        row.status, row.note = "RETRYING", f"retry {failures}: {error[:60]}"
+
+    def finished(self, key: str) -> None:
+        row = self.rows[key]
+        row.status, row.ended, row.epoch = "FINISHED", time.monotonic(), row.epochs
+
+    def failed(self, key: str, error: str) -> None:
+        row = self.rows[key]
+        row.status, row.ended, row.note = "FAILED", time.monotonic(), error[:80]
+
+    # ------------------------------------------------------------------ view
+
+    def eta_s(self) -> float | None:
+        """Remaining epochs x mean seconds per epoch / trials running at once."""
+        times = [t for row in self.rows.values() for t in row.epoch_times]
+        if not times:
+            return None
+        per_epoch = sum(times) / len(times)
+        left = sum(r.epochs - r.epoch for r in self.rows.values() if r.status not in ("FINISHED", "FAILED"))
+        running = sum(r.status == "RUNNING" for r in self.rows.values())
+        return left * per_epoch / max(running, 1)
+
+    def render(self):
+        from rich.table import Table
+
+        now = time.monotonic()
+        counts = {s: sum(r.status == s for r in self.rows.values()) for s in _STYLE}
+        eta = self.eta_s()
+        caption = (
+            f"{counts['FINISHED']}/{len(self.rows)} finished, {counts['RUNNING']} running, "
+            f"{counts['FAILED']} failed | elapsed {_hms(now - self.t0)} | ETA "
+            + (_hms(eta) if eta is not None else "?")
+        )
+        table = Table(title="sweep", caption=caption, expand=False)
+        table.add_column("trial", overflow="fold")
+        for name in ("status", "epoch", "loss", "AP", "time"):
+            table.add_column(name, no_wrap=True)
+        table.add_column("", max_width=40, overflow="ellipsis", no_wrap=True)
+        for key, row in self.rows.items():
+            elapsed = ((row.ended or now) - row.started) if row.started else None
+            table.add_row(
+                key,
+                f"[{_STYLE[row.status]}]{row.status}[/]",
+                f"{row.epoch}/{row.epochs}",
+                f"{row.loss:.4f}" if row.loss is not None else "",
+                f"{row.ap:.4f}" if row.ap is not None else "",
+                _hms(elapsed) if elapsed is not None else "",
+                row.note,
+            )
+        return table
+
+    @contextlib.contextmanager
+    def live(self):
+        from rich.live import Live
+
+        with Live(get_renderable=self.render, console=self.console, refresh_per_second=2):
+            yield
+        self.console.line()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"

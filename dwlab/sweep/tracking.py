@@ -1,0 +1,389 @@
+"""MLflow bookkeeping of sweeps: one writer (the sweep driver), one experiment per sweep.
+
+Layout of the store:
+
+- experiment ``<sweep name>`` (``<name>-paper`` at the paper scale), tag ``dwlab.table``;
+- one parent run per ``dwlab sweep`` invocation (tag ``dwlab.kind=sweep``);
+- one nested run per (point, seed) (tags ``dwlab.kind=trial``, ``mlflow.parentRunId``,
+  ``dwlab.point``, ``dwlab.seed``, ``dwlab.config_hash``, ...), params = the flattened
+  resolved config, metrics per epoch at ``step=epoch``, artifacts = config.yaml, eval.json,
+  metrics.jsonl and (optionally) the final checkpoint.
+
+The (point, seed, config hash) tags make a sweep idempotent: a FINISHED run with the same
+hash is never run again, and a run left RUNNING by a killed driver is reopened (``--resume``)
+or closed as KILLED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlparse
+
+from dwlab import __version__
+from dwlab.config import flatten
+from dwlab.errors import DwlabError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from dwlab.sweep.spec import Plan, Trial
+
+DEFAULT_STORE_DIR = Path("mlruns")
+FINAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+UNFINISHED = ("RUNNING", "SCHEDULED")
+
+
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the sqlite database ``./mlruns/mlflow.db`` as an
+    absolute path. Creates nothing (see ``prepare_store``)."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    return f"sqlite:///{DEFAULT_STORE_DIR.resolve() / 'mlflow.db'}"
+
+
+def prepare_store(uri: str) -> None:
+    """Create the directory of a sqlite store (MLflow creates the database file itself)."""
+    if urlparse(uri).scheme == "sqlite" and uri.startswith("sqlite:///"):
+        path = unquote(uri[len("sqlite:///") :].split("?")[0])
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def ui_command(uri: str | None = None) -> str:
+    """The command that shows the store in a browser (bound to 127.0.0.1)."""
+    return f"mlflow ui --backend-store-uri {uri or tracking_uri()} --host 127.0.0.1"
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database (``<db dir>/artifacts/<name>``);
+    other stores (a tracking server) choose for themselves."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "sqlite":
+        return None
+    db_path = Path(unquote(uri[len("sqlite:///") :].split("?")[0]))
+    return (db_path.parent.resolve() / "artifacts" / experiment).as_uri()
+
+
+def git_commit() -> str:
+    """The commit of the checkout dwlab is imported from (read from ``.git``, no subprocess)."""
+    git = Path(__file__).resolve().parents[2] / ".git"
+    try:
+        if git.is_file():  # a worktree: "gitdir: <path>"
+            git = Path(git.read_text().split(":", 1)[1].strip())
+        head = (git / "HEAD").read_text().strip()
+        if not head.startswith("ref:"):
+            return head
+        ref = head.split(":", 1)[1].strip()
+        common = Path((git / "commondir").read_text().strip()) if (git / "commondir").exists() else None
+        for root in [git] + ([git / common] if common else []):
+            if (root / ref).is_file():
+                return (root / ref).read_text().strip()
+            packed = root / "packed-refs"
+            if packed.is_file():
+                for line in packed.read_text().splitlines():
+                    if line.endswith(" " + ref):
+                        return line.split()[0]
+    except (OSError, IndexError):
+        pass
+    return "unknown"
+
+
+def dataset_tag(cfg) -> str:
+    if cfg.data.root is not None:
+        return str(cfg.data.root)
+    s = cfg.data.synth
+    return f"synth:n_train={s.n_train},n_val={s.n_val},seed={s.seed},image_size={s.image_size}"
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Existing:
+    """What the store already holds for one (point, seed)."""
+
+    finished: bool = False  # a FINISHED run with the same config hash
+    reopen: str | None = None  # the unfinished run to reopen (--resume)
+    parent: str | None = None  # that run's parent
+
+
+class SweepTracker:
+    """The driver's MLflow writer for one sweep invocation."""
+
+    def __init__(self, plan: Plan, uri: str | None = None):
+        from mlflow import MlflowClient
+
+        self.plan = plan
+        self.uri = uri or tracking_uri()
+        prepare_store(self.uri)
+        self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+        self.parent_id: str | None = None
+        self.run_ids: dict[str, str] = {}  # trial key -> run id
+        self._logged_steps: dict[str, int] = {}
+        self._where: dict[str, dict] = {}  # host, device, pid of each trial's current attempt
+        try:
+            self.experiment_id = self._experiment()
+        except DwlabError:
+            raise
+        except Exception as err:  # an unreachable server, a broken database
+            raise DwlabError(f"MLflow store {self.uri}: {' '.join(str(err).split())[:300]}") from None
+
+    # ------------------------------------------------------------------ setup
+
+    def _experiment(self) -> str:
+        name = self.plan.name
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            if exp.lifecycle_stage == "deleted":
+                raise DwlabError(
+                    f"MLflow experiment '{name}' is deleted in {self.uri}: restore it "
+                    f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or rename the sweep"
+                )
+            return exp.experiment_id
+        tags = {"dwlab.table": self.plan.table or "", "dwlab.scale": self.plan.scale}
+        return self.client.create_experiment(
+            name, artifact_location=artifact_location(self.uri, name), tags=tags
+        )
+
+    def _search(self, filter_string: str) -> list:
+        from mlflow.entities import ViewType
+
+        runs, token = [], None
+        while True:
+            page = self.client.search_runs(
+                [self.experiment_id], filter_string, ViewType.ACTIVE_ONLY, 1000, ["attributes.start_time ASC"], token
+            )
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def reconcile(self, *, resume: bool) -> dict[str, Existing]:
+        """Look up earlier runs of each planned trial by its (point, seed) tags.
+
+        A FINISHED run with the same config hash marks the trial done. Runs left RUNNING or
+        SCHEDULED by a killed driver are reopened with ``resume`` (same hash, the latest one)
+        and closed as KILLED otherwise, as are those of points no longer in the sweep file
+        and dangling parent runs: nothing is left RUNNING.
+        """
+        trial_runs = self._search("tags.`dwlab.kind` = 'trial'")
+        by_key: dict[tuple[str, str], list] = {}
+        for run in trial_runs:
+            tags = run.data.tags
+            by_key.setdefault((tags.get("dwlab.point", ""), tags.get("dwlab.seed", "")), []).append(run)
+        out: dict[str, Existing] = {}
+        for trial in self.plan.trials:
+            runs = by_key.get((trial.point.id, str(trial.seed)), [])
+            same = [r for r in runs if r.data.tags.get("dwlab.config_hash") == trial.config_hash]
+            state = Existing(finished=any(r.info.status == "FINISHED" for r in same))
+            candidates = [r for r in same if r.info.status in UNFINISHED]
+            if resume and not state.finished and candidates:
+                state.reopen = candidates[-1].info.run_id  # runs are sorted by start time
+                state.parent = candidates[-1].data.tags.get("mlflow.parentRunId")
+            out[trial.key] = state
+        reopened = {s.reopen for s in out.values() if s.reopen}
+        kept_parents = {s.parent for s in out.values() if s.reopen and s.parent}
+        for run in trial_runs:
+            if run.info.status in UNFINISHED and run.info.run_id not in reopened:
+                self.close(run.info.run_id, "KILLED", "left unfinished by an interrupted sweep")
+        for run in self._search("tags.`dwlab.kind` = 'sweep'"):
+            if run.info.status in UNFINISHED and run.info.run_id not in kept_parents:
+                self.close(run.info.run_id, "KILLED", "sweep driver was interrupted")
+        return out
+
+    def close(self, run_id: str, status: str, reason: str) -> None:
+        self.client.set_tag(run_id, "dwlab.closed_reason", reason)
+        self.client.set_terminated(run_id, status, _now_ms())
+
+    # ------------------------------------------------------------------ runs
+
+    def common_tags(self) -> dict[str, str]:
+        plan = self.plan
+        return {
+            "dwlab.sweep": plan.name,
+            "dwlab.table": plan.table or "",
+            "dwlab.scale": plan.scale,
+            "dwlab.sweep_file": str(plan.file),
+            "dwlab.git_commit": git_commit(),
+            "dwlab.version": __version__,
+        }
+
+    def start_parent(self, reuse: str | None, n_trials: int, n_skipped: int) -> str:
+        tags = {
+            **self.common_tags(),
+            "dwlab.kind": "sweep",
+            "dwlab.host": socket.gethostname(),
+            "dwlab.trials": str(n_trials),
+            "dwlab.skipped": str(n_skipped),
+            "dwlab.warnings": " | ".join(self.plan.warnings),
+        }
+        if reuse is not None:
+            self.client.update_run(reuse, status="RUNNING")
+            self.parent_id = reuse
+            self.client.log_batch(reuse, tags=_tags(tags))
+        else:
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.plan.name)
+            self.parent_id = run.info.run_id
+            try:
+                self.client.log_text(self.parent_id, Path(self.plan.file).read_text(), "sweep.yaml")
+            except OSError:
+                pass
+        return self.parent_id
+
+    def trial_tags(self, trial: Trial) -> dict[str, str]:
+        plan, cfg = self.plan, trial.config
+        world = plan.world_size
+        tags = {
+            **self.common_tags(),
+            "mlflow.parentRunId": self.parent_id or "",
+            "dwlab.kind": "trial",
+            "dwlab.point": trial.point.id,
+            "dwlab.point_overrides": json.dumps(trial.point.overrides, sort_keys=True, default=str),
+            "dwlab.seed": str(trial.seed),
+            "dwlab.config_hash": trial.config_hash,
+            "dwlab.host": socket.gethostname(),  # replaced by the trial's host on its first report
+            "dwlab.device": "cuda" if plan.resources.gpus_per_trial else "cpu",
+            "dwlab.dataset": dataset_tag(cfg),
+            "dwlab.backbone": cfg.model.backbone,
+            "dwlab.assigner": cfg.assigner.name,
+            "dwlab.world_size": str(world),
+            "dwlab.batch_per_worker": str(cfg.train.batch_size),
+            "dwlab.global_batch": str(world * cfg.train.batch_size),
+            "dwlab.lr": str(cfg.train.lr),
+            "dwlab.run_dir": str(trial.run_dir),
+        }
+        if trial.point.label:
+            tags["dwlab.point_label"] = trial.point.label
+        return tags
+
+    def open_trial(self, trial: Trial, reopen: str | None) -> str:
+        """Create the trial's run (status SCHEDULED) or take over ``reopen``; returns its id."""
+        tags = self.trial_tags(trial)
+        if reopen is not None:
+            run_id = reopen
+            self.client.update_run(run_id, status="SCHEDULED")
+            self.client.log_batch(run_id, tags=_tags({**tags, "dwlab.resumed": "true"}))
+        else:
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=trial.key)
+            run_id = run.info.run_id
+            self.client.update_run(run_id, status="SCHEDULED")
+            params = [(k, _param(v)) for k, v in flatten(trial.config).items()]
+            from mlflow.entities import Param
+
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=[Param(k, v) for k, v in params[i : i + 100]])
+        self.run_ids[trial.key] = run_id
+        return run_id
+
+    def started(self, key: str, attempt: int) -> None:
+        run_id = self.run_ids[key]
+        self.client.update_run(run_id, status="RUNNING")
+        if attempt:
+            self.client.set_tag(run_id, "dwlab.retries", str(attempt))
+
+    def log_result(self, key: str, result: dict[str, Any]) -> None:
+        """One trial report: per-epoch metrics at ``step=epoch``; host and device tags once."""
+        from mlflow.entities import Metric
+
+        run_id = self.run_ids[key]
+        step = int(result.get("epoch", 0))
+        where = {"dwlab.host": result.get("host"), "dwlab.device": result.get("device"), "dwlab.worker_pid": result.get("pid")}
+        if result.get("host") and self._where.get(key) != where:  # once per attempt
+            self.client.log_batch(run_id, tags=_tags(where))
+            self._where[key] = where
+        metrics = result.get("metrics") or {}
+        if result.get("final"):  # final AP*: only what the epoch report at that step lacked
+            if self._logged_steps.get(key) == step:
+                return
+            metrics = {k: v for k, v in metrics.items() if k in FINAL_KEYS}
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
+        self._logged_steps[key] = step
+
+    def backfill(self, key: str, metrics_file: Path) -> int:
+        """Log the epochs of a kept run directory's ``metrics.jsonl`` that the run lacks (a
+        driver killed between a checkpoint and its record); returns how many were logged."""
+        from mlflow.entities import Metric
+
+        if not metrics_file.is_file():
+            return 0
+        run_id = self.run_ids[key]
+        have = {m.step for m in self.client.get_metric_history(run_id, "loss")}
+        batch, added = [], 0
+        for line in metrics_file.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            step = int(row.pop("epoch", 0))
+            if step < 1 or step in have:
+                continue
+            batch.extend(Metric(k, float(v), _now_ms(), step) for k, v in row.items() if _is_number(v))
+            added += 1
+        for i in range(0, len(batch), 500):
+            self.client.log_batch(run_id, metrics=batch[i : i + 500])
+        return added
+
+    def finish(self, trial: Trial, final_metrics: dict[str, float]) -> None:
+        run_id = self.run_ids[trial.key]
+        self._log_artifacts(run_id, trial, final_metrics)
+        self.client.set_terminated(run_id, "FINISHED", _now_ms())
+
+    def fail(self, key: str, error: str) -> None:
+        run_id = self.run_ids[key]
+        self.client.set_tag(run_id, "dwlab.error", error[:5000])
+        self.client.set_terminated(run_id, "FAILED", _now_ms())
+
+    def kill(self, key: str, reason: str) -> None:
+        self.close(self.run_ids[key], "KILLED", reason)
+
+    def end_parent(self, status: str, summary: dict[str, Any]) -> None:
+        if self.parent_id is None:
+            return
+        self.client.log_batch(self.parent_id, tags=_tags({f"dwlab.{k}": v for k, v in summary.items()}))
+        self.client.set_terminated(self.parent_id, status, _now_ms())
+
+    def _log_artifacts(self, run_id: str, trial: Trial, final_metrics: dict[str, float]) -> None:
+        from dwlab.config import dump_yaml
+
+        run_dir = trial.run_dir
+        config_file = run_dir / "config.yaml"
+        if config_file.is_file():
+            self.client.log_artifact(run_id, str(config_file))
+        else:  # the run directory is on another node: the driver knows the config anyway
+            self.client.log_text(run_id, dump_yaml(trial.config), "config.yaml")
+        eval_file = run_dir / "eval.json"
+        if eval_file.is_file():
+            self.client.log_artifact(run_id, str(eval_file))
+        elif final_metrics:
+            self.client.log_dict(run_id, final_metrics, "eval.json")
+        if (run_dir / "metrics.jsonl").is_file():
+            self.client.log_artifact(run_id, str(run_dir / "metrics.jsonl"))
+        ckpt = run_dir / "checkpoints" / "last.pt"
+        if self.plan.checkpoint_artifact and ckpt.is_file():
+            self.client.log_artifact(run_id, str(ckpt), "checkpoints")
+
+
+def _tags(mapping: dict[str, Any]):
+    from mlflow.entities import RunTag
+
+    return [RunTag(k, str(v)) for k, v in mapping.items()]
+
+
+def _param(value: Any) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text[:6000]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)

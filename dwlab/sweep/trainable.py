@@ -1,0 +1,126 @@
+"""What runs inside a Tune trial: ``run_training`` on the trial's stable run directory.
+
+One worker: the Tune function trainable trains in its own process. Several workers (or
+``gpus_per_trial > 1``): the trainable builds a Ray Train ``TorchTrainer`` (gloo on CPU, NCCL
+on GPU) whose workers train data-parallel and report back through ``TuneReportCallback``.
+Trials never talk to MLflow; the driver records what they report.
+
+Every attempt calls ``run_training(..., resume=True)``, so a retried trial continues from
+the last checkpoint in its run directory instead of starting over.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+
+def trial_fn(config: dict[str, Any]) -> None:
+    """The Tune function trainable; ``config["trial"]`` is the payload built by the driver."""
+    spec = config["trial"]
+    if os.path.isdir(spec["cwd"]):  # Tune may chdir into its trial dir; configs use the user's cwd
+        os.chdir(spec["cwd"])
+    if spec["workers"] > 1:
+        _fit_data_parallel(spec)
+    else:
+        from ray import tune
+
+        train(spec, tune.report)
+
+
+def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
+    """``run_training`` with a report per epoch and a final one (also when the run was already
+    complete on disk, e.g. a driver killed between the last epoch and its record)."""
+    from dwlab.config import Config
+    from dwlab.runner import run_training
+
+    cfg = Config.model_validate(spec["config"])
+    info = {"host": socket.gethostname(), "pid": os.getpid(), "device": _device_name(cfg.train.device)}
+
+    def on_epoch_end(rep) -> None:
+        report(
+            {
+                "epoch": rep.epoch,
+                "epochs": rep.epochs,
+                "final": False,
+                "metrics": _mean_over_workers({k: float(v) for k, v in rep.metrics.items()}),
+                **info,
+            }
+        )
+
+    result = run_training(cfg, Path(spec["run_dir"]), resume=True, on_epoch_end=on_epoch_end)
+    report(
+        {
+            "epoch": result.epochs_done,
+            "epochs": cfg.train.epochs,
+            "final": True,
+            "metrics": {k: float(v) for k, v in result.metrics.items()},
+            **info,
+        }
+    )
+
+
+def _mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
+    """Loss terms averaged over data-parallel workers: the loss of the global batch (each
+    worker's loss is already normalised by worker-averaged normalisers). A no-op in one
+    process, and when the values already agree across workers."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return metrics
+    keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss_"))
+    if not keys:
+        return metrics
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        values = values.cuda()
+    dist.all_reduce(values)
+    values = (values / dist.get_world_size()).cpu()
+    return {**metrics, **{k: float(v) for k, v in zip(keys, values)}}
+
+
+def _device_name(setting: str) -> str:
+    import torch
+
+    if setting != "cpu" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name()}"
+    return "cpu"
+
+
+def _worker_loop(spec: dict[str, Any]) -> None:
+    import ray.train
+
+    if os.path.isdir(spec["cwd"]):
+        os.chdir(spec["cwd"])
+    train(spec, ray.train.report)
+
+
+def _fit_data_parallel(spec: dict[str, Any]) -> None:
+    import ray.train
+    from ray import tune
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    use_gpu = spec["gpus_per_worker"] > 0
+    per_worker = {"CPU": spec["cpus_per_worker"]}
+    if use_gpu:
+        per_worker["GPU"] = spec["gpus_per_worker"]
+    trainer = TorchTrainer(
+        _worker_loop,
+        train_loop_config=spec,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=spec["workers"], use_gpu=use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(
+            # stable within the Tune trial (no timestamps), new for each sweep invocation
+            name=f"{spec['dirname']}-{tune.get_context().get_trial_id()}",
+            storage_path=spec["train_storage"],
+            callbacks=[TuneReportCallback()],
+            failure_config=ray.train.FailureConfig(max_failures=0),  # Tune retries the trial
+        ),
+    )
+    trainer.fit()

@@ -1,0 +1,361 @@
+"""The sweep driver: Ray Tune runs one trial per (point, seed); a Tune callback on the driver
+is the only MLflow writer and feeds the live progress table.
+
+Order of events in ``run_sweep``: lock the sweep, reconcile with MLflow (skip FINISHED trials
+with the same config hash, reopen or close runs a killed driver left open), prepare the run
+directories, create the parent and trial runs, start or join Ray, run the Tuner, close
+whatever is still open, summarise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ray import tune
+
+from dwlab.errors import DwlabError
+from dwlab.sweep.progress import SweepProgress
+from dwlab.sweep.spec import Plan, Trial
+from dwlab.sweep.tracking import SweepTracker, tracking_uri, ui_command
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+MARKER = "trial.json"
+COORDINATOR_MEMORY = 64 * 2**20  # bytes reserved by a data-parallel trial's coordinator  # in each run directory: point, seed, config hash, MLflow run id
+
+
+@dataclass
+class Outcome:
+    finished: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # trial key -> error
+    skipped: list[str] = field(default_factory=list)
+    killed: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.killed
+
+
+class DriverCallback(tune.Callback):
+    """Forwards Tune's trial events to MLflow (one writer) and the progress view."""
+
+    def __init__(self, tracker: SweepTracker, trials: dict[str, Trial], progress: SweepProgress, outcome: Outcome):
+        self.tracker, self.trials, self.progress, self.outcome = tracker, trials, progress, outcome
+        self.closed: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        """Tune pickles its callbacks into ``tuner.pkl``; this one holds live handles (MLflow
+        client, console) and needs no state for a restore: MLflow is the source of truth."""
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    @staticmethod
+    def _key(trial) -> str:
+        return trial.config["trial"]["key"]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        self.tracker.started(key, trial.num_failures)
+        self.progress.started(key)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        key = self._key(trial)
+        self.tracker.log_result(key, result)
+        self.progress.result(key, result)
+
+    def on_trial_recover(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        error = error_text(trial)
+        self.tracker.client.set_tag(self.tracker.run_ids[key], "dwlab.last_error", error[:5000])
+        self.progress.retrying(key, trial.num_failures, error)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        last = trial.last_result or {}
+        final = last.get("metrics", {}) if last.get("final") else {}
+        self.tracker.finish(self.trials[key], final)
+        self.closed.add(key)
+        self.outcome.finished.append(key)
+        self.progress.finished(key)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        key = self._key(trial)
+        error = error_text(trial)
+        self.tracker.fail(key, error)
+        self.closed.add(key)
+        self.outcome.failed[key] = error
+        self.progress.failed(key, error)
+
+
+def error_text(trial) -> str:
+    """The trial's exception as one line: ``RuntimeError: injected error ...``."""
+    exc = None
+    try:  # the driver-local copy first: the storage copy is synced later
+        local = trial.pickled_error_file
+        if local and os.path.isfile(local):
+            from ray import cloudpickle
+
+            with open(local, "rb") as f:
+                exc = cloudpickle.load(f)
+        else:
+            exc = trial.get_pickled_error()
+    except Exception:  # an unreadable error file must not stop the driver
+        pass
+    cause = getattr(exc, "cause", None) or exc
+    if cause is not None:
+        text = f"{type(cause).__name__}: {cause}"
+    else:
+        text = (trial.get_error() if hasattr(trial, "get_error") else None) or "unknown error"
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    errors = [line for line in lines if _looks_like_error(line)]
+    return (errors[-1] if errors else lines[-1] if lines else "unknown error")[:2000]
+
+
+def _looks_like_error(line: str) -> bool:
+    head = line.split(":", 1)[0]
+    return ":" in line and " " not in head and (head.endswith(("Error", "Exception", "Loss")))
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def _lock(plan: Plan):
+    """One driver per sweep at a time (released by the OS even on SIGKILL)."""
+    path = plan.runs_dir / plan.name / ".sweep.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise DwlabError(f"sweep '{plan.name}' is already running (lock {path})") from None
+    return handle
+
+
+def _prepare_run_dir(trial: Trial, run_id: str, resume: bool) -> bool:
+    """Write the marker; returns True when the directory's checkpoint will be resumed.
+
+    A directory is kept only with ``resume`` and when its marker has the same config hash;
+    otherwise it is cleared so the trial starts fresh (a stale checkpoint of another config
+    must never be resumed).
+    """
+    marker = trial.run_dir / MARKER
+    keep = False
+    if resume and marker.is_file():
+        try:
+            keep = json.loads(marker.read_text()).get("config_hash") == trial.config_hash
+        except (OSError, ValueError):
+            keep = False
+    if not keep and trial.run_dir.exists():
+        shutil.rmtree(trial.run_dir)
+    trial.run_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"point": trial.point.id, "seed": trial.seed, "config_hash": trial.config_hash, "mlflow_run_id": run_id}
+    tmp = marker.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.replace(marker)
+    return keep and (trial.run_dir / "checkpoints").is_dir()
+
+
+def _init_ray(address: str | None) -> bool:
+    """Join ``address`` / ``RAY_ADDRESS``, reuse an initialised Ray, or start a local one;
+    returns True when this call started it (and should shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
+    try:
+        if address or os.environ.get("RAY_ADDRESS"):
+            ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
+        else:
+            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise DwlabError(f"cannot start or join Ray ({' '.join(str(err).split())[:300]})") from None
+    return True
+
+
+def concurrency(plan: Plan, n_trials: int, requested: int | None, console: Console) -> int:
+    """Trials at once: ``--max-concurrent``, else as many as the cluster's CPUs and GPUs fit
+    (Tune and Train V2 do not share resource accounting, so this is set explicitly)."""
+    import ray
+
+    res = plan.resources
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+    fits = math.floor(cpus / res.cpus_per_trial + 1e-9)
+    if res.gpus_per_trial:
+        fits = min(fits, math.floor(gpus / res.gpus_per_trial + 1e-9))
+    if fits < 1:
+        console.print(
+            f"[yellow]warning:[/] a trial needs {res.cpus_per_trial:g} CPU and {res.gpus_per_trial:g} GPU; "
+            f"the cluster has {cpus:g} CPU and {gpus:g} GPU: trials wait until resources appear"
+        )
+    if requested is not None:
+        if requested < 1:
+            raise DwlabError(f"--max-concurrent: expected at least 1, got {requested}")
+        return min(requested, max(n_trials, 1))
+    return max(1, min(fits, n_trials))
+
+
+def _payload(plan: Plan, trial: Trial) -> dict[str, Any]:
+    from dwlab.config import to_dict
+
+    res = plan.resources
+    return {
+        "key": trial.key,
+        "dirname": trial.key.replace("/", "-"),
+        "config": to_dict(trial.config),
+        "run_dir": str(trial.run_dir),
+        "cwd": os.getcwd(),
+        "workers": res.workers,
+        "cpus_per_worker": res.cpus_per_worker,
+        "gpus_per_worker": res.gpus_per_worker,
+        "train_storage": str(plan.runs_dir / "_ray" / plan.name / "_train"),
+    }
+
+
+def run_sweep(
+    plan: Plan,
+    *,
+    console: Console,
+    address: str | None = None,
+    max_concurrent: int | None = None,
+    resume: bool = False,
+) -> Outcome:
+    """Run the plan's trials that are not already FINISHED in MLflow; see the module doc."""
+    started = time.monotonic()
+    outcome = Outcome()
+    lock = _lock(plan)
+    owns_ray = False
+    try:
+        uri = tracking_uri()
+        console.print(f"MLflow store: {uri}", soft_wrap=True)
+        console.print(f"  view it with: {ui_command(uri)}", soft_wrap=True)
+        for warning in plan.warnings:
+            console.print(f"[yellow]warning:[/] {warning}")
+        tracker = SweepTracker(plan, uri)
+        existing = tracker.reconcile(resume=resume)
+        todo = [t for t in plan.trials if not existing[t.key].finished]
+        outcome.skipped = [t.key for t in plan.trials if existing[t.key].finished]
+        if outcome.skipped:
+            console.print(f"{len(outcome.skipped)} trial(s) already FINISHED with the same config: skipped")
+        if not todo:
+            console.print(f"sweep {plan.name}: nothing to run")
+            outcome.wall_s = time.monotonic() - started
+            return outcome
+        owns_ray = _init_ray(address)  # before any run is opened: a bad --address writes nothing
+        parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
+        reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
+        for parent in parents - {reuse}:
+            tracker.close(parent, "KILLED", "sweep driver was interrupted")
+        tracker.start_parent(reuse, len(todo), len(outcome.skipped))
+        reopen = {t.key: existing[t.key].reopen for t in todo}
+        _run_tuner(plan, todo, reopen, tracker, outcome, console, max_concurrent, resume)
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+        lock.close()
+    outcome.wall_s = time.monotonic() - started
+    return outcome
+
+
+def _run_tuner(
+    plan: Plan,
+    todo: list[Trial],
+    reopen: dict[str, str | None],
+    tracker: SweepTracker,
+    outcome: Outcome,
+    console: Console,
+    max_concurrent: int | None,
+    resume: bool,
+) -> None:
+    """Open the trials' runs and directories, run the Tuner; whatever did not end is closed
+    as KILLED."""
+    status = "KILLED"
+    progress = SweepProgress(todo, console)
+    by_key = {t.key: t for t in todo}
+    callback = DriverCallback(tracker, by_key, progress, outcome)
+    try:
+        resumed = 0
+        for trial in todo:
+            run_id = tracker.open_trial(trial, reopen[trial.key])
+            if _prepare_run_dir(trial, run_id, resume):
+                resumed += 1
+                tracker.backfill(trial.key, trial.run_dir / "metrics.jsonl")
+        if resume:
+            console.print(f"resuming {resumed} trial(s) from their checkpoints")
+        limit = concurrency(plan, len(todo), max_concurrent, console)
+        res = plan.resources
+        if res.workers > 1:
+            # the trial only coordinates: its Train workers hold the CPUs and GPUs (a CPU here
+            # would be counted twice); Ray needs some resource, so a little memory
+            trainable = tune.with_resources(_trial_fn_ref(), {"cpu": 0, "memory": COORDINATOR_MEMORY})
+        else:
+            trainable = tune.with_resources(_trial_fn_ref(), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+        console.print(
+            f"sweep {plan.name}: {len(todo)} trial(s), {limit} at a time, "
+            f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each"
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space={"trial": tune.grid_search([_payload(plan, t) for t in todo])},
+            tune_config=tune.TuneConfig(
+                max_concurrent_trials=limit,
+                reuse_actors=res.workers == 1,
+                trial_name_creator=lambda tr: tr.config["trial"]["dirname"],
+                trial_dirname_creator=lambda tr: tr.config["trial"]["dirname"],
+            ),
+            run_config=tune.RunConfig(
+                name=plan.name,
+                storage_path=str(plan.runs_dir / "_ray"),
+                failure_config=tune.FailureConfig(max_failures=plan.max_retries),
+                callbacks=[callback],
+                verbose=0,
+            ),
+        )
+        with progress.live(), _env(RAY_AIR_NEW_OUTPUT="0"):  # Tune's own tables off: ours is live
+            tuner.fit()
+        status = "FAILED" if outcome.failed else "FINISHED"
+    finally:
+        for key in by_key:
+            if key in tracker.run_ids and key not in callback.closed:
+                tracker.kill(key, "sweep driver stopped before the trial ended")
+                outcome.killed.append(key)
+        tracker.end_parent(
+            status if not outcome.killed else "KILLED",
+            {"finished": len(outcome.finished), "failed": len(outcome.failed), "killed": len(outcome.killed)},
+        )
+
+
+@contextlib.contextmanager
+def _env(**values: str):
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _trial_fn_ref():
+    from dwlab.sweep.trainable import trial_fn
+
+    return trial_fn

@@ -1,0 +1,218 @@
+"""Sweep files: the paper's tables expand as intended, bad files are refused in one line with
+exit code 2 before anything starts, and ``--dry-run`` lists the trials. No Ray, no MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from dwlab.cli import app
+from dwlab.errors import DwlabError
+from dwlab.sweep.spec import load_plan, point_id
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+
+
+def write(path: Path, data) -> Path:
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def sweep_cli(*args: str):
+    return CliRunner().invoke(app, ["sweep", *args])
+
+
+# ----------------------------------------------------------------------------- the paper's tables
+
+
+def test_table2_is_the_papers_cross():
+    plan = load_plan(EXPERIMENTS / "table2.yaml")
+    ids = [p.id for p in plan.points]
+    expected = [f"beta=5,mu={m}" for m in (3, 4, 5, 6, 7, 8)] + [f"beta={b},mu=5" for b in (3, 4, 6, 7)]
+    assert ids == expected
+    assert len(plan.trials) == 10
+    dw = {(t.config.assigner.dw.beta, t.config.assigner.dw.mu) for t in plan.trials}
+    assert dw == {(5.0, m) for m in (3, 4, 5, 6, 7, 8)} | {(b, 5.0) for b in (3, 4, 6, 7)}
+    assert plan.name == "table2" and plan.table == "table2" and plan.scale == "smoke"
+
+
+@pytest.mark.parametrize(
+    ("table", "n_points"), [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 5), ("table6", 3)]
+)
+@pytest.mark.parametrize("scale", ["smoke", "paper"])
+def test_every_table_validates_at_both_scales(table, n_points, scale):
+    plan = load_plan(EXPERIMENTS / f"{table}.yaml", scale=scale)
+    assert len(plan.points) == n_points and plan.table == table
+    assert plan.name == (table if scale == "smoke" else f"{table}-paper")
+    assert all(t.config.scale == scale for t in plan.trials)
+    if scale == "paper":  # the paper's layout: 8 workers x 2 images at lr 0.01, no warning
+        assert plan.world_size * plan.trials[0].config.train.batch_size == 16 and not plan.warnings
+    else:
+        assert plan.resources.cpus_per_trial == 1 and plan.world_size == 1
+
+
+def test_table3_4_6_points():
+    t3 = load_plan(EXPERIMENTS / "table3.yaml")
+    rows = [(t.config.assigner.dw.gamma1, t.config.assigner.dw.gamma2) for t in t3.trials]
+    assert rows == [(1, 1), (1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (2, 3)]
+    t4 = load_plan(EXPERIMENTS / "table4.yaml")
+    bags = [(c.bag, c.bag_radius if c.bag == "threshold" else c.bag_topk if c.bag == "topk" else None)
+            for c in (t.config.assigner.dw for t in t4.trials)]
+    assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
+    t6 = load_plan(EXPERIMENTS / "table6.yaml")
+    assert [p.id for p in t6.points] == ["fcos", "dw", "dw+refine"]
+    assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
+        ("fcos", False), ("dw", False), ("dw", True)
+    ]
+
+
+# ----------------------------------------------------------------------------- expansion
+
+
+def test_union_of_grids_deduplicated_in_order(tmp_path):
+    f = write(tmp_path / "s.yaml", {
+        "set": {"train.epochs": 2},
+        "seeds": 2,
+        "points": [
+            {"grid": {"assigner.dw.beta": [3, 5]}},
+            {"assigner.dw.beta": 5.0},  # the same config as beta=5: dropped
+            {"grid": {"assigner.dw.beta": [5, 7], "assigner.dw.mu": [5]}},  # mu=5 is the default
+            {"grid": {"assigner.dw.gamma1": [1, 3]}, "assigner.dw.bag": "topk"},  # fixed key per grid
+        ],
+    })
+    plan = load_plan(f, runs_dir=tmp_path / "runs")
+    assert [p.id for p in plan.points] == [
+        "beta=3", "beta=5", "beta=7,mu=5", "gamma1=1,bag=topk", "gamma1=3,bag=topk"
+    ]
+    assert [(t.point.id, t.seed) for t in plan.trials][:4] == [("beta=3", 0), ("beta=3", 1), ("beta=5", 0), ("beta=5", 1)]
+    assert all(t.config.train.epochs == 2 and t.config.train.seed == t.seed for t in plan.trials)
+    assert all(t.config.train.threads == 1 and not t.config.train.progress for t in plan.trials)
+    assert plan.trials[0].run_dir == (tmp_path / "runs" / "s" / "beta=3" / "seed0").resolve()
+    assert len({t.config_hash for t in plan.trials}) == len(plan.trials)
+
+
+def test_point_id_is_stable_and_short():
+    assert point_id({"assigner.dw.mu": 6, "assigner.dw.beta": 5}) == "beta=5,mu=6"
+    assert point_id({}) == "base"
+    assert point_id({"model.box_refine": True}) == "box_refine=true"
+    assert point_id({"data.root": "a/b c"}) == "root=a_b_c"
+
+
+def test_cli_overrides_seeds_scale_and_set(tmp_path):
+    f = write(tmp_path / "s.yaml", {"points": [{"grid": {"assigner.dw.mu": [4, 6]}}]})
+    plan = load_plan(f, seeds=3, set_=["train.epochs=1", "assigner.dw.beta=4"])
+    assert len(plan.trials) == 6
+    assert {t.config.train.epochs for t in plan.trials} == {1}
+    assert {t.config.assigner.dw.beta for t in plan.trials} == {4.0}
+
+
+def test_paper_scale_warns_about_the_batch(tmp_path):
+    f = write(tmp_path / "s.yaml", {"points": [{"train.lr": 0.02}], "resources": {"cpus_per_trial": 1}})
+    plan = load_plan(f, scale="paper")
+    assert plan.name == "s-paper"
+    assert len(plan.warnings) == 1 and "2 images per batch at lr 0.02" in plan.warnings[0]
+
+
+# ----------------------------------------------------------------------------- refusal
+
+
+BAD = {
+    "unknown base": ({"base": "no_such_config.yaml", "points": [{}]}, "base"),
+    "empty grid": ({"points": [{"grid": {}}]}, "points[0].grid: empty grid"),
+    "empty values": ({"points": [{"grid": {"assigner.dw.mu": []}}]}, "points[0].grid.assigner.dw.mu: empty list"),
+    "empty points": ({"points": []}, "points: empty list"),
+    "no points": ({"seeds": 1}, "'points' is required"),
+    "wrong type": ({"points": [{"assigner.dw.beta": "five"}]}, "assigner.dw.beta: Input should be a valid number"),
+    "wrong type in set": ({"set": {"train.epochs": "many"}, "points": [{}]}, "set: train.epochs"),
+    "unknown key": ({"points": [{"assigner.dw.bta": 3}]}, "unknown key 'bta' in assigner.dw"),
+    "unknown top-level key": ({"pionts": [{}], "points": [{}]}, "unknown key 'pionts'"),
+    "bad seeds": ({"seeds": 0, "points": [{}]}, "seeds"),
+    "grid not a list": ({"points": [{"grid": {"assigner.dw.mu": 5}}]}, "expected a list of values"),
+    "bad resources": ({"points": [{}], "resources": {"gpus": 1}}, "unknown key 'resources.gpus'"),
+    "not a mapping": ("- 1\n- 2\n", "expected a mapping"),
+    "not yaml": ("points: [\n", "not valid YAML"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_sweep_file_one_line_exit_2_nothing_started(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data, expected = BAD[case]
+    f = write(tmp_path / "bad.yaml", data)
+    result = sweep_cli(str(f))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: {f}:") and expected in lines[0], lines[0]
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "runs").exists()
+
+
+def test_missing_sweep_file_and_bad_options(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    f = write(tmp_path / "ok.yaml", {"points": [{}]})
+    for args, expected in [
+        ([str(tmp_path / "absent.yaml")], "cannot read"),
+        ([str(f), "--scale", "huge"], "--scale"),
+        ([str(f), "--set", "train.epochs=zero"], "--set: train.epochs"),
+        ([str(f), "--seeds", "0"], "--seeds"),
+    ]:
+        result = sweep_cli(*args)
+        assert result.exit_code == 2 and expected in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_dry_run_lists_trials_and_differences(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = sweep_cli(str(EXPERIMENTS / "table2.yaml"), "--dry-run", "--seeds", "2", "--set", "train.epochs=3")
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    assert "10 points x 2 seeds = 20 trials" in out
+    assert "every trial: train.epochs=3" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith(("beta=",))]
+    assert len(rows) == 20
+    assert ["beta=5,mu=3", "1", "assigner.dw.mu=3.0", "assigner.dw.mu_norm=3.0"] in rows
+    assert ["beta=7,mu=5", "0", "assigner.dw.beta=7.0"] in rows
+    assert ["beta=5,mu=5", "0", "-"] in rows
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------- fuzzing
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 50), st.floats(allow_nan=True, width=32), st.text(max_size=8)
+)
+_keys = st.one_of(
+    st.sampled_from(["assigner.dw.beta", "train.epochs", "model.backbone", "assigner.dw.bag", "nope.key", "train", ""]),
+    st.text(max_size=12),
+)
+_values = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(_keys, inner, max_size=3), max_leaves=6)
+_points = st.lists(
+    st.one_of(st.dictionaries(_keys, _values, max_size=3), st.fixed_dictionaries({"grid": st.dictionaries(_keys, _values, max_size=2)}), _scalars),
+    max_size=3,
+)
+_sweeps = st.one_of(
+    st.fixed_dictionaries(
+        {"points": _points},
+        optional={
+            "seeds": _values, "set": st.dictionaries(_keys, _values, max_size=2), "base": _values,
+            "scale": _values, "resources": _values, "name": _values, "max_retries": _values,
+        },
+    ),
+    _values,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=_sweeps)
+def test_fuzzed_sweep_files_never_traceback(data, tmp_path):
+    f = tmp_path / "fuzz.yaml"
+    f.write_text(yaml.safe_dump(data))
+    try:
+        load_plan(f, runs_dir=tmp_path / "runs")
+    except DwlabError as err:
+        message = str(err)
+        assert "\n" not in message and message.startswith(str(f))
