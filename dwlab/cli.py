@@ -18,7 +18,7 @@ from dwlab.errors import DwlabError, NonFiniteLoss
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedded default.")
 app.add_typer(data_app, name="data")
-plot_app = typer.Typer(no_args_is_help=True, help="Figures of the paper: P_neg curves, weight maps.")
+plot_app = typer.Typer(no_args_is_help=True, help="Figures of the paper: P_neg curves, weight maps, Table 1.")
 app.add_typer(plot_app, name="plot")
 
 F = TypeVar("F", bound=Callable)
@@ -227,11 +227,26 @@ def plot_weights_cmd(
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint of a trained run (.pt).")],
     image: Annotated[str, typer.Option(help="Val image: COCO id or file name.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("reports/fig5_weights.png"),
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated methods whose (pos, neg) weights to draw side by side: atss, autoassign, gfl, vfl, tood, dw.")
+    ] = "dw",
 ) -> None:
-    """Fig. 5: cls score, IoU, pos weight and neg weight over one image's anchors, per level."""
-    from dwlab.visualize import plot_checkpoint_weights
+    """Fig. 5: cls score, IoU, pos weight and neg weight over one image's anchors, per level
+    (Fig. 1 / 5's comparison with --methods gfl,vfl,tood,dw)."""
+    from dwlab.visualize import parse_methods, plot_checkpoint_weights
 
-    typer.echo(f"wrote {plot_checkpoint_weights(checkpoint, image, out)}")
+    typer.echo(f"wrote {plot_checkpoint_weights(checkpoint, image, out, parse_methods(methods))}")
+
+
+@plot_app.command("table1")
+@user_errors
+def plot_table1_cmd(
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("reports/table1_weights.png"),
+) -> None:
+    """Table 1: w_pos and w_neg of GFL, VFL, TOOD, AutoAssign and DW against score and IoU."""
+    from dwlab.plots import plot_table1
+
+    typer.echo(f"wrote {plot_table1(out)}")
 
 
 def main() -> None:

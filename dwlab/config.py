@@ -123,17 +123,73 @@ class DWAssignerConfig(Strict):
         return self
 
 
+class ATSSAssignerConfig(Strict):
+    """ATSS (Zhang et al., CVPR 2020): adaptive IoU threshold over the nearest anchors per level."""
+
+    topk: int = Field(9, ge=1)  # Alg. 1: k anchors nearest to the GT centre on each level
+    anchor_scale: float = Field(8.0, gt=0.0)  # one square anchor of side anchor_scale * stride per point
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (released ATSS code)
+
+
+class GFLAssignerConfig(Strict):
+    """GFL (Li et al., NeurIPS 2020): ATSS assignment + Quality Focal Loss (no DFL branch)."""
+
+    topk: int = Field(9, ge=1)
+    anchor_scale: float = Field(8.0, gt=0.0)
+    beta: float = Field(2.0, ge=0.0)  # QFL: |y - s|^beta
+    box_weight: float = Field(2.0, ge=0.0)  # lambda_0, GIoU loss weight
+
+
+class VFLAssignerConfig(Strict):
+    """VarifocalNet's loss (Zhang et al., CVPR 2021) on ATSS assignment."""
+
+    topk: int = Field(9, ge=1)
+    anchor_scale: float = Field(8.0, gt=0.0)
+    alpha: float = Field(0.75, ge=0.0)  # VFL: negatives alpha * s^gamma
+    gamma: float = Field(2.0, ge=0.0)
+    box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (lambda_1 of the box that sets q)
+
+
+class TOODAssignerConfig(Strict):
+    """TOOD's task-aligned assignment and loss (Feng et al., ICCV 2021), without the T-head."""
+
+    topk: int = Field(13, ge=1)  # m: anchors with the largest t per GT
+    alpha: float = Field(1.0, ge=0.0)  # t = s**alpha * u**beta
+    beta: float = Field(6.0, ge=0.0)
+    qfl_beta: float = Field(2.0, ge=0.0)  # focusing exponent of the cls loss |t_hat - s|^qfl_beta
+    box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (released code)
+
+
+class AutoAssignAssignerConfig(Strict):
+    """AutoAssign (Zhu et al., 2020), weights detached and applied to the loss (DW paper Table 6)."""
+
+    prior_sigma: float = Field(1.0, gt=0.0)  # centre prior: Gaussian, mean 0, sigma in stride units (fixed)
+    tau: float = Field(1.0 / 3.0, gt=0.0)  # confidence weighting exp(P / tau)
+    loc_lambda: float = Field(5.0, ge=0.0)  # P_loc = exp(-lambda * GIoU loss)
+    neg_gamma: float = Field(2.0, ge=0.0)  # focal exponent of the negative term
+    pos_weight: float = Field(0.25, ge=0.0)  # released code's loss weights
+    neg_weight: float = Field(0.75, ge=0.0)
+
+
 class AssignerConfig(Strict):
-    name: Literal["fcos", "dw"] = "dw"
+    name: Literal["fcos", "atss", "gfl", "vfl", "tood", "autoassign", "dw"] = "dw"
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
+    atss: ATSSAssignerConfig = ATSSAssignerConfig()
+    gfl: GFLAssignerConfig = GFLAssignerConfig()
+    vfl: VFLAssignerConfig = VFLAssignerConfig()
+    tood: TOODAssignerConfig = TOODAssignerConfig()
+    autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()
     dw: DWAssignerConfig = DWAssignerConfig()
 
 
 class TrainConfig(Strict):
     epochs: int = Field(12, ge=1)
     batch_size: int = Field(16, ge=1)  # images per worker
+    optimizer: Literal["sgd", "adamw"] = "sgd"  # the paper: SGD; AdamW learns faster from scratch
     lr: float = Field(0.01, gt=0.0)
-    momentum: float = 0.9
+    momentum: float = 0.9  # SGD only
     weight_decay: float = 1e-4  # not applied to norm layers and biases
     warmup_iters: int = Field(1000, ge=0)
     warmup_ratio: float = Field(0.001, gt=0.0, le=1.0)

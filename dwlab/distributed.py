@@ -32,3 +32,15 @@ def normaliser(value: Tensor | float, device: torch.device) -> Tensor:
     """A loss normaliser: averaged over workers and clamped to at least 1 (DETR-style)."""
     value = torch.as_tensor(value, dtype=torch.float32, device=device)
     return reduce_mean(value).clamp(min=1.0)
+
+
+def mean_over_workers(metrics: dict[str, float], device: torch.device) -> dict[str, float]:
+    """Loss terms (``loss`` and ``loss_*``) averaged over workers, so every rank logs the loss
+    of the global batch; other entries unchanged. The metrics themselves alone."""
+    if not is_distributed():
+        return metrics
+    keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss_"))
+    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=device)
+    dist.all_reduce(values)
+    values = (values / dist.get_world_size()).cpu()
+    return {**metrics, **{k: float(v) for k, v in zip(keys, values)}}

@@ -1,4 +1,5 @@
-"""Figures of the DW paper from plain tensors: Fig. 3 (P_neg vs IoU) and Fig. 5 (weight maps).
+"""Figures of the DW paper from plain tensors: Fig. 3 (P_neg vs IoU), Fig. 5 (weight maps) and
+Table 1 (pos / neg weights of the soft methods).
 
 Matplotlib's object API with the Agg canvas (PNG), so the global backend is never touched.
 """
@@ -93,4 +94,57 @@ def plot_weight_maps(
     fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=120)
+    return out_path
+
+
+def plot_table1(
+    out_path: str | Path,
+    *,
+    ious: Sequence[float] = (0.3, 0.5, 0.7, 0.9),
+    scores: Sequence[float] = (0.1, 0.3, 0.5, 0.7, 0.9),
+    methods: Sequence[str] | None = None,
+    num: int = 201,
+) -> Path:
+    """Table 1 as curves: for each soft method (rows), w_pos and w_neg against the score at fixed
+    IoUs, and against the IoU at fixed scores (``dwlab.assign.table1``, paper defaults).
+
+    DW's and AutoAssign's w_pos are drawn before their per-GT bag normalisation; TOOD's t is not
+    normalised per GT. Writes a PNG; returns its path.
+    """
+    from dwlab.assign.table1 import TABLE1
+
+    methods = list(TABLE1) if methods is None else list(methods)
+    unknown = [m for m in methods if m not in TABLE1]
+    if unknown or not methods:
+        raise ValueError(f"unknown Table 1 methods {unknown} (known: {', '.join(TABLE1)})")
+    out_path = Path(out_path)
+    grid = torch.linspace(0.0, 1.0, num, dtype=torch.float64)
+    fig = Figure(figsize=(14, 2.6 * len(methods)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(methods), 4, squeeze=False)
+    for r, name in enumerate(methods):
+        row = TABLE1[name]
+        panels = [
+            ("score", ious, "IoU", lambda v: row.weights(grid, torch.tensor(v, dtype=torch.float64))),
+            ("IoU", scores, "s", lambda v: row.weights(torch.tensor(v, dtype=torch.float64), grid)),
+        ]
+        for p, (xlabel, fixed, fixed_name, fn) in enumerate(panels):
+            for value in fixed:
+                w_pos, w_neg = fn(value)
+                for k, w in enumerate((w_pos, w_neg)):
+                    w = w.expand_as(grid)
+                    axes[r][2 * p + k].plot(grid.numpy(), w.numpy(), label=f"{fixed_name}={value:g}")
+            for k, (which, formula) in enumerate((("w_pos", row.w_pos_formula), ("w_neg", row.w_neg_formula))):
+                ax = axes[r][2 * p + k]
+                ax.set_xlabel(xlabel)
+                ax.set_xlim(0, 1)
+                ax.grid(alpha=0.3)
+                ax.set_title(f"{row.paper}: {which} = {formula}", fontsize=8)
+                if k == 0:  # one legend per pair of panels
+                    ax.legend(fontsize=6)
+        axes[r][0].set_ylabel(f"{row.paper}\nt = {row.t}", fontsize=8)
+    fig.suptitle("Table 1: pos / neg loss weights of a positive anchor vs score and IoU")
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=110)
     return out_path

@@ -23,7 +23,7 @@ from dwlab import __version__, checkpoint
 from dwlab.assign import build_assigner
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, collate
-from dwlab.distributed import is_distributed, rank, world_size
+from dwlab.distributed import is_distributed, mean_over_workers, rank, world_size
 from dwlab.engine import StepState, lr_at, param_groups, predict, train_one_epoch
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.evaluation import coco_evaluate, to_coco_results
@@ -201,9 +201,11 @@ def run_training(
     device = pick_device(cfg.train.device)
     model = build_model(cfg.model, num_classes).to(device)
     assigner = build_assigner(cfg.assigner, num_classes)
-    optimizer = torch.optim.SGD(
-        param_groups(model, cfg.train.weight_decay), lr=cfg.train.lr, momentum=cfg.train.momentum
-    )
+    groups = param_groups(model, cfg.train.weight_decay)
+    if cfg.train.optimizer == "sgd":
+        optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
 
@@ -273,6 +275,7 @@ def run_training(
                 nan_at_iter=cfg.train.inject_nan_at_iter,
                 on_step=on_step,
             )
+        epoch_metrics = mean_over_workers(epoch_metrics, device)
         images_seen += int(epoch_metrics.pop("images")) * world_size()
         metrics = {**epoch_metrics, "images_seen": float(images_seen)}
         last = epoch + 1 == cfg.train.epochs

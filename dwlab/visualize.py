@@ -1,14 +1,19 @@
 """Fig. 5 of the paper from a trained checkpoint: score, IoU, pos and neg weight over the
 anchors of one image, per FPN level. The model and data are rebuilt from the checkpoint's
-own config, so the figure shows exactly what that run saw."""
+own config, so the figure shows exactly what that run saw.
+
+With several methods (Fig. 1 / Fig. 5's comparison), each method's (pos, neg) weights are
+computed over the same anchors from the same predictions, side by side."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from dwlab import checkpoint
+from dwlab.assign import build_assigner
 from dwlab.assign.dw import DWAssigner
 from dwlab.config import validate
 from dwlab.data.coco import collate
@@ -27,9 +32,36 @@ def find_image(dataset, image: str) -> int:
     raise DwlabError(f"--image {image!r}: no image with that id or file name in {dataset.ann_file}")
 
 
+#: Methods whose assigner draws per-anchor weight maps (``weight_maps``), in Table 6 order.
+WEIGHT_METHODS = ("atss", "autoassign", "gfl", "vfl", "tood", "dw")
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"gfl,vfl,dw"`` -> ``["gfl", "vfl", "dw"]``; unknown or missing names are a ``DwlabError``."""
+    methods = list(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in methods if m not in WEIGHT_METHODS]
+    if unknown or not methods:
+        raise DwlabError(
+            f"--methods {text!r}: expected comma-separated names among {', '.join(WEIGHT_METHODS)}"
+            + (f" (unknown: {', '.join(unknown)})" if unknown else "")
+        )
+    return methods
+
+
 @torch.no_grad()
-def plot_checkpoint_weights(checkpoint_path: Path, image: str, out_path: Path) -> Path:
-    """Draw the DW weight maps (with the checkpoint's DW settings) of one val image."""
+def plot_checkpoint_weights(
+    checkpoint_path: Path, image: str, out_path: Path, methods: Sequence[str] = ("dw",)
+) -> Path:
+    """Draw the weight maps of one val image under each of ``methods`` (with the checkpoint's
+    settings for each method's section).
+
+    ``("dw",)``: DW's score, IoU, pos and neg maps (Fig. 5). Several methods: the score and IoU
+    columns of the first method, then a (pos, neg) pair of columns per method.
+    """
+    methods = list(methods)
+    unknown = [m for m in methods if m not in WEIGHT_METHODS]
+    if unknown or not methods:
+        raise DwlabError(f"methods {methods}: expected names among {', '.join(WEIGHT_METHODS)}")
     state = checkpoint.load(checkpoint_path)
     cfg = validate(state.get("config", {}), f"{checkpoint_path} (its config)")
     _, val = build_datasets(cfg)
@@ -39,8 +71,23 @@ def plot_checkpoint_weights(checkpoint_path: Path, image: str, out_path: Path) -
     index = find_image(val, image)
     images, _sizes, targets = collate([val[index]], cfg.data.size_divisor)
     outputs = model(images)
-    assigner = DWAssigner.from_config(cfg.assigner.dw, val.num_classes)
-    maps = assigner.weight_maps(outputs, targets)
     name = val.coco.imgs[targets[0].image_id]["file_name"]
     title = f"{name}: {len(targets[0].labels)} GTs, {cfg.assigner.name} run, epoch {state.get('epoch')}"
-    return plot_weight_maps(maps, out_path, title=title)
+    if methods == ["dw"]:
+        assigner = DWAssigner.from_config(cfg.assigner.dw, val.num_classes)
+        return plot_weight_maps(assigner.weight_maps(outputs, targets), out_path, title=title)
+    per_method = {
+        m: build_assigner(cfg.assigner.model_copy(update={"name": m}), val.num_classes).weight_maps(outputs, targets)
+        for m in methods
+    }
+    first = per_method[methods[0]]
+    maps = {
+        level: {
+            "score": first[level]["score"],
+            "iou": first[level]["iou"],
+            **{f"{m} {k}": per_method[m][level][k] for m in methods for k in ("pos", "neg")},
+        }
+        for level in first
+    }
+    columns = ["score", "iou", *(f"{m} {k}" for m in methods for k in ("pos", "neg"))]
+    return plot_weight_maps(maps, out_path, columns=columns, title=f"{title}; weights of {', '.join(methods)}")

@@ -8,7 +8,7 @@ A sweep file names a base config, a list of points (each a mapping of dotted ove
     base: null                   # config preset or path (relative to this file); null: the scale preset
     scale: smoke                 # smoke | paper (--scale overrides)
     seeds: 1                     # seeds 0 .. seeds-1 per point (--seeds overrides)
-    set: {train.epochs: 8}       # overrides applied to every point
+    set: {train.epochs: 8}       # overrides applied to every point (or per scale, like resources)
     points:
       - {assigner.dw.beta: 5, id: my-id, label: "beta 5"}       # one point
       - grid: {assigner.dw.mu: [3, 4, 5]}                        # three points
@@ -256,12 +256,18 @@ def _resolve_base(base: str | None, scale: str, sweep_dir: Path, file: Path) -> 
         raise DwlabError(f"{file}: base: {err}") from None
 
 
-def _resources(raw: dict[str, Any], scale: str) -> Resources:
-    where = "resources"
+def _per_scale(raw: dict[str, Any], scale: str, where: str) -> dict[str, Any]:
+    """A section given once, or per scale as ``{smoke: {...}, paper: {...}}``: this scale's."""
     if raw and set(raw) <= set(SCALES):
-        raw, where = raw.get(scale) or {}, f"resources.{scale}"
+        raw = raw.get(scale) or {}
         if not isinstance(raw, dict):
-            raise DwlabError(f"{where}: expected a mapping, got {raw!r}")
+            raise DwlabError(f"{where}.{scale}: expected a mapping, got {raw!r}")
+    return raw
+
+
+def _resources(raw: dict[str, Any], scale: str) -> Resources:
+    where = f"resources.{scale}" if raw and set(raw) <= set(SCALES) else "resources"
+    raw = _per_scale(raw, scale, "resources")
     try:
         res = Resources.model_validate(raw)
     except ValidationError as err:
@@ -325,7 +331,8 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
     n_seeds = seeds or spec.seeds
     if not spec.points:
         raise DwlabError("points: empty list (give at least one point or grid)")
-    _check_override_keys(spec.set, "set")
+    file_set = _per_scale(spec.set, scale, "set")
+    _check_override_keys(file_set, "set")
     cli_set = {}
     for item in set_:
         keys, value = parse_override(item)
@@ -341,8 +348,8 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
             raise DwlabError(f"{where}: {_strip_source(_one_line(str(err)), base)}") from None
 
     base_config = resolve({}, "base")
-    resolve(dict(spec.set), "set")
-    resolve({**spec.set, **cli_set}, "--set")
+    resolve(dict(file_set), "set")
+    resolve({**file_set, **cli_set}, "--set")
 
     points: list[Point] = []
     seen_hashes: dict[str, str] = {}
@@ -351,7 +358,7 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
         for overrides, explicit, label in _expand_item(item, index):
             pid = explicit or point_id(overrides)
             where = f"points[{index}] ({pid})"
-            cfg = resolve({**spec.set, **overrides, **cli_set}, where)
+            cfg = resolve({**file_set, **overrides, **cli_set}, where)
             digest = config_hash(cfg)
             if digest in seen_hashes:  # the same config twice (e.g. the centre of a cross)
                 continue
@@ -364,7 +371,7 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
     runtime = {"train.progress": False}
     trials = []
     for point in points:
-        user = {**spec.set, **point.overrides, **cli_set}
+        user = {**file_set, **point.overrides, **cli_set}
         extra = dict(runtime)
         if "train.threads" not in user:
             extra["train.threads"] = resources.threads
@@ -381,7 +388,7 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
         scale=scale,
         base=base,
         base_config=base_config,
-        overrides={**spec.set, **cli_set},
+        overrides={**file_set, **cli_set},
         points=points,
         seeds=list(range(n_seeds)),
         trials=trials,

@@ -45,7 +45,7 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
                 "epoch": rep.epoch,
                 "epochs": rep.epochs,
                 "final": False,
-                "metrics": _mean_over_workers({k: float(v) for k, v in rep.metrics.items()}),
+                "metrics": {k: float(v) for k, v in rep.metrics.items()},
                 **info,
             }
         )
@@ -60,26 +60,6 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
             **info,
         }
     )
-
-
-def _mean_over_workers(metrics: dict[str, float]) -> dict[str, float]:
-    """Loss terms averaged over data-parallel workers: the loss of the global batch (each
-    worker's loss is already normalised by worker-averaged normalisers). A no-op in one
-    process, and when the values already agree across workers."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return metrics
-    keys = sorted(k for k in metrics if k == "loss" or k.startswith("loss_"))
-    if not keys:
-        return metrics
-    values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        values = values.cuda()
-    dist.all_reduce(values)
-    values = (values / dist.get_world_size()).cpu()
-    return {**metrics, **{k: float(v) for k, v in zip(keys, values)}}
 
 
 def _device_name(setting: str) -> str:

@@ -1,0 +1,183 @@
+"""ATSS label assignment (Zhang, Chi, Yao, Lei, Li, "Bridging the Gap Between Anchor-based and
+Anchor-free Detection via Adaptive Training Sample Selection", CVPR 2020) and its loss.
+
+ATSS ranks anchor *boxes*; the FCOS detector has points. Each point gets one square anchor box
+of side ``anchor_scale * stride`` centred on it (anchor_scale 8, one scale and one aspect ratio:
+the ATSS paper's setting). Then, per GT g (paper Alg. 1):
+
+1. on each FPN level, the ``topk`` (9) anchors whose centre is nearest to g's centre (L2) are
+   candidates C_g;
+2. t_g = mean + std of the IoUs of C_g's anchor boxes with g (std unbiased, as the released
+   code's ``torch.std``);
+3. a candidate with IoU >= t_g whose centre lies inside g (by more than 0.01 px) is positive;
+4. an anchor positive for several GTs takes the one with the highest IoU.
+
+Loss (released ATSS code): focal loss on the class logits (alpha 0.25, gamma 2) over the number
+of positives; GIoU loss of the predicted boxes weighted by the centerness targets and divided by
+their sum (weight 2.0); BCE of the centerness logits against the centerness targets
+(``fcos.centerness_target`` from the anchor point) over the number of positives. The matched
+GT index per anchor, ``Tensor[B, A]`` (-1 = background), is the boundary between assignment
+and loss, as in ``fcos.fcos_match``; GFL and VFL reuse ``atss_match``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+
+from dwlab.assign.common import check_outputs, focus_maps, level_maps, points_inside, positives
+from dwlab.assign.fcos import centerness_target, pad_targets
+from dwlab.box_ops import aligned_iou, boxes_to_distances, box_centers
+from dwlab.config import ATSSAssignerConfig
+from dwlab.data.target import Target
+from dwlab.distributed import normaliser
+from dwlab.models.outputs import Anchors, HeadOutputs
+
+
+def anchor_boxes(anchors: Anchors, anchor_scale: float) -> Tensor:
+    """One square box of side ``anchor_scale * stride`` per point, ``Tensor[A, 4]`` xyxy pixels."""
+    half = (anchors.strides * anchor_scale / 2)[:, None]
+    return torch.cat([anchors.points - half, anchors.points + half], dim=-1)
+
+
+class ATSSMatch(NamedTuple):
+    """matched ``Tensor[B, A]`` long (-1 = background); threshold ``Tensor[B, G]`` t_g;
+    candidates ``Tensor[B, K, G]`` anchor indices of C_g (K = sum over levels of min(topk, A_l));
+    candidate_iou ``Tensor[B, K, G]``. All without gradient."""
+
+    matched: Tensor
+    threshold: Tensor
+    candidates: Tensor
+    candidate_iou: Tensor
+
+
+@torch.no_grad()
+def atss_match(
+    anchors: Anchors, gt_boxes: Tensor, gt_valid: Tensor, *, topk: int = 9, anchor_scale: float = 8.0
+) -> ATSSMatch:
+    """ATSS assignment of a batch (Alg. 1). gt_boxes ``Tensor[B, G, 4]`` xyxy; gt_valid ``Tensor[B, G]``.
+
+    Dense over ``[B, A, G]`` (centre distances, then the IoU matrix of the positives), like the
+    released code; the only Python loop is over the FPN levels.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    b, g = gt_valid.shape
+    a, device = len(anchors), gt_boxes.device
+    if g == 0 or a == 0:
+        empty = torch.zeros(b, 0, g, dtype=torch.long, device=device)
+        return ATSSMatch(
+            torch.full((b, a), -1, dtype=torch.long, device=device),
+            torch.zeros(b, g, device=device), empty, empty.float(),
+        )  # fmt: skip
+    boxes = anchor_boxes(anchors, anchor_scale)  # [A, 4]
+    centres = box_centers(gt_boxes)  # [B, G, 2]
+    dist = (anchors.points[None, :, None, :] - centres[:, None, :, :]).pow(2).sum(-1)  # [B, A, G]
+    # Alg. 1, lines 3-6: the k nearest anchors of every level
+    candidates, start = [], 0
+    for size in anchors.level_sizes:
+        k = min(topk, size)
+        if k > 0:
+            nearest = dist[:, start : start + size].topk(k, dim=1, largest=False).indices  # [B, k, G]
+            candidates.append(nearest + start)
+        start += size
+    cand = torch.cat(candidates, dim=1)  # [B, K, G]
+    num_cand = cand.shape[1]
+    # line 7: IoU of the candidates' anchor boxes with g
+    cand_iou = aligned_iou(
+        boxes[cand.reshape(-1)], gt_boxes[:, None].expand(b, num_cand, g, 4).reshape(-1, 4)
+    ).reshape(b, num_cand, g)
+    # lines 8-10: t_g = m_g + v_g
+    std = cand_iou.std(dim=1) if num_cand > 1 else torch.zeros_like(cand_iou[:, 0])
+    threshold = cand_iou.mean(dim=1) + std  # [B, G]
+    # line 11: IoU >= t_g and centre inside g
+    inside = points_inside(anchors.points[cand], gt_boxes[:, None])  # [B, K, G]
+    pos = (cand_iou >= threshold[:, None]) & inside & gt_valid[:, None]
+    # several GTs: the highest IoU wins (a candidate appears once per GT column)
+    overlap = torch.full((b, a, g), -1.0, device=device)
+    overlap.scatter_(1, cand, torch.where(pos, cand_iou, torch.full_like(cand_iou, -1.0)))
+    best, idx = overlap.max(-1)
+    matched = torch.where(best >= 0, idx, torch.full_like(idx, -1))
+    return ATSSMatch(matched, threshold, cand, cand_iou)
+
+
+class ATSSAssigner:
+    """ATSS assignment with the FCOS-style loss of the ATSS paper (focal, GIoU, centerness).
+
+    Returns ``{"loss_cls", "loss_box", "loss_ctr"}``, already weighted.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        topk: int = 9,
+        anchor_scale: float = 8.0,
+        focal_alpha: float = 0.25,
+        focal_gamma: float = 2.0,
+        box_weight: float = 2.0,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if topk < 1 or anchor_scale <= 0:
+            raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
+        self.num_classes = num_classes
+        self.topk, self.anchor_scale = topk, anchor_scale
+        self.focal_alpha, self.focal_gamma, self.box_weight = focal_alpha, focal_gamma, box_weight
+
+    @classmethod
+    def from_config(cls, cfg: ATSSAssignerConfig, num_classes: int) -> ATSSAssigner:
+        return cls(num_classes, **cfg.model_dump())
+
+    @torch.no_grad()
+    def match(self, outputs: HeadOutputs, targets: list[Target]) -> tuple[ATSSMatch, Tensor, Tensor]:
+        """``(ATSSMatch, gt_boxes Tensor[B, G, 4], gt_labels Tensor[B, G])``, without gradient."""
+        check_outputs(outputs, targets, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
+        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.topk, anchor_scale=self.anchor_scale)
+        return m, gt_boxes, gt_labels
+
+    def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        m, gt_boxes, gt_labels = self.match(outputs, targets)
+        device = outputs.cls_logits.device
+        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        num_pos = normaliser(float(pos.image.numel()), device)
+
+        cls_target = torch.zeros_like(outputs.cls_logits, dtype=torch.float32)
+        cls_target[pos.image, pos.anchor, pos.label] = 1.0
+        loss_cls = sigmoid_focal_loss(
+            outputs.cls_logits.float(), cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
+        )
+        with torch.no_grad():
+            ctr_target = centerness_target(boxes_to_distances(outputs.anchors.points[pos.anchor], pos.gt_boxes))
+        loss_box = (ctr_target * generalized_box_iou_loss(pos.pred_boxes, pos.gt_boxes, reduction="none")).sum()
+        loss_ctr = F.binary_cross_entropy_with_logits(
+            outputs.centerness[pos.image, pos.anchor].float(), ctr_target, reduction="sum"
+        )
+        return {
+            "loss_cls": loss_cls / num_pos,
+            "loss_box": self.box_weight * loss_box / normaliser(ctr_target.sum(), device),
+            "loss_ctr": loss_ctr / num_pos,
+        }
+
+    # --------------------------------------------------------------------- visualisation
+
+    @torch.no_grad()
+    def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
+        """Per-image ``Tensor[A]`` maps (``common.focus_maps``): ``score`` is sigmoid(cls), the
+        score ATSS trains; ``pos`` = alpha (1 - p)^gamma on positives (focal loss on -ln p), ``neg``
+        = (1 - alpha) p^gamma on the others (on -ln(1 - p))."""
+        m, _, _ = self.match(outputs, targets)
+        maps = focus_maps(outputs, targets, m.matched, torch.sigmoid(outputs.cls_logits.float()))
+        for d in maps:
+            p, is_pos = d["score"], d["is_pos"]
+            d["pos"] = torch.where(is_pos, self.focal_alpha * (1 - p).pow(self.focal_gamma), torch.zeros_like(p))
+            d["neg"] = torch.where(is_pos, torch.zeros_like(p), (1 - self.focal_alpha) * p.pow(self.focal_gamma))
+        return maps
+
+    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
+        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

@@ -1,0 +1,144 @@
+"""GFL (Li, Wang, Wu, Chen, Hu, Li, Tang, Yang, "Generalized Focal Loss: Learning Qualified and
+Distributed Bounding Boxes for Dense Object Detection", NeurIPS 2020): ATSS assignment and the
+Quality Focal Loss.
+
+- Assignment: ``atss.atss_match`` (top-9 per level, IoU threshold mean + std, centre inside GT),
+  anchor boxes of side 8 * stride, as GFL's configuration.
+- Classification: QFL (GFL §3, "Quality Focal Loss") with the soft target y = IoU(predicted box,
+  GT) on the positive's GT class and y = 0 everywhere else, beta 2:
+      QFL(s, y) = -|y - s|^beta * ((1 - y) ln(1 - s) + y ln s)
+  summed over every (image, anchor, class) and divided by the number of positives.
+- Box: GIoU loss of the positives (lambda_0 = 2), weighted by the predicted quality score (the
+  largest score over classes, detached) and divided by the sum of those weights (released code).
+
+Which score QFL trains (decision): GFL has no centerness branch; its classification score *is*
+the quality score. The shared dwlab detector keeps its centerness logit and ranks detections by
+``s = sigmoid(cls) * sigmoid(ctr)`` (``HeadOutputs.scores``), so QFL trains that joint score s,
+as DW does (paper §3.5): train and test use the same score, and the centerness logit is trained
+only through s (no separate centerness target).
+
+Left out: the Distribution Focal Loss branch of GFL (the general distribution of box
+boundaries, lambda_1 = 1/4) needs a different regression head; dwlab's head regresses (l, t, r,
+b) directly, so only QFL and the GIoU term are implemented.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+from dwlab.assign.atss import ATSSMatch, atss_match
+from dwlab.assign.common import Positives, check_outputs, class_target, focus_maps, level_maps, positives, reduce
+from dwlab.assign.dw import log1m_joint_score, log_joint_score
+from dwlab.assign.fcos import pad_targets
+from dwlab.assign.table1 import qfl_weights
+from dwlab.config import GFLAssignerConfig
+from dwlab.data.target import Target
+from dwlab.distributed import normaliser
+from dwlab.models.outputs import HeadOutputs
+
+
+def joint_log_scores(cls_logits: Tensor, ctr_logits: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``(ln s, ln(1 - s))`` in float32, stable: ``s = sigmoid(cls) * sigmoid(ctr)`` with
+    ``ctr_logits`` broadcastable to ``cls_logits`` (e.g. ``Tensor[B, A, 1]``), or
+    ``s = sigmoid(cls)`` when ``ctr_logits`` is None."""
+    cls = cls_logits.float()
+    if ctr_logits is None:
+        return torch.nn.functional.logsigmoid(cls), torch.nn.functional.logsigmoid(-cls)
+    ctr = ctr_logits.float()
+    return log_joint_score(cls, ctr), log1m_joint_score(cls, ctr)
+
+
+def quality_focal_loss(
+    cls_logits: Tensor,
+    ctr_logits: Tensor | None,
+    target: Tensor,
+    *,
+    beta: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Quality Focal Loss (GFL §3) of the score s against a soft ``target`` in [0, 1]:
+    ``-|y - s|^beta ((1 - y) ln(1 - s) + y ln s)``, i.e. ``w_pos (-ln s) + w_neg (-ln(1 - s))``
+    with ``table1.qfl_weights``. The modulating factor keeps its gradient, as in the paper.
+
+    cls_logits ``Tensor[..., C]``; ctr_logits broadcastable to it, or None (s = sigmoid(cls));
+    target the shape of cls_logits, no gradient. Computed in float32.
+    """
+    log_s, log1m_s = joint_log_scores(cls_logits, ctr_logits)
+    w_pos, w_neg = qfl_weights(log_s.exp(), target.float(), beta)
+    return reduce(-(w_pos * log_s + w_neg * log1m_s), reduction)
+
+
+@dataclass
+class QualityAssignment:
+    """A hard assignment with a soft target per positive, without gradient (except
+    ``pos.pred_boxes``). match: the ATSS (or task-aligned) match; pos: the positive pairs;
+    quality ``Tensor[P]`` the classification target of each positive; box_weight ``Tensor[P]``."""
+
+    matched: Tensor
+    pos: Positives
+    quality: Tensor
+    box_weight: Tensor
+    match: ATSSMatch | None = None
+
+
+class GFLAssigner:
+    """ATSS assignment + QFL on the joint score + quality-weighted GIoU (no DFL).
+
+    Returns ``{"loss_cls", "loss_box"}``, already weighted.
+    """
+
+    def __init__(
+        self, num_classes: int, *, topk: int = 9, anchor_scale: float = 8.0, beta: float = 2.0, box_weight: float = 2.0
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if topk < 1 or anchor_scale <= 0:
+            raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
+        self.num_classes, self.topk, self.anchor_scale = num_classes, topk, anchor_scale
+        self.beta, self.box_weight = beta, box_weight
+
+    @classmethod
+    def from_config(cls, cfg: GFLAssignerConfig, num_classes: int) -> GFLAssigner:
+        return cls(num_classes, **cfg.model_dump())
+
+    def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
+        """ATSS positives; quality = IoU of the predicted box with its GT; box weight = the
+        anchor's largest joint score over classes (released code)."""
+        check_outputs(outputs, targets, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
+        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.topk, anchor_scale=self.anchor_scale)
+        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        with torch.no_grad():
+            box_weight = outputs.scores()[pos.image, pos.anchor].detach().float().amax(-1)
+        return QualityAssignment(m.matched, pos, pos.iou, box_weight, m)
+
+    def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        asg = self.assign(outputs, targets)
+        device = outputs.cls_logits.device
+        target = class_target(outputs.cls_logits.shape, asg.pos, asg.quality)
+        loss_cls = quality_focal_loss(
+            outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=self.beta, reduction="sum"
+        )
+        giou = generalized_box_iou_loss(asg.pos.pred_boxes, asg.pos.gt_boxes, reduction="none")
+        return {
+            "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
+            "loss_box": self.box_weight * (asg.box_weight * giou).sum() / normaliser(asg.box_weight.sum(), device),
+        }
+
+    @torch.no_grad()
+    def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
+        """Per-image ``Tensor[A]`` maps: positives ``table1.gfl(s, IoU)``; others pos 0, neg s^beta."""
+        asg = self.assign(outputs, targets)
+        maps = focus_maps(outputs, targets, asg.matched, outputs.scores())
+        for d in maps:
+            s, is_pos = d["score"], d["is_pos"]
+            w_pos, w_neg = qfl_weights(s, torch.where(is_pos, d["iou"], torch.zeros_like(s)), self.beta)
+            d["pos"], d["neg"] = w_pos, w_neg  # on negatives (target 0): 0 and s^beta
+        return maps
+
+    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
+        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

@@ -1,0 +1,180 @@
+"""TOOD's task-aligned learning (Feng, Zhong, Gao, Scott, Huang, "TOOD: Task-aligned One-stage
+Object Detection", ICCV 2021, §3.2) on the FCOS detector; the T-head (task-aligned head) is not
+part of it: only the assignment and the loss change.
+
+- Alignment metric (TOOD §3.2, "Task-aligned Sample Assignment"): t = s^alpha * u^beta with s
+  the joint score on the GT's class, u the IoU of the predicted box with the GT; alpha 1, beta 6.
+- Per GT, the m = 13 anchors with the largest t (over all levels) are candidates; those whose
+  point lies inside the GT and whose t > 0 are positive (released code: top-m first, then the
+  inside filter). An anchor positive for several GTs takes the one with the highest IoU.
+- Normalised target (§3.2, "Task-aligned Loss"): t_hat = t / max_t * max_u, the maxima over the
+  GT's positives, so the best-aligned anchor of each GT gets that GT's largest IoU.
+- Classification: the focal-style loss with t_hat as the soft label, exponent 2,
+      pos: |t_hat - s|^2 BCE(s, t_hat),   neg: s^2 BCE(s, 0)
+  i.e. ``gfl.quality_focal_loss`` with target t_hat.
+- Box: GIoU loss weighted by t_hat, weight 2.0.
+- Normalisation (released code): both terms divided by the sum of t_hat over the batch.
+
+Score convention: as ``gfl``, the joint score s = sigmoid(cls) * sigmoid(ctr) is both the s of
+the metric and the score the loss trains. Not implemented: the released code's warm-up that uses
+ATSS assignment and focal loss for the first 4 epochs (an assigner has no epoch state).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+from dwlab.assign.common import (
+    broadcast_iou,
+    check_outputs,
+    class_target,
+    focus_maps,
+    level_maps,
+    points_inside,
+    positives,
+)
+from dwlab.assign.fcos import pad_targets
+from dwlab.assign.gfl import QualityAssignment, quality_focal_loss
+from dwlab.assign.table1 import qfl_weights
+from dwlab.config import TOODAssignerConfig
+from dwlab.data.target import Target
+from dwlab.distributed import normaliser
+from dwlab.models.outputs import HeadOutputs
+
+
+class TaskAlignedMatch(NamedTuple):
+    """matched ``Tensor[B, A]`` (-1 = background); metric, iou, target ``Tensor[B, A]``: t, u and
+    t_hat of each anchor with its matched GT (0 on background); candidates ``Tensor[B, m, G]``
+    the top-m anchors of each GT. All without gradient."""
+
+    matched: Tensor
+    metric: Tensor
+    iou: Tensor
+    target: Tensor
+    candidates: Tensor
+
+
+@torch.no_grad()
+def task_aligned_match(
+    scores: Tensor,
+    pred_boxes: Tensor,
+    points: Tensor,
+    gt_boxes: Tensor,
+    gt_labels: Tensor,
+    gt_valid: Tensor,
+    *,
+    topk: int = 13,
+    alpha: float = 1.0,
+    beta: float = 6.0,
+) -> TaskAlignedMatch:
+    """Task-aligned assignment of a batch.
+
+    scores ``Tensor[B, A, C]`` s; pred_boxes ``Tensor[B, A, 4]`` xyxy; points ``Tensor[A, 2]``;
+    gt_boxes ``Tensor[B, G, 4]``; gt_labels, gt_valid ``Tensor[B, G]``. Dense over ``[B, A, G]``.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    b, a, _ = scores.shape
+    g, device = gt_valid.shape[1], scores.device
+    if g == 0 or a == 0:
+        zeros = torch.zeros(b, a, device=device)
+        return TaskAlignedMatch(
+            torch.full((b, a), -1, dtype=torch.long, device=device), zeros, zeros.clone(), zeros.clone(),
+            torch.zeros(b, 0, g, dtype=torch.long, device=device),
+        )  # fmt: skip
+    s = scores.float().gather(2, gt_labels[:, None, :].expand(b, a, g))  # [B, A, G]
+    u = broadcast_iou(pred_boxes.float()[:, :, None], gt_boxes[:, None])  # [B, A, G]
+    t = s.pow(alpha) * u.pow(beta)  # the anchor alignment metric
+    cand_t, cand = t.topk(min(topk, a), dim=1)  # [B, m, G]
+    inside = points_inside(points[cand], gt_boxes[:, None])  # [B, m, G]
+    pos = inside & (cand_t > 0) & gt_valid[:, None]
+    # several GTs: the highest IoU wins (a candidate appears once per GT column)
+    cand_u = u.gather(1, cand)
+    overlap = torch.full((b, a, g), -1.0, device=device)
+    overlap.scatter_(1, cand, torch.where(pos, cand_u, torch.full_like(cand_u, -1.0)))
+    best, idx = overlap.max(-1)
+    is_pos = best >= 0
+    matched = torch.where(is_pos, idx, torch.full_like(idx, -1))
+    safe = idx.unsqueeze(-1)
+    metric = torch.where(is_pos, t.gather(2, safe).squeeze(-1), torch.zeros_like(best))
+    iou = torch.where(is_pos, u.gather(2, safe).squeeze(-1), torch.zeros_like(best))
+    # t_hat = t / max_t * max_u over each GT's positives (t > 0 on positives: no epsilon needed)
+    key = (torch.arange(b, device=device)[:, None] * g + idx)[is_pos]  # flat (image, GT) index
+    zeros = torch.zeros(b * g, device=device)
+    t_max = zeros.scatter_reduce(0, key, metric[is_pos], "amax", include_self=False)
+    u_max = zeros.scatter_reduce(0, key, iou[is_pos], "amax", include_self=False)
+    target = torch.zeros_like(metric)
+    target[is_pos] = metric[is_pos] / t_max[key] * u_max[key]
+    return TaskAlignedMatch(matched, metric, iou, target, cand)
+
+
+class TOODAssigner:
+    """Task-aligned assignment + focal-style loss on t_hat + t_hat-weighted GIoU.
+
+    Returns ``{"loss_cls", "loss_box"}``, already weighted.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        topk: int = 13,
+        alpha: float = 1.0,
+        beta: float = 6.0,
+        qfl_beta: float = 2.0,
+        box_weight: float = 2.0,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if topk < 1:
+            raise ValueError(f"topk must be >= 1, got {topk}")
+        self.num_classes, self.topk, self.alpha, self.beta = num_classes, topk, alpha, beta
+        self.qfl_beta, self.box_weight = qfl_beta, box_weight
+
+    @classmethod
+    def from_config(cls, cfg: TOODAssignerConfig, num_classes: int) -> TOODAssigner:
+        return cls(num_classes, **cfg.model_dump())
+
+    def match(self, outputs: HeadOutputs, targets: list[Target]) -> tuple[TaskAlignedMatch, Tensor, Tensor]:
+        """``(TaskAlignedMatch, gt_boxes Tensor[B, G, 4], gt_labels Tensor[B, G])``, without gradient."""
+        check_outputs(outputs, targets, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
+        with torch.no_grad():
+            m = task_aligned_match(
+                outputs.scores().detach(), outputs.boxes().detach(), outputs.anchors.points,
+                gt_boxes, gt_labels, gt_valid, topk=self.topk, alpha=self.alpha, beta=self.beta,
+            )  # fmt: skip
+        return m, gt_boxes, gt_labels
+
+    def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
+        """Positives with quality = box weight = t_hat."""
+        m, gt_boxes, gt_labels = self.match(outputs, targets)
+        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        t_hat = m.target[pos.image, pos.anchor]
+        return QualityAssignment(m.matched, pos, t_hat, t_hat)
+
+    def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        asg = self.assign(outputs, targets)
+        target = class_target(outputs.cls_logits.shape, asg.pos, asg.quality)
+        loss_cls = quality_focal_loss(
+            outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=self.qfl_beta, reduction="sum"
+        )
+        giou = generalized_box_iou_loss(asg.pos.pred_boxes, asg.pos.gt_boxes, reduction="none")
+        norm = normaliser(asg.quality.sum(), outputs.cls_logits.device)
+        return {"loss_cls": loss_cls / norm, "loss_box": self.box_weight * (asg.box_weight * giou).sum() / norm}
+
+    @torch.no_grad()
+    def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
+        """Per-image ``Tensor[A]`` maps: positives ``qfl_weights(s, t_hat)``; others pos 0, neg s^2."""
+        m, _, _ = self.match(outputs, targets)
+        maps = focus_maps(outputs, targets, m.matched, outputs.scores())
+        for i, d in enumerate(maps):
+            d["pos"], d["neg"] = qfl_weights(d["score"], m.target[i], self.qfl_beta)
+        return maps
+
+    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
+        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

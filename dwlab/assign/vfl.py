@@ -1,0 +1,129 @@
+"""VarifocalNet's loss (Zhang, Wang, Dayoub, Sünderhauf, "VarifocalNet: An IoU-aware Dense Object
+Detector", CVPR 2021) on ATSS assignment.
+
+- Assignment: ``atss.atss_match`` (top-9 per level, mean + std IoU threshold, centre inside GT),
+  as VFNet's ATSS configuration.
+- IoU-aware classification target (VFNet §3): q = IoU(predicted box, GT) on a positive's GT
+  class, q = 0 on every other (image, anchor, class) entry.
+- Varifocal Loss (VFNet Eq. 2), alpha 0.75, gamma 2:
+      VFL(s, q) = -q (q ln s + (1 - q) ln(1 - s))   if q > 0
+                = -alpha s^gamma ln(1 - s)           if q = 0
+  summed and divided by the number of positives. A positive's IoU is clamped to >= 1e-6 so that
+  it stays on the q > 0 branch (released code).
+- Box: GIoU loss of the positives weighted by q, divided by the sum of q (released code), weight
+  2.0 (VFNet's lambda for the box whose IoU is the target; dwlab has one box stage, no star-shaped
+  refinement).
+
+Score convention: as ``gfl``, VFL trains the joint score s = sigmoid(cls) * sigmoid(ctr) that
+inference ranks by; the centerness logit has no target of its own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchvision.ops import generalized_box_iou_loss
+
+from dwlab.assign.atss import atss_match
+from dwlab.assign.common import check_outputs, class_target, focus_maps, level_maps, positives, reduce
+from dwlab.assign.fcos import pad_targets
+from dwlab.assign.gfl import QualityAssignment, joint_log_scores
+from dwlab.assign.table1 import vfl as vfl_weights
+from dwlab.config import VFLAssignerConfig
+from dwlab.data.target import Target
+from dwlab.distributed import normaliser
+from dwlab.models.outputs import HeadOutputs
+
+MIN_IOU = 1e-6  # positives' IoU target floor (released code), keeps them on the q > 0 branch
+
+
+def varifocal_loss(
+    cls_logits: Tensor,
+    ctr_logits: Tensor | None,
+    target: Tensor,
+    *,
+    alpha: float = 0.75,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Varifocal Loss (VFNet Eq. 2) of the score s against the IoU-aware ``target`` q.
+
+    q > 0: ``q * BCE(s, q)`` = ``q^2 (-ln s) + q (1 - q) (-ln(1 - s))`` (``table1.vfl``);
+    q = 0: ``alpha s^gamma (-ln(1 - s))`` (the modulating factor keeps its gradient).
+    cls_logits ``Tensor[..., C]``; ctr_logits broadcastable to it or None (s = sigmoid(cls));
+    target the shape of cls_logits. Computed in float32.
+    """
+    log_s, log1m_s = joint_log_scores(cls_logits, ctr_logits)
+    q = target.float()
+    w_pos, w_neg = vfl_weights(q, q)  # q^2, q (1 - q): no dependence on s
+    positive = q > 0
+    w_neg = torch.where(positive, w_neg, alpha * log_s.exp().pow(gamma))
+    w_pos = torch.where(positive, w_pos, torch.zeros_like(w_pos))
+    return reduce(-(w_pos * log_s + w_neg * log1m_s), reduction)
+
+
+class VFLAssigner:
+    """ATSS assignment + Varifocal Loss on the joint score + IoU-weighted GIoU.
+
+    Returns ``{"loss_cls", "loss_box"}``, already weighted.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        *,
+        topk: int = 9,
+        anchor_scale: float = 8.0,
+        alpha: float = 0.75,
+        gamma: float = 2.0,
+        box_weight: float = 2.0,
+    ) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if topk < 1 or anchor_scale <= 0:
+            raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
+        self.num_classes, self.topk, self.anchor_scale = num_classes, topk, anchor_scale
+        self.alpha, self.gamma, self.box_weight = alpha, gamma, box_weight
+
+    @classmethod
+    def from_config(cls, cfg: VFLAssignerConfig, num_classes: int) -> VFLAssigner:
+        return cls(num_classes, **cfg.model_dump())
+
+    def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
+        """ATSS positives; quality q = IoU of the predicted box with its GT (>= 1e-6), also the box weight."""
+        check_outputs(outputs, targets, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
+        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.topk, anchor_scale=self.anchor_scale)
+        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        q = pos.iou.clamp(min=MIN_IOU)
+        return QualityAssignment(m.matched, pos, q, q, m)
+
+    def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        asg = self.assign(outputs, targets)
+        device = outputs.cls_logits.device
+        target = class_target(outputs.cls_logits.shape, asg.pos, asg.quality)
+        loss_cls = varifocal_loss(
+            outputs.cls_logits, outputs.centerness.unsqueeze(-1), target,
+            alpha=self.alpha, gamma=self.gamma, reduction="sum",
+        )  # fmt: skip
+        giou = generalized_box_iou_loss(asg.pos.pred_boxes, asg.pos.gt_boxes, reduction="none")
+        return {
+            "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
+            "loss_box": self.box_weight * (asg.box_weight * giou).sum() / normaliser(asg.box_weight.sum(), device),
+        }
+
+    @torch.no_grad()
+    def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
+        """Per-image ``Tensor[A]`` maps: positives ``table1.vfl`` (q^2, q (1 - q)); others pos 0,
+        neg alpha s^gamma."""
+        asg = self.assign(outputs, targets)
+        maps = focus_maps(outputs, targets, asg.matched, outputs.scores())
+        for d in maps:
+            s, is_pos = d["score"], d["is_pos"]
+            w_pos, w_neg = vfl_weights(s, d["iou"].clamp(min=MIN_IOU))
+            d["pos"] = torch.where(is_pos, w_pos, torch.zeros_like(s))
+            d["neg"] = torch.where(is_pos, w_neg, self.alpha * s.pow(self.gamma))
+        return maps
+
+    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
+        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)
