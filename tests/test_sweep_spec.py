@@ -35,7 +35,7 @@ def test_table2_is_the_papers_cross():
     ids = [p.id for p in plan.points]
     expected = [f"beta=5,mu={m}" for m in (3, 4, 5, 6, 7, 8)] + [f"beta={b},mu=5" for b in (3, 4, 6, 7)]
     assert ids == expected
-    assert len(plan.trials) == 10
+    assert len(plan.trials) == 10 * 2  # two seeds per point
     dw = {(t.config.assigner.dw.beta, t.config.assigner.dw.mu) for t in plan.trials}
     assert dw == {(5.0, m) for m in (3, 4, 5, 6, 7, 8)} | {(b, 5.0) for b in (3, 4, 6, 7)}
     assert plan.name == "table2" and plan.table == "table2" and plan.scale == "smoke"
@@ -216,3 +216,10 @@ def test_fuzzed_sweep_files_never_traceback(data, tmp_path):
     except DwlabError as err:
         message = str(err)
         assert "\n" not in message and message.startswith(str(f))
+
+
+def test_set_per_scale_picks_this_scales_overrides():
+    smoke = load_plan(EXPERIMENTS / "table2.yaml")
+    paper = load_plan(EXPERIMENTS / "table2.yaml", scale="paper")
+    assert {t.config.train.epochs for t in smoke.trials} == {3}
+    assert {t.config.train.epochs for t in paper.trials} == {12}  # the paper preset's 1x, unchanged
