@@ -38,7 +38,8 @@ def check_outputs(outputs: HeadOutputs, targets: list[Target], num_classes: int)
     assert len(targets) == b, f"{len(targets)} targets for {b} images"
     for t in targets:
         assert t.boxes.reshape(-1, 4).shape[0] == t.labels.numel(), (t.boxes.shape, t.labels.shape)
-        assert t.labels.numel() == 0 or (0 <= int(t.labels.min()) and int(t.labels.max()) < num_classes)
+    labels = torch.cat([t.labels.reshape(-1) for t in targets]) if targets else torch.zeros(0)
+    assert labels.numel() == 0 or (0 <= int(labels.min()) and int(labels.max()) < num_classes), labels
 
 
 def reduce(loss: Tensor, reduction: str) -> Tensor:

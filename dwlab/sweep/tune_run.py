@@ -29,8 +29,8 @@ from dwlab.sweep.tracking import SweepTracker, tracking_uri, ui_command
 if TYPE_CHECKING:
     from rich.console import Console
 
-MARKER = "trial.json"
-COORDINATOR_MEMORY = 64 * 2**20  # bytes reserved by a data-parallel trial's coordinator  # in each run directory: point, seed, config hash, MLflow run id
+MARKER = "trial.json"  # in each run directory: point, seed, config hash, MLflow run id
+COORDINATOR_MEMORY = 64 * 2**20  # bytes reserved by a data-parallel trial's coordinator
 
 
 @dataclass
