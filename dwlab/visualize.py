@@ -23,8 +23,12 @@ from dwlab.plots import plot_weight_maps
 from dwlab.runner import build_datasets
 
 
-def find_image(dataset, image: str) -> int:
-    """Index in ``dataset`` of an image given by COCO id or file name."""
+def find_image(dataset, image: str | None) -> int:
+    """Index in ``dataset`` of an image given by COCO id or file name; None: the image with
+    the most annotations (the first such)."""
+    if image is None:
+        counts = [len(dataset.coco.imgToAnns.get(i, [])) for i in dataset.image_ids]
+        return counts.index(max(counts))
     for index, image_id in enumerate(dataset.image_ids):
         info = dataset.coco.imgs[image_id]
         if image in (str(image_id), info["file_name"], Path(info["file_name"]).name):

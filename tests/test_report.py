@@ -272,3 +272,27 @@ def test_cli_unreachable_store(tmp_path, monkeypatch):
     assert res.exit_code == 2
     assert res.output.startswith("error: cannot reach the MLflow store http://127.0.0.1:9: ")
     assert len(res.output.strip().splitlines()) == 1
+
+
+def test_fig5_is_drawn_from_the_best_runs_checkpoint(tmp_path, synth_root, report):
+    """The best finished run's run directory holds a checkpoint: the report draws its Fig. 5;
+    runs without one are listed under 'Not produced'."""
+    from dwlab.config import validate
+    from dwlab.runner import run_training
+    from tests.conftest import tiny_config
+
+    run_dir = tmp_path / "run"
+    run_training(validate(tiny_config(synth_root, assigner={"name": "dw"}), "t"), run_dir)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("table2", tags={"dwlab.table": "table2"})
+    parent = client.create_run(exp_id, tags={"dwlab.kind": "sweep"}).info.run_id
+    for seed, ap in ((0, 0.30), (1, 0.35)):
+        _trial(client, exp_id, parent, "table2", "beta=5,mu=5", {}, seed, "FINISHED", (ap, 0.5, 0.3))
+    best = client.search_runs([exp_id], "metrics.AP > 0.34")[0].info.run_id
+    client.set_tag(best, "dwlab.run_dir", str(run_dir))
+    rep = build_report(None, tmp_path / "out", tracking_uri=uri)
+    with Image.open(tmp_path / "out" / "fig5_table2.png") as img:
+        assert img.size[0] > 500 and img.size[1] > 500
+    assert "fig5_table2.png" in (tmp_path / "out" / "README.md").read_text() and not rep.skipped
+    assert any("Fig. 5 for table6: no checkpoint" in s for s in report.skipped)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,11 +134,39 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
         "IoU 0.5, falling to 0 at 0.95; a larger gamma1 keeps P_neg higher at mid IoUs "
         f"(paper default gamma1 = {paper.DEFAULTS['gamma1']})."
     )))
-    report.skipped.append("Fig. 5 weight maps: not drawn by the report; use `dwlab plot weights` on a checkpoint")
+    for name in report.tables:
+        _weight_map_figure(name, runs, client, out, report)
     readme = out / "README.md"
     readme.write_text(render_index(report, experiments))
     report.files.append(readme)
     return report
+
+
+def _weight_map_figure(name: str, runs: pd.DataFrame, client, out: Path, report: Report) -> None:
+    """Fig. 5 of the table's best finished run: its checkpoint (in its run directory, else its
+    MLflow artifact) on the val image with the most objects."""
+    from dwlab.visualize import plot_checkpoint_weights
+
+    done = runs[(runs["tags.dwlab.table"] == name) & (runs["status"] == "FINISHED")]
+    if "metrics.AP" not in done or done["metrics.AP"].isna().all():
+        report.skipped.append(f"Fig. 5 for {name}: no finished run with an AP")
+        return
+    best = done.loc[done["metrics.AP"].idxmax()]
+    label = f"{best.get('tags.dwlab.point')}, seed {best.get('tags.dwlab.seed')}"
+    ckpt = Path(str(best.get("tags.dwlab.run_dir", ""))) / "checkpoints" / "last.pt"
+    with tempfile.TemporaryDirectory() as tmp:
+        if not ckpt.is_file():
+            try:
+                ckpt = Path(client.download_artifacts(best["run_id"], "checkpoints/last.pt", tmp))
+            except Exception as err:  # no artifact logged, or an artifact store out of reach
+                report.skipped.append(f"Fig. 5 for {name}: no checkpoint of run {label} ({type(err).__name__})")
+                return
+        fig = plot_checkpoint_weights(ckpt, None, out / f"fig5_{name}.png")
+    report.files.append(fig)
+    report.index.append((fig.name, (
+        f"Fig. 5 style maps of the best {name} run ({label}, AP {100 * best['metrics.AP']:.1f}): cls score, "
+        "IoU, DW pos weight and neg weight over the anchors of the val image with the most objects, per level."
+    )))
 
 
 def render_index(report: Report, experiments: list[str] | None) -> str:
