@@ -104,6 +104,10 @@ class DWAssignerConfig(Strict):
     pneg_bag_minmax: bool | None = None  # min-max normalise P_neg within each bag (official)
     pos_scale: float | None = None  # scale of both pos terms (paper 1.0, official 0.25)
     pneg_low: float = 0.5  # IoU below which P_neg = 1
+    # L_neg divided by the in-bag sum of (1 - P_neg) (released code; METHOD.md), or by the number
+    # of GTs like the pos terms. The first stays near its clamp of 1 while IoUs are below 0.5,
+    # which makes early training from scratch swing (see tests/test_train_dw.py).
+    neg_norm: Literal["pneg", "num_gts"] = "pneg"
 
     @model_validator(mode="after")
     def _fill_variant(self) -> DWAssignerConfig:

@@ -393,3 +393,15 @@ def test_weight_maps_and_plots(tmp_path):
     assert list(per_level) == ["P3", "P4"] and per_level["P4"]["neg"].shape == (4, 4)
     for path in (plot_pneg(tmp_path / "pneg.png"), plot_weight_maps(per_level, tmp_path / "maps.png")):
         assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_neg_norm_num_gts_divides_the_neg_term_by_the_gt_count():
+    torch.manual_seed(0)
+    anchors = Anchors.grid([(4, 4), (2, 2)], [8, 16], 0.5, torch.device("cpu"))
+    a = len(anchors)
+    outputs = HeadOutputs(torch.randn(1, a, 3), torch.randn(1, a), torch.rand(1, a, 4) * 12 + 2, anchors)
+    targets = [Target(torch.tensor([[2.0, 2, 20, 22], [10, 6, 30, 30]]), torch.tensor([0, 2]))]
+    pneg, by_gts = DWAssigner(3), DWAssigner(3, neg_norm="num_gts")
+    sums = pneg.loss_sums(outputs, targets)
+    assert torch.allclose(by_gts(outputs, targets)["loss_neg"], sums.neg / 2.0)
+    assert torch.allclose(pneg(outputs, targets)["loss_neg"], sums.neg / sums.neg_norm.clamp(min=1.0))

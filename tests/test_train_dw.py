@@ -1,6 +1,7 @@
 """DW on the whole detector: trains (also on images without GTs), plots its weight maps."""
 
 import json
+import math
 import shutil
 
 from PIL import Image
@@ -14,12 +15,17 @@ from tests.conftest import tiny_config
 runner = CliRunner()
 
 
-def test_dw_with_box_refinement_trains_and_loss_falls(tmp_path, synth_root):
+def test_dw_with_box_refinement_trains_and_pos_terms_fall(tmp_path, synth_root):
+    """The positive terms (cls and GIoU) fall. The total is not monotone from random init: the
+    neg term is divided by the in-bag sum of (1 - P_neg) (METHOD.md), which stays near its
+    clamp of 1 while predicted IoUs are below 0.5, so it swings with the scores."""
     raw = tiny_config(synth_root, assigner={"name": "dw"}, model={"box_refine": True},
                       train={"epochs": 4, "grad_clip": 10.0})
-    losses = []
-    result = run_training(validate(raw, "t"), tmp_path / "run", on_epoch_end=lambda r: losses.append(r.metrics["loss"]))
-    assert losses[-1] < losses[0], losses
+    history = []
+    result = run_training(validate(raw, "t"), tmp_path / "run", on_epoch_end=lambda r: history.append(r.metrics))
+    for key in ("loss_cls_pos", "loss_reg"):
+        assert history[-1][key] < history[0][key], [h[key] for h in history]
+    assert all(math.isfinite(h["loss"]) for h in history)
     assert set(result.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
 
 

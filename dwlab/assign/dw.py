@@ -290,6 +290,7 @@ class DWAssigner:
         pneg_bag_minmax: bool | None = None,
         pos_scale: float | None = None,
         pneg_low: float = 0.5,
+        neg_norm: str = "pneg",
     ) -> None:
         if variant not in ("paper", "official"):
             raise ValueError(f"unknown variant {variant!r} (expected 'paper' or 'official')")
@@ -297,6 +298,8 @@ class DWAssigner:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         if neg_variant not in NEG_VARIANTS:
             raise ValueError(f"unknown neg_variant {neg_variant!r} (expected one of {NEG_VARIANTS})")
+        if neg_norm not in ("pneg", "num_gts"):
+            raise ValueError(f"unknown neg_norm {neg_norm!r} (expected 'pneg' or 'num_gts')")
         if bag not in BAG_KINDS:
             raise ValueError(f"unknown bag {bag!r} (expected one of {BAG_KINDS})")
         if bag_radius <= 0 or bag_topk < 1 or prior_sigma <= 0:
@@ -315,7 +318,7 @@ class DWAssigner:
             raise ValueError(f"need 0 <= pneg_low < pneg_high, got {pneg_low} and {self.pneg_high}")
         self.num_classes, self.variant = num_classes, variant
         self.beta, self.mu, self.gamma1, self.gamma2 = beta, mu, gamma1, gamma2
-        self.neg_variant, self.pneg_low = neg_variant, pneg_low
+        self.neg_variant, self.pneg_low, self.neg_norm = neg_variant, pneg_low, neg_norm
         self.bag, self.bag_radius, self.bag_topk, self.prior_sigma = bag, bag_radius, bag_topk, prior_sigma
 
     @classmethod
@@ -419,11 +422,12 @@ class DWAssigner:
 
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         """Loss terms of a batch (Eq. 11-12): pos terms over the number of GTs, the neg term over
-        the in-bag sum of (1 - P_neg); both normalisers DDP-averaged and clamped to >= 1."""
+        the in-bag sum of (1 - P_neg) (``neg_norm="pneg"``, the released code) or over the number
+        of GTs (``"num_gts"``); both normalisers DDP-averaged and clamped to >= 1."""
         sums = self.loss_sums(outputs, targets)
         device = outputs.cls_logits.device
         n_pos = normaliser(sums.num_gts, device)
-        n_neg = normaliser(sums.neg_norm.detach(), device)
+        n_neg = normaliser(sums.neg_norm.detach(), device) if self.neg_norm == "pneg" else n_pos
         return {
             "loss_cls_pos": self.pos_scale * sums.cls_pos / n_pos,
             "loss_reg": self.pos_scale * self.beta * sums.reg / n_pos,  # Eq. 11: beta * GIoU loss
