@@ -27,12 +27,16 @@ def boxes_to_distances(points: Tensor, boxes: Tensor) -> Tensor:
 
 
 def aligned_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
-    """IoU of ``a[i]`` with ``b[i]``: xyxy ``Tensor[N, 4]`` twice -> ``Tensor[N]``."""
-    lt = torch.maximum(a[:, :2], b[:, :2])
-    rb = torch.minimum(a[:, 2:], b[:, 2:])
+    """IoU of ``a[i]`` with ``b[i]``: xyxy ``Tensor[N, 4]`` twice -> ``Tensor[N]``.
+
+    Leading dimensions broadcast: ``aligned_iou(p[:, :, None], g[:, None])`` with ``p``
+    ``Tensor[B, N, 4]`` and ``g`` ``Tensor[B, M, 4]`` is the batched pairwise ``Tensor[B, N, M]``.
+    """
+    lt = torch.maximum(a[..., :2], b[..., :2])
+    rb = torch.minimum(a[..., 2:], b[..., 2:])
     inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[:, 2:] - a[:, :2]).clamp(min=0).prod(-1)
-    area_b = (b[:, 2:] - b[:, :2]).clamp(min=0).prod(-1)
+    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
+    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
     return inter / (area_a + area_b - inter + eps)
 
 

@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 
 from dwlab.assign.bags import candidate_prior
-from dwlab.assign.common import broadcast_iou, check_outputs, focus_maps, level_maps
+from dwlab.assign.common import check_outputs, focus_maps, level_maps
 from dwlab.assign.dw import log1m_joint_score, log_joint_score
 from dwlab.assign.fcos import pad_targets
-from dwlab.box_ops import aligned_giou, distances_to_boxes
+from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import AutoAssignAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
@@ -132,7 +132,7 @@ class AutoAssignAssigner:
             w_pos = numer / _per_gt(numer, gt, num_gts, "sum")[gt].clamp(min=EPS)
             # negative weight: best IoU of the anchor's box with any GT of its image
             padded, _, valid = pad_targets(targets, device)
-            ious = broadcast_iou(pred.detach()[:, None], padded[image])  # [P, G_max]
+            ious = aligned_iou(pred.detach()[:, None], padded[image])  # [P, G_max]
             iou_max = torch.where(valid[image], ious, torch.zeros_like(ious)).amax(-1) if ious.numel() else score * 0
             inv = 1.0 / (1.0 - iou_max).clamp(min=EPS)
             lo, hi = _per_gt(inv, gt, num_gts, "amin")[gt], _per_gt(inv, gt, num_gts, "amax")[gt]
@@ -141,7 +141,7 @@ class AutoAssignAssigner:
             entry_w_neg = torch.full((entry.shape[0],), float("inf"), device=device).scatter_reduce(
                 0, inverse, w_neg, "amin"
             )
-            pair_iou = broadcast_iou(pred.detach(), gt_boxes[gt])
+            pair_iou = aligned_iou(pred.detach(), gt_boxes[gt])
         asg = AutoAssignment(
             image, anchor, gt, label, prior, score, pair_iou, iou_max, w_pos, w_neg,
             gt_image, gt_labels, entry, entry_w_neg,

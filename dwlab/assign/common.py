@@ -4,7 +4,6 @@ Notation as in ``dwlab.models.outputs``: B images, A anchor points, C classes, G
 (padded to the batch's largest, see ``fcos.pad_targets``). Boxes are xyxy pixels.
 
 - ``check_outputs``: the invariants every assigner asserts at entry.
-- ``broadcast_iou``: IoU of broadcast box tensors (pairwise ``[B, N, M]`` or per pair).
 - ``Positives`` / ``positives``: the pairs of a hard assignment (``matched`` ``Tensor[B, A]``,
   -1 = background), with the predicted boxes (gradient) and their IoU with the GT (no gradient).
 - ``reduce``: the ``reduction`` argument of the loss functions.
@@ -51,20 +50,6 @@ def reduce(loss: Tensor, reduction: str) -> Tensor:
     if reduction == "mean":
         return loss.mean() if loss.numel() else loss.sum()
     raise ValueError(f"unknown reduction {reduction!r} (expected one of {REDUCTIONS})")
-
-
-def broadcast_iou(a: Tensor, b: Tensor, eps: float = 1e-7) -> Tensor:
-    """IoU of xyxy ``Tensor[..., 4]`` boxes broadcast against each other -> ``Tensor[...]``.
-
-    ``broadcast_iou(p[:, :, None], g[:, None])`` with ``p`` ``Tensor[B, N, 4]`` and ``g``
-    ``Tensor[B, M, 4]`` gives the batched pairwise ``Tensor[B, N, M]``.
-    """
-    lt = torch.maximum(a[..., :2], b[..., :2])
-    rb = torch.minimum(a[..., 2:], b[..., 2:])
-    inter = (rb - lt).clamp(min=0).prod(-1)
-    area_a = (a[..., 2:] - a[..., :2]).clamp(min=0).prod(-1)
-    area_b = (b[..., 2:] - b[..., :2]).clamp(min=0).prod(-1)
-    return inter / (area_a + area_b - inter + eps)
 
 
 def points_inside(points: Tensor, boxes: Tensor, eps: float = INSIDE_EPS) -> Tensor:

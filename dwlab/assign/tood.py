@@ -29,7 +29,6 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss
 
 from dwlab.assign.common import (
-    broadcast_iou,
     check_outputs,
     class_target,
     focus_maps,
@@ -40,6 +39,7 @@ from dwlab.assign.common import (
 from dwlab.assign.fcos import pad_targets
 from dwlab.assign.gfl import QualityAssignment, quality_focal_loss
 from dwlab.assign.table1 import qfl_weights
+from dwlab.box_ops import aligned_iou
 from dwlab.config import TOODAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
@@ -87,7 +87,7 @@ def task_aligned_match(
             torch.zeros(b, 0, g, dtype=torch.long, device=device),
         )  # fmt: skip
     s = scores.float().gather(2, gt_labels[:, None, :].expand(b, a, g))  # [B, A, G]
-    u = broadcast_iou(pred_boxes.float()[:, :, None], gt_boxes[:, None])  # [B, A, G]
+    u = aligned_iou(pred_boxes.float()[:, :, None], gt_boxes[:, None])  # [B, A, G]
     t = s.pow(alpha) * u.pow(beta)  # the anchor alignment metric
     cand_t, cand = t.topk(min(topk, a), dim=1)  # [B, m, G]
     inside = points_inside(points[cand], gt_boxes[:, None])  # [B, m, G]
