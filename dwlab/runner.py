@@ -223,7 +223,7 @@ def run_training(
             if scaler is not None and "scaler" in saved:
                 scaler.load_state_dict(saved["scaler"])
             start_epoch, state.iteration = int(saved["epoch"]), int(saved["iteration"])
-            history = _read_history(out_dir / "metrics.jsonl", start_epoch)
+            history = _read_history(out_dir / "metrics.jsonl", start_epoch, rewrite=rank() == 0)
             torch.set_rng_state(saved["rng"])
     is_main = rank() == 0
     if is_main:
@@ -319,9 +319,9 @@ def _evaluate_on_main(model: FCOS, dataset: CocoDetection, cfg: Config, device: 
     return result[0]
 
 
-def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
-    """The per-epoch lines of ``metrics.jsonl`` up to ``up_to_epoch`` (rewrites the file
-    without later lines, which a killed run may have left)."""
+def _read_history(path: Path, up_to_epoch: int, rewrite: bool = True) -> list[dict]:
+    """The per-epoch lines of ``metrics.jsonl`` up to ``up_to_epoch``; with ``rewrite`` (rank 0
+    only: one writer) the file is rewritten without later lines, which a killed run may have left."""
     if not path.exists():
         return []
     rows = []
@@ -332,7 +332,8 @@ def _read_history(path: Path, up_to_epoch: int) -> list[dict]:
             continue
         if row.get("epoch", 0) <= up_to_epoch:
             rows.append(row)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if rewrite:
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
 
