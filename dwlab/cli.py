@@ -205,6 +205,31 @@ def report(
 # ----------------------------------------------------------------------------- end of report
 
 
+@app.command()
+@user_errors
+def bench(
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    scale: Annotated[str, typer.Option(help="Preset of the training-step, eval and data parts: smoke or paper.")] = "smoke",
+    out: Annotated[Path, typer.Option(help="Markdown report to write.")] = Path("reports/bench.md"),
+    parts: Annotated[str, typer.Option(help="Comma-separated parts: train, loss, eval, data, sweep.")] = "train,loss,eval,data,sweep",
+    reps: Annotated[int, typer.Option(min=1, help="Measured repetitions per figure (the median is reported).")] = 10,
+    warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions first.")] = 3,
+    threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")] = None,
+    set_: SetOption = None,
+) -> None:
+    """Speed and memory side by side: training step vs torchvision's FCOS, DW loss vs a per-GT
+    loop and the FCOS loss, evaluation, data loading, sweep concurrency."""
+    from dwlab.bench.run import BenchOptions, run_bench, write_report
+
+    opts = BenchOptions(
+        device=device, scale=scale, parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
+        reps=reps, warmup=warmup, threads=threads, set_=set_ or [], command="dwlab " + " ".join(sys.argv[1:]),
+    )  # fmt: skip
+    text = run_bench(opts, echo=typer.echo)
+    write_report(text, out)
+    typer.echo(f"wrote {out}")
+
+
 @plot_app.command("pneg")
 @user_errors
 def plot_pneg_cmd(

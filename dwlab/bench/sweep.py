@@ -1,0 +1,75 @@
+"""Sweep concurrency: the same tiny trials run one after another and K at a time through
+``dwlab.sweep`` (a local Ray, a throw-away MLflow store), and the fixed cost of a trial."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from dwlab.config import load_config
+
+TRIAL_SET = {"train.epochs": 1, "data.synth.n_train": 160, "data.synth.n_val": 16, "train.progress": False}
+
+
+@contextlib.contextmanager
+def _tracking_store(uri: str):
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+def _sweep_wall(root: Path, trials: int, max_concurrent: int, trial_set: dict) -> float:
+    """Seconds of ``run_sweep`` (Ray start included) for ``trials`` seeds of one smoke point."""
+    from rich.console import Console
+
+    from dwlab.sweep.spec import load_plan
+    from dwlab.sweep.tune_run import run_sweep
+
+    name = f"bench-k{max_concurrent}"
+    spec = root / f"{name}.yaml"
+    spec.write_text(yaml.safe_dump({"name": name, "base": "smoke", "seeds": trials, "set": trial_set,
+                                    "points": [{"id": "dw"}], "resources": {"smoke": {"cpus_per_trial": 1}}}))  # fmt: skip
+    plan = load_plan(spec, runs_dir=root / "runs")
+    with _tracking_store(f"sqlite:///{root / f'{name}.db'}"):
+        start = time.perf_counter()
+        outcome = run_sweep(plan, console=Console(file=io.StringIO()), max_concurrent=max_concurrent)
+        wall = time.perf_counter() - start
+    if not outcome.ok or len(outcome.finished) != trials:
+        raise RuntimeError(f"benchmark sweep {name} did not finish: {outcome}")
+    return wall
+
+
+def _single_trial_s(root: Path, trial_set: dict) -> float:
+    """Seconds of one such trial as a plain ``run_training`` in this process."""
+    from dwlab.runner import run_training
+
+    cfg = load_config("smoke", [f"{k}={v}" for k, v in trial_set.items()])
+    start = time.perf_counter()
+    run_training(cfg, root / "single")
+    return time.perf_counter() - start
+
+
+def bench_sweep(trials: int, concurrent: int, trial_set: dict = TRIAL_SET) -> dict[str, float]:
+    """Walls of the sequential and the concurrent sweep, their ratio and the overhead per trial."""
+    with tempfile.TemporaryDirectory(prefix="dwlab-bench-sweep-") as tmp:
+        root = Path(tmp)
+        single = _single_trial_s(root, trial_set)
+        sequential = _sweep_wall(root, trials, 1, trial_set)
+        parallel = _sweep_wall(root, trials, concurrent, trial_set)
+    return {
+        "trials": trials, "concurrent": concurrent, "single_s": single, "sequential_s": sequential,
+        "concurrent_s": parallel, "speedup": sequential / parallel,
+        "overhead_per_trial_s": sequential / trials - single,
+    }  # fmt: skip

@@ -1,0 +1,100 @@
+"""Training step (forward + loss + backward + optimizer step) of dwlab's FCOS with DW, with DW +
+box refinement and with the FCOS assigner, against ``torchvision.models.detection.FCOS`` built
+from the same backbone, FPN width, head depth and GroupNorm groups, on the same images."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models.detection import FCOS as TorchvisionFCOS
+from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
+
+from dwlab.assign import build_assigner
+from dwlab.config import Config
+from dwlab.data.target import Target
+from dwlab.data.transforms import normalize
+from dwlab.engine import param_groups
+from dwlab.models.backbone import build_backbone
+from dwlab.models.detector import build_model
+
+GTS_PER_IMAGE = 7  # COCO train2017 has about 7.3 per image
+CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", "torchvision FCOS")
+
+
+def synthetic_images(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[Target]]:
+    """``train.batch_size`` random images of ``min_size x max_size`` (uint8 range scaled to [0, 1])
+    ``Tensor[B, 3, H, W]`` and ``GTS_PER_IMAGE`` random boxes each."""
+    gen = torch.Generator().manual_seed(seed)
+    b, h, w = cfg.train.batch_size, cfg.data.min_size, cfg.data.max_size
+    images = torch.rand(b, 3, h, w, generator=gen)
+    targets = []
+    for _ in range(b):
+        side = torch.rand(GTS_PER_IMAGE, 2, generator=gen) * 0.4 * min(h, w) + 8
+        corner = torch.rand(GTS_PER_IMAGE, 2, generator=gen) * (torch.tensor([w, h]) - side)
+        boxes = torch.cat([corner, corner + side], 1)
+        targets.append(Target(boxes, torch.randint(num_classes, (GTS_PER_IMAGE,), generator=gen)))
+    return images, targets
+
+
+def _pad(images: torch.Tensor, divisor: int) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    ph, pw = -h % divisor, -w % divisor
+    return nn.functional.pad(images, (0, pw, 0, ph))
+
+
+def torchvision_fcos(cfg: Config, num_classes: int) -> TorchvisionFCOS:
+    """torchvision's FCOS on dwlab's backbone + FPN, with dwlab's head depth and GN groups."""
+    m = cfg.model
+    backbone = build_backbone(
+        m.backbone, pretrained=False, norm=m.norm, frozen_stages=m.frozen_stages, fpn_channels=m.fpn_channels
+    )
+    norm = functools.partial(nn.GroupNorm, m.head_norm_groups)
+    head = FCOSHead(m.fpn_channels, 1, num_classes, num_convs=m.head_convs)
+    head.classification_head = FCOSClassificationHead(
+        m.fpn_channels, 1, num_classes, m.head_convs, m.prior_prob, norm_layer=norm
+    )
+    head.regression_head = FCOSRegressionHead(m.fpn_channels, 1, m.head_convs, norm_layer=norm)
+    return TorchvisionFCOS(
+        backbone, num_classes, min_size=cfg.data.min_size, max_size=cfg.data.max_size, head=head,
+        center_sampling_radius=cfg.assigner.fcos.center_radius,
+    )  # fmt: skip
+
+
+def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, Callable[[], None]]:
+    """``{candidate: () -> None}``, one optimizer step each on the same batch. SGD for all
+    (the paper's optimizer); AMP on CUDA when ``train.amp``."""
+    images, targets = synthetic_images(cfg, num_classes)
+    dwlab_images = _pad(normalize(images * 255), cfg.data.size_divisor).to(device)
+    dwlab_targets = [t.to(device) for t in targets]
+    tv_images = [img.to(device) for img in images]
+    tv_targets = [{"boxes": t.boxes.to(device), "labels": t.labels.to(device)} for t in targets]
+    use_amp = cfg.train.amp and device.type == "cuda"
+
+    def make(model: nn.Module, loss_fn: Callable[[], dict]) -> Callable[[], None]:
+        optimizer = torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
+
+        def step() -> None:
+            with torch.autocast(device.type, enabled=use_amp):
+                losses = loss_fn()
+            optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()
+            optimizer.step()
+
+        return step
+
+    fns = {}
+    for name, refine, assigner_name in (
+        ("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos"),
+    ):  # fmt: skip
+        torch.manual_seed(0)
+        model = build_model(cfg.model.model_copy(update={"pretrained": False, "box_refine": refine}), num_classes)
+        model = model.to(device).train()
+        assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
+        fns[name] = make(model, lambda model=model, assigner=assigner: assigner(model(dwlab_images), dwlab_targets))
+    torch.manual_seed(0)
+    tv = torchvision_fcos(cfg, num_classes).to(device).train()
+    fns["torchvision FCOS"] = make(tv, lambda: tv(tv_images, tv_targets))
+    return fns

@@ -1,0 +1,106 @@
+"""dwlab bench: the loop reference agrees with the DW assigner, the memory probe sees memory,
+the report has every part and target, the sweep part runs, bad options are one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from dwlab.assign.dw import DWAssigner
+from dwlab.bench.loss import LossCase, check_agreement, loss_fns, synthetic_batch
+from dwlab.bench.measure import in_fresh_process, interleaved_medians, peak_extra_bytes
+from dwlab.bench.reference import dw_loss_per_gt_loop
+from dwlab.bench.run import BenchOptions, run_bench
+from dwlab.cli import app
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("num_gts", [0, 1, 7, 40])
+def test_loop_reference_matches_dw_terms_and_gradients(num_gts):
+    case = LossCase(num_gts, height=192, width=256, num_classes=5, seed=num_gts)
+    assert check_agreement(case, CPU, rtol=1e-5) <= 1e-5
+    outputs, targets = synthetic_batch(case, CPU)
+    dw = DWAssigner(case.num_classes)
+    grads = []
+    for fn in (lambda: dw(outputs, targets), lambda: dw_loss_per_gt_loop(outputs, targets, dw)):
+        sum(fn().values()).backward()
+        grads.append([torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in (outputs.cls_logits, outputs.centerness, outputs.distances)])
+        for t in (outputs.cls_logits, outputs.centerness, outputs.distances):
+            t.grad = None
+    for ours, ref in zip(*grads):
+        torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-7)
+
+
+def test_loop_reference_refuses_other_variants():
+    outputs, targets = synthetic_batch(LossCase(3, 128, 128, 5), CPU)
+    with pytest.raises(ValueError, match="paper variant"):
+        dw_loss_per_gt_loop(outputs, targets, DWAssigner(5, variant="official"))
+
+
+def test_loss_fns_run_forward_and_backward_and_leave_no_grad():
+    fns = loss_fns(LossCase(4, 128, 160, 5), CPU)
+    assert set(fns) == {"dw", "loop", "fcos"}
+    times = interleaved_medians(fns, reps=2, warmup=1, device=CPU)
+    assert all(t > 0 for t in times.values())
+
+
+def _allocate_64mib() -> None:
+    x = torch.ones(16 * 2**20)  # 64 MiB of float32, touched
+    assert float(x[-1]) == 1.0
+
+
+def _peak_of_allocation() -> int:
+    return peak_extra_bytes(_allocate_64mib, CPU)
+
+
+def test_peak_memory_sees_a_64_mib_tensor_in_a_fresh_process():
+    peak = in_fresh_process(_peak_of_allocation)
+    assert 60 * 2**20 <= peak <= 120 * 2**20
+
+
+def test_report_has_every_part_and_target(tmp_path):
+    opts = BenchOptions(
+        parts=("train", "loss", "eval", "data"), reps=1, warmup=0, gt_counts=(2, 6), loss_image=(128, 192),
+        eval_images=6, load_batches=1, threads=2, set_=["train.batch_size=2", "model.fpn_channels=32",
+                                                        "model.head_norm_groups=8", "model.head_convs=1"],
+    )  # fmt: skip
+    sections = []
+    text = run_bench(opts, echo=sections.append)
+    assert len(sections) == 4
+    for heading in ("## Targets", "## Training step", "## DW weights + loss alone", "## Evaluation of a 6-image",
+                    "## Data loading", "torchvision FCOS", "| cores |"):  # fmt: skip
+        assert heading in text
+    for target in ("DW / FCOS assigner <= 1.05", "dwlab DW / torchvision FCOS <= 1.0", "never slower than the per-GT loop",
+                   "<= 1.5x the FCOS loss", "peak memory <= 200 MB at 6 GTs", "data loading >= 3x"):  # fmt: skip
+        assert target in text
+    assert "Sweep concurrency" not in text
+
+
+def test_sweep_part_runs_both_ways_on_a_local_ray(tmp_path):
+    from dwlab.bench.sweep import bench_sweep
+
+    tiny = {"train.epochs": 1, "data.synth.n_train": 8, "data.synth.n_val": 4, "train.progress": False,
+            "train.max_iters_per_epoch": 1, "train.batch_size": 4, "model.fpn_channels": 32,
+            "model.head_norm_groups": 8, "model.head_convs": 1}  # fmt: skip
+    s = bench_sweep(2, 2, tiny)
+    assert s["trials"] == 2 and s["sequential_s"] > 0 and s["concurrent_s"] > 0
+    assert s["speedup"] == pytest.approx(s["sequential_s"] / s["concurrent_s"])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--parts", "train,nope"], "unknown part 'nope'"),
+        (["--device", "tpu"], "expected cpu or cuda, got 'tpu'"),
+        (["--scale", "huge"], "expected smoke or paper, got 'huge'"),
+    ],
+)
+def test_bad_options_are_one_line_exit_2(tmp_path, args, message):
+    out = tmp_path / "bench.md"
+    res = CliRunner().invoke(app, ["bench", "--out", str(out), *args])
+    assert res.exit_code == 2
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], res.output
+    assert not out.exists()
