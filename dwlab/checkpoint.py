@@ -1,9 +1,16 @@
 """Atomic checkpoints: write a temp file, then rename. ``last.pt`` is the newest, ``prev.pt``
-the one before; a corrupt or half-written ``last.pt`` falls back to ``prev.pt``."""
+the one before; a corrupt or half-written ``last.pt`` falls back to ``prev.pt``.
+
+Loading is ``torch.load(weights_only=True)``: a file holding other Python objects than tensors
+and plain containers is refused (unpickling it could run code), in one line naming the file.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +29,14 @@ def save_atomic(state: dict[str, Any], directory: Path) -> Path:
     """
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / f".{LAST}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:  # a failed write (disk full, interrupt) leaves the old files alone
+        tmp.unlink(missing_ok=True)
+        raise
     last = directory / LAST
     if last.exists():
         os.replace(last, directory / PREV)
@@ -36,10 +47,20 @@ def save_atomic(state: dict[str, Any], directory: Path) -> Path:
 def load(path: Path) -> dict[str, Any]:
     """Load one checkpoint file (``weights_only=True``: tensors and plain containers only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the weights-only unpickler warns about old pickle protocols
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise DwlabError(f"{path}: checkpoint not found") from None
-    except Exception as err:  # a truncated zip, a pickle with code in it, not a checkpoint at all
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:  # the file is intact, but unpickling it would call or build ``found``
+            raise DwlabError(
+                f"{path}: refused: it holds a Python object ({found.group(1)}) other than tensors and "
+                "plain containers (loading it could run code; weights_only=True)"
+            ) from None
+        raise DwlabError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__})") from None
+    except Exception as err:  # a truncated zip, not a checkpoint at all
         raise DwlabError(f"{path}: corrupt or unreadable checkpoint ({type(err).__name__})") from None
 
 

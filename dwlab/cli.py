@@ -14,6 +14,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 import typer
 
 from dwlab.errors import DwlabError, NonFiniteLoss
+from dwlab.sweep.tracking import UI_HOST
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedded default.")
@@ -157,16 +158,16 @@ def sweep(
 @user_errors
 def ui(
     port: Annotated[int, typer.Option(help="Port of the MLflow UI.")] = 5000,
-    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind (127.0.0.1: this machine only).")] = UI_HOST,
 ) -> None:
     """Start the MLflow UI on the default store (./mlruns, or $MLFLOW_TRACKING_URI)."""
     import os
 
-    from dwlab.sweep.tracking import prepare_store, tracking_uri
+    from dwlab.sweep.tracking import prepare_store, tracking_uri, ui_args
 
     uri = tracking_uri()
     prepare_store(uri)
-    args = ["ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    args = ui_args(uri, host=host, port=port)
     typer.echo("mlflow " + " ".join(args))
     sys.stdout.flush()
     # replace this process, so that signals (Ctrl-C, SIGTERM) reach the server directly

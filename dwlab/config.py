@@ -255,18 +255,45 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         raise DwlabError(_format_validation_error(err, source)) from None
 
 
-def read_yaml(path: Path) -> Any:
-    """``yaml.safe_load`` of a file, with one-line errors for a missing or malformed file."""
-    try:
-        text = path.read_text()
-    except OSError as err:
-        raise DwlabError(f"{path}: cannot read ({err.strerror or err})") from None
+class YamlProblem(ValueError):
+    """Text that ``yaml.safe_load`` refuses; the message is one line (where and why)."""
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load(text)`` (never ``yaml.load``: a ``!!python/...`` tag is refused, not
+    run); whatever it refuses becomes a one-line ``YamlProblem``.
+
+    Besides ``yaml.YAMLError`` (some with multi-line messages), PyYAML's safe constructors raise
+    ValueError, KeyError or AttributeError on bad tagged scalars (``!!int x``, ``!!bool x``,
+    ``!!timestamp x``), and deep nesting raises RecursionError.
+    """
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise DwlabError(f"{path}:{where} not valid YAML ({getattr(err, 'problem', err)})") from None
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        reason = getattr(err, "problem", None) or str(err)
+        raise YamlProblem(where + _first_line(reason)) from None
+    except Exception as err:  # see the docstring
+        raise YamlProblem(f"bad value ({type(err).__name__}: {_first_line(str(err))})") from None
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
+
+
+def read_yaml(path: Path) -> Any:
+    """``yaml.safe_load`` of a file, with one-line errors for a missing or malformed file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DwlabError(f"{path}: cannot read ({err.strerror or err})") from None
+    except UnicodeDecodeError as err:
+        raise DwlabError(f"{path}: not valid YAML (not UTF-8 text: {err.reason} at byte {err.start})") from None
+    try:
+        return parse_yaml(text)
+    except YamlProblem as err:
+        raise DwlabError(f"{path}: not valid YAML ({err})") from None
 
 
 def resolve_path(name_or_path: str) -> Path:
@@ -287,9 +314,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise DwlabError(f"override '{item}': expected dotted.key=value")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
-    except yaml.YAMLError:
-        value = text
+        value = parse_yaml(text) if text.strip() else None
+    except YamlProblem:
+        value = text  # validation then reports it as a string where it does not fit
     return key.strip().split("."), value
 
 

@@ -44,3 +44,22 @@ def mean_over_workers(metrics: dict[str, float], device: torch.device) -> dict[s
     dist.all_reduce(values)
     values = (values / dist.get_world_size()).cpu()
     return {**metrics, **{k: float(v) for k, v in zip(keys, values)}}
+
+
+def all_workers(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on every worker (a collective: every rank must call it); the
+    flag itself alone."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor(int(flag), device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def sum_over_workers(value: float, device: torch.device) -> float:
+    """Sum of a number over workers (a count); the number itself alone."""
+    if not is_distributed():
+        return float(value)
+    total = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item())

@@ -1,4 +1,9 @@
-"""The two loops: ``train_one_epoch`` and ``predict``. They see tensors and callables only."""
+"""The two loops: ``train_one_epoch`` and ``predict``. They see tensors and callables only.
+
+Both take batches from ``data.coco.collate``: an image that could not be read is not in the
+batch but in its ``skipped`` list; the loops count those (and collect them in ``skipped``
+when given) and step over a batch left without any image.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from dwlab.assign.base import LabelAssigner
+from dwlab.distributed import all_workers
 from dwlab.errors import NonFiniteLoss
 from dwlab.models.postprocess import Detections, postprocess
 
@@ -48,18 +54,28 @@ def train_one_epoch(
     max_iters: int | None = None,
     nan_at_iter: int | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    skipped: list | None = None,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns the mean of each loss term (unweighted by anything
-    but the assigner's own weights), ``loss`` their sum, ``lr`` at the end, ``iters_per_s``
-    and ``images``."""
+    but the assigner's own weights), ``loss`` their sum, ``lr`` at the end, ``iters_per_s``,
+    ``images`` (trained on) and ``skipped_images`` (unreadable, left out; each one appended
+    to ``skipped`` when given). A batch without a readable image takes no step; under
+    data parallelism no worker steps then (each worker must take the same steps)."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
-    count = images_seen = 0
+    count = images_seen = n_skipped = 0
     start = time.perf_counter()
     use_amp = scaler is not None
-    for images, _sizes, targets in loader:
+    for batch in loader:
         if max_iters is not None and count >= max_iters:
             break
+        images, _sizes, targets = batch
+        dropped = getattr(batch, "skipped", ())
+        n_skipped += len(dropped)
+        if skipped is not None:
+            skipped.extend(dropped)
+        if not all_workers(len(targets) > 0, device):
+            continue
         lr = lr_fn(state.iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -98,20 +114,33 @@ def train_one_epoch(
             on_step({**step_losses, "lr": lr})
     elapsed = time.perf_counter() - start
     means = {k: v / max(count, 1) for k, v in sums.items()}
-    means.update(lr=optimizer.param_groups[0]["lr"], iters_per_s=count / max(elapsed, 1e-9), images=images_seen)
+    means.update(
+        lr=optimizer.param_groups[0]["lr"],
+        iters_per_s=count / max(elapsed, 1e-9),
+        images=images_seen,
+        skipped_images=n_skipped,
+    )
     if not math.isfinite(means.get("loss", 0.0)):
         raise NonFiniteLoss(f"non-finite mean loss after iteration {state.iteration}")
     return means
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, device: torch.device, **post_kwargs) -> tuple[list[Detections], list]:
+def predict(
+    model: nn.Module, loader: Iterable, device: torch.device, *, skipped: list | None = None, **post_kwargs
+) -> tuple[list[Detections], list]:
     """Run inference over ``loader``; returns per-image detections (input frame, on CPU) and
-    the matching targets (for image ids and resize scales)."""
+    the matching targets (for image ids and resize scales). Unreadable images have neither;
+    they are appended to ``skipped`` when given."""
     model.eval()
     detections: list[Detections] = []
     all_targets: list = []
-    for images, sizes, targets in loader:
+    for batch in loader:
+        images, sizes, targets = batch
+        if skipped is not None:
+            skipped.extend(getattr(batch, "skipped", ()))
+        if not targets:
+            continue
         outputs = model(images.to(device, non_blocking=True))
         for det in postprocess(outputs, sizes.to(device), **post_kwargs):
             detections.append(Detections(det.boxes.cpu(), det.scores.cpu(), det.labels.cpu()))

@@ -3,6 +3,11 @@
 A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per
 epoch), ``checkpoints/last.pt`` (+ ``prev.pt``) and ``eval.json`` (final COCO metrics).
 Under torch.distributed (e.g. a Ray Train worker) it trains data-parallel; rank 0 writes files.
+
+Images that cannot be decoded are skipped, not fatal (see ``data.coco``): each epoch's
+``skipped_images`` is in ``metrics.jsonl`` and a ``warning:`` line on stderr names the files;
+evaluation leaves them out of the metrics and says so. An epoch in which no image at all could
+be read, or a train split without a box, is a ``DwlabError``.
 """
 
 from __future__ import annotations
@@ -22,8 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from dwlab import __version__, checkpoint
 from dwlab.assign import build_assigner
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
-from dwlab.data.coco import CocoDetection, collate
-from dwlab.distributed import is_distributed, mean_over_workers, rank, world_size
+from dwlab.data.coco import CocoDetection, SkippedImage, collate
+from dwlab.distributed import is_distributed, mean_over_workers, rank, sum_over_workers, world_size
 from dwlab.engine import StepState, lr_at, param_groups, predict, train_one_epoch
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.evaluation import coco_evaluate, to_coco_results
@@ -71,6 +76,18 @@ def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     if val.cat_ids != train.cat_ids:
         raise DwlabError(f"{val_ann}: categories differ from {train_ann}")
     return train, val
+
+
+def require_boxes(dataset: CocoDetection) -> None:
+    """A train split needs at least one box (an empty ``annotations`` list is fine for
+    evaluating, not for training)."""
+    n_anns = len(dataset.coco.dataset["annotations"])
+    if n_anns == 0:
+        raise DwlabError(f"{dataset.ann_file}: no annotations (the train split needs at least one box)")
+    if dataset.num_boxes == 0:
+        raise DwlabError(
+            f"{dataset.ann_file}: no box to train on (all {n_anns} annotations are crowd or skipped)"
+        )
 
 
 def num_classes_of(cfg: Config, dataset: CocoDetection) -> int:
@@ -125,19 +142,33 @@ def evaluate(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.dev
     """COCO bbox metrics of ``model`` on ``dataset``."""
     # its own generator: evaluating must not advance the global RNG that training draws from
     loader = _loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
+    skipped: list[SkippedImage] = []
     detections, targets = predict(
         model,
         loader,
         device,
+        skipped=skipped,
         score_thresh=cfg.eval.score_thresh,
         pre_nms_topk=cfg.eval.pre_nms_topk,
         nms_thresh=cfg.eval.nms_thresh,
         max_dets=cfg.eval.max_dets,
     )
-    results = to_coco_results(
-        detections, [t.image_id for t in targets], [t.scale for t in targets], dataset.cat_ids
-    )
-    return coco_evaluate(dataset.coco, results, dataset.image_ids)
+    image_ids = [t.image_id for t in targets]
+    if skipped and not targets:
+        raise DwlabError(f"evaluation on {dataset.ann_file}: no image could be read; {_skipped_line(skipped)}")
+    if skipped:
+        _warn(f"warning: evaluation on {dataset.ann_file}: {_skipped_line(skipped)}, left out of the metrics")
+    results = to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids)
+    return coco_evaluate(dataset.coco, results, image_ids if skipped else dataset.image_ids)
+
+
+def _skipped_line(skipped: list[SkippedImage], shown: int = 5) -> str:
+    """``"skipped 2 unreadable image(s): a.png, b.png (first: cannot decode image (...))"``"""
+    paths = [s.path for s in skipped[:shown]]
+    if len(skipped) > shown:
+        paths.append(f"... {len(skipped) - shown} more")
+    first = skipped[0].reason.removeprefix(f"{skipped[0].path}: ")
+    return f"skipped {len(skipped)} unreadable image(s): {', '.join(paths)} (first: {first})"
 
 
 def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = None) -> dict[str, float]:
@@ -197,6 +228,7 @@ def run_training(
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
     train_set, val_set = build_datasets(cfg)
+    require_boxes(train_set)
     num_classes = num_classes_of(cfg, train_set)
     device = pick_device(cfg.train.device)
     model = build_model(cfg.model, num_classes).to(device)
@@ -260,6 +292,7 @@ def run_training(
             rate = progress.tasks[0].speed or 0.0
             progress.update(task, advance=1, losses=shown, rate=rate)
 
+        skipped: list[SkippedImage] = []
         with progress:
             epoch_metrics = train_one_epoch(
                 net,
@@ -274,8 +307,11 @@ def run_training(
                 max_iters=cfg.train.max_iters_per_epoch,
                 nan_at_iter=cfg.train.inject_nan_at_iter,
                 on_step=on_step,
+                skipped=skipped,
             )
         epoch_metrics = mean_over_workers(epoch_metrics, device)
+        epoch_metrics["skipped_images"] = sum_over_workers(epoch_metrics["skipped_images"], device)
+        _report_skipped(epoch + 1, cfg.train.epochs, skipped, epoch_metrics)
         images_seen += int(epoch_metrics.pop("images")) * world_size()
         metrics = {**epoch_metrics, "images_seen": float(images_seen)}
         last = epoch + 1 == cfg.train.epochs
@@ -309,6 +345,21 @@ def run_training(
     if is_main and final:
         _write_json(out_dir / "eval.json", final)
     return RunResult(out_dir, final, max(start_epoch, cfg.train.epochs))
+
+
+def _report_skipped(epoch: int, epochs: int, skipped: list[SkippedImage], metrics: dict[str, float]) -> None:
+    """One warning line naming this worker's unreadable images of the epoch (``skipped``); a
+    ``DwlabError`` when no image could be read at all. ``metrics``: the epoch's, with this
+    worker's ``images`` and every worker's ``skipped_images`` (all workers step over the same
+    batches, so either all of them trained on something or none did)."""
+    if not metrics["skipped_images"]:
+        return
+    where = f" (rank {rank()})" if is_distributed() else ""
+    detail = _skipped_line(skipped) if skipped else "the unreadable images were on other workers"
+    if metrics["images"] == 0:
+        raise DwlabError(f"epoch {epoch}: no image could be read{where}; {detail}")
+    if skipped:
+        _warn(f"warning: epoch {epoch}/{epochs}{where}: {detail}, left out of training")
 
 
 def _evaluate_on_main(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:

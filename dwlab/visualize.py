@@ -16,7 +16,7 @@ from dwlab import checkpoint
 from dwlab.assign import build_assigner
 from dwlab.assign.dw import DWAssigner
 from dwlab.config import validate
-from dwlab.data.coco import collate
+from dwlab.data.coco import SkippedImage, collate
 from dwlab.errors import DwlabError
 from dwlab.models.detector import build_model
 from dwlab.plots import plot_weight_maps
@@ -73,7 +73,10 @@ def plot_checkpoint_weights(
     model.load_state_dict(state["model"])
     model.eval()
     index = find_image(val, image)
-    images, _sizes, targets = collate([val[index]], cfg.data.size_divisor)
+    item = val[index]
+    if isinstance(item, SkippedImage):
+        raise DwlabError(item.reason)
+    images, _sizes, targets = collate([item], cfg.data.size_divisor)
     outputs = model(images)
     name = val.coco.imgs[targets[0].image_id]["file_name"]
     title = f"{name}: {len(targets[0].labels)} GTs, {cfg.assigner.name} run, epoch {state.get('epoch')}"

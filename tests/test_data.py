@@ -3,7 +3,7 @@ from PIL import Image
 
 import pytest
 
-from dwlab.data.coco import CocoDetection, collate, load_coco
+from dwlab.data.coco import CocoDetection, SkippedImage, collate, load_coco
 from dwlab.data.transforms import hflip, resize_keep_ratio
 from dwlab.errors import DwlabError
 from tests.conftest import write_json
@@ -87,4 +87,13 @@ def test_unreadable_image_names_the_file(tmp_path):
     (img_dir / "a.png").write_bytes(b"\x89PNG truncated")
     ds = CocoDetection(ann, img_dir, min_size=40, max_size=60)
     with pytest.raises(DwlabError, match="a.png: cannot decode image"):
-        ds[0]
+        ds.read_image(1)
+    item = ds[0]  # mid-epoch: a documented skip that names the file, not an exception
+    assert isinstance(item, SkippedImage) and item.image_id == 1 and item.path == str(img_dir / "a.png")
+    assert item.reason.startswith(f"{img_dir / 'a.png'}: cannot decode image (") and "\n" not in item.reason
+    batch = collate([item, ds[1]])
+    images, sizes, targets = batch
+    assert images.shape[0] == 1 and sizes.shape == (1, 2) and [t.image_id for t in targets] == [2]
+    assert batch.skipped == (item,)
+    images, sizes, targets = empty = collate([item])  # every image of the batch unreadable
+    assert images.shape[0] == 0 and sizes.shape == (0, 2) and targets == [] and empty.skipped == (item,)

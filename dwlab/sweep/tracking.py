@@ -56,9 +56,17 @@ def prepare_store(uri: str) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
+UI_HOST = "127.0.0.1"  # the MLflow UI has no authentication: this machine only, unless asked
+
+
+def ui_args(uri: str, *, host: str = UI_HOST, port: int = 5000) -> list[str]:
+    """The arguments of ``mlflow`` that serve the store ``uri`` in a browser."""
+    return ["ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+
+
 def ui_command(uri: str | None = None) -> str:
     """The command that shows the store in a browser (bound to 127.0.0.1)."""
-    return f"mlflow ui --backend-store-uri {uri or tracking_uri()} --host 127.0.0.1"
+    return "mlflow " + " ".join(ui_args(uri or tracking_uri()))
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
