@@ -20,6 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
+from dwlab import checkpoint
 from dwlab.cli import app
 from dwlab.config import load_config
 from dwlab.sweep.spec import load_plan
@@ -218,6 +219,8 @@ def test_killed_driver_then_resume_finishes_each_trial_once(in_store, ray_addres
         assert sorted(set(logged)) == [1, 2, 3, 4]
         epochs = [json.loads(line)["epoch"] for line in (trial.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert epochs == [1, 2, 3, 4]  # each epoch trained once: resumed, not restarted
+        for name in ("last.pt", "prev.pt"):  # no checkpoint corrupted by the kill
+            assert checkpoint.load(trial.run_dir / "checkpoints" / name)["epoch"] == {"last.pt": 4, "prev.pt": 3}[name]
     statuses = [r.info.status for r in runs_of(in_store, "killed", None)]
     assert "RUNNING" not in statuses and "SCHEDULED" not in statuses
     assert len(runs_of(in_store, "killed", "sweep")) == 1  # the interrupted parent was reopened
