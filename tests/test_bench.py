@@ -85,7 +85,7 @@ def test_sweep_part_runs_both_ways_on_a_local_ray(tmp_path):
             "train.max_iters_per_epoch": 1, "train.batch_size": 4, "model.fpn_channels": 32,
             "model.head_norm_groups": 8, "model.head_convs": 1}  # fmt: skip
     s = bench_sweep(2, 2, tiny)
-    assert s["trials"] == 2 and s["sequential_s"] > 0 and s["concurrent_s"] > 0
+    assert s["trials"] == 2 and s["sequential_s"] > 0 and s["concurrent_s"] > 0 and s["ray_start_s"] > 0
     assert s["speedup"] == pytest.approx(s["sequential_s"] / s["concurrent_s"])
 
 

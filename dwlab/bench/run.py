@@ -22,7 +22,7 @@ class BenchOptions:
     device: str = "cpu"
     scale: str = "smoke"  # the preset the training step, eval and data parts use
     parts: tuple[str, ...] = PARTS
-    reps: int = 10
+    reps: int = 20
     warmup: int = 3
     gt_counts: tuple[int, ...] = (5, 20, 50, 100, 200)
     loss_image: tuple[int, int] = (800, 1333)  # ~22k anchors on P3-P7
@@ -65,6 +65,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cfg = load_config(opts.scale, opts.set_)
+    info = machine_info(device)  # before a part changes the thread count
     checks: list[Check] = []
     sections: list[str] = []
     step_s: dict[str, float] = {}
@@ -169,20 +170,20 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
         emit([
             "## Sweep concurrency", "",
             f"{s['trials']} trials of the smoke preset with {TRIAL_SET} (1 CPU and 1 thread each) "
-            "through `dwlab.sweep` on a local Ray with a throw-away MLflow sqlite store. Walls include "
-            "Ray's start. Overhead per trial: the sequential wall per trial minus the same training "
-            "as one plain `run_training` call.", "",
+            "through `dwlab.sweep` on a fresh local Ray each, with a throw-away MLflow sqlite store. "
+            "Sweep walls start once Ray is up (its start, once per sweep, is timed apart). Overhead "
+            "per trial: the sequential wall per trial minus the same training as one plain "
+            "`run_training` call.", "",
             *_table(["one run_training s", "sequential s", f"{s['concurrent']} at a time s", "speed-up",
-                     "overhead / trial s"],
+                     "overhead / trial s", "Ray start s"],
                     [[f"{s['single_s']:.1f}", f"{s['sequential_s']:.1f}", f"{s['concurrent_s']:.1f}",
-                      f"{s['speedup']:.2f}x", f"{s['overhead_per_trial_s']:.1f}"]]),
+                      f"{s['speedup']:.2f}x", f"{s['overhead_per_trial_s']:.1f}", f"{s['ray_start_s']:.1f}"]]),
         ])  # fmt: skip
         checks += [
             Check(f"{s['concurrent']} trials at once >= 1.7x sequential", f"{s['speedup']:.2f}x", s["speedup"] >= 1.7),
-            Check("overhead per trial < 5 s", f"{s['overhead_per_trial_s']:.1f} s", s["overhead_per_trial_s"] < 5.0),
+            Check("overhead per trial < 5 s (Ray start, once per sweep, apart)", f"{s['overhead_per_trial_s']:.1f} s", s["overhead_per_trial_s"] < 5.0),
         ]
 
-    info = machine_info(device)
     head = [
         f"# dwlab bench ({opts.scale} scale, {device.type})", "",
         f"`{opts.command}`, {datetime.date.today().isoformat()}. Each time is the median of {opts.reps} "

@@ -1,5 +1,6 @@
 """Sweep concurrency: the same tiny trials run one after another and K at a time through
-``dwlab.sweep`` (a local Ray, a throw-away MLflow store), and the fixed cost of a trial."""
+``dwlab.sweep`` (a local Ray, a throw-away MLflow store), the fixed cost of a trial, and Ray's
+start (once per sweep, timed apart)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 import yaml
 
 from dwlab.config import load_config
@@ -30,12 +32,14 @@ def _tracking_store(uri: str):
             os.environ["MLFLOW_TRACKING_URI"] = old
 
 
-def _sweep_wall(root: Path, trials: int, max_concurrent: int, trial_set: dict) -> float:
-    """Seconds of ``run_sweep`` (Ray start included) for ``trials`` seeds of one smoke point."""
+def _sweep_walls(root: Path, trials: int, max_concurrent: int, trial_set: dict) -> tuple[float, float]:
+    """Seconds to start a local Ray, and of ``run_sweep`` on it, for ``trials`` seeds of one
+    smoke point. A fresh Ray each time: no warm worker processes from an earlier sweep."""
+    import ray
     from rich.console import Console
 
     from dwlab.sweep.spec import load_plan
-    from dwlab.sweep.tune_run import run_sweep
+    from dwlab.sweep.tune_run import _init_ray, run_sweep
 
     name = f"bench-k{max_concurrent}"
     spec = root / f"{name}.yaml"
@@ -44,11 +48,17 @@ def _sweep_wall(root: Path, trials: int, max_concurrent: int, trial_set: dict) -
     plan = load_plan(spec, runs_dir=root / "runs")
     with _tracking_store(f"sqlite:///{root / f'{name}.db'}"):
         start = time.perf_counter()
-        outcome = run_sweep(plan, console=Console(file=io.StringIO()), max_concurrent=max_concurrent)
-        wall = time.perf_counter() - start
+        _init_ray(None)
+        ray_s = time.perf_counter() - start
+        try:
+            start = time.perf_counter()
+            outcome = run_sweep(plan, console=Console(file=io.StringIO()), max_concurrent=max_concurrent)
+            wall = time.perf_counter() - start
+        finally:
+            ray.shutdown()
     if not outcome.ok or len(outcome.finished) != trials:
         raise RuntimeError(f"benchmark sweep {name} did not finish: {outcome}")
-    return wall
+    return ray_s, wall
 
 
 def _single_trial_s(root: Path, trial_set: dict) -> float:
@@ -62,14 +72,19 @@ def _single_trial_s(root: Path, trial_set: dict) -> float:
 
 
 def bench_sweep(trials: int, concurrent: int, trial_set: dict = TRIAL_SET) -> dict[str, float]:
-    """Walls of the sequential and the concurrent sweep, their ratio and the overhead per trial."""
+    """Walls of the sequential and the concurrent sweep (Ray's start excluded, reported apart),
+    their ratio and the overhead per trial."""
+    threads = torch.get_num_threads()  # run_training sets the trial's own
     with tempfile.TemporaryDirectory(prefix="dwlab-bench-sweep-") as tmp:
         root = Path(tmp)
-        single = _single_trial_s(root, trial_set)
-        sequential = _sweep_wall(root, trials, 1, trial_set)
-        parallel = _sweep_wall(root, trials, concurrent, trial_set)
+        try:
+            single = _single_trial_s(root, trial_set)
+        finally:
+            torch.set_num_threads(threads)
+        ray_1, sequential = _sweep_walls(root, trials, 1, trial_set)
+        ray_k, parallel = _sweep_walls(root, trials, concurrent, trial_set)
     return {
         "trials": trials, "concurrent": concurrent, "single_s": single, "sequential_s": sequential,
-        "concurrent_s": parallel, "speedup": sequential / parallel,
+        "concurrent_s": parallel, "speedup": sequential / parallel, "ray_start_s": (ray_1 + ray_k) / 2,
         "overhead_per_trial_s": sequential / trials - single,
     }  # fmt: skip
