@@ -27,7 +27,7 @@ class BenchOptions:
     gt_counts: tuple[int, ...] = (5, 20, 50, 100, 200)
     loss_image: tuple[int, int] = (800, 1333)  # ~22k anchors on P3-P7
     eval_images: int = 500
-    load_batches: int = 20
+    load_batches: int = 60  # long enough that the prefetched batches do not flatter the loader
     sweep_trials: int = 4
     sweep_concurrent: int = 2
     threads: int | None = None  # torch threads (default: torch's own choice)
