@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from dwlab.bench.measure import interleaved_medians, machine_info
-from dwlab.config import load_config
+from dwlab.config import Config, load_config
 from dwlab.errors import DwlabError
 
 PARTS = ("train", "loss", "eval", "data", "sweep")
@@ -54,6 +54,120 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+Section = tuple[list[str], list[Check]]  # markdown lines of a part, its targets
+
+
+def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float]) -> Section:
+    from dwlab.bench.train_step import CANDIDATES, GTS_PER_IMAGE
+
+    base, m = step_s["dwlab DW"], cfg.model
+    rows = [[name, f"{step_s[name] * 1e3:.1f}", f"{step_s[name] / base:.2f}"] for name in CANDIDATES]
+    amp = ", AMP" if cfg.train.amp and device.type == "cuda" else ""
+    lines = [
+        "## Training step (forward + loss + backward + SGD step)", "",
+        f"{m.backbone}, FPN {m.fpn_channels}, {m.head_convs}-conv GN({m.head_norm_groups}) head, "
+        f"80 classes, batch {cfg.train.batch_size} of {cfg.data.min_size}x{cfg.data.max_size} random "
+        f"images, {GTS_PER_IMAGE} random GTs each{amp}. "
+        "torchvision's FCOS gets the same backbone + FPN and head depth; it normalises and "
+        "batches its images inside the step (its transform), dwlab's loader does that before.", "",
+        *_table(["model", "ms / step", "/ dwlab DW"], rows),
+    ]  # fmt: skip
+    r1, r2 = base / step_s["dwlab FCOS assigner"], base / step_s["torchvision FCOS"]
+    return lines, [
+        Check("train step DW / FCOS assigner <= 1.05", f"{r1:.2f}", r1 <= 1.05),
+        Check("train step dwlab DW / torchvision FCOS <= 1.0", f"{r2:.2f}", r2 <= 1.0),
+    ]
+
+
+def _loss_section(opts: BenchOptions, device: torch.device) -> Section:
+    from dwlab.bench.loss import bench_losses
+
+    h, w = opts.loss_image
+    rows = bench_losses(opts.gt_counts, height=h, width=w, device=device, reps=opts.reps, warmup=opts.warmup)
+    mem = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) in a fresh process"
+    lines = [
+        "## DW weights + loss alone (forward + backward on fixed head outputs)", "",
+        f"One {h}x{w} image ({rows[0]['anchors']} anchors on P3-P7), 80 classes, random GTs. "
+        "`loop`: a per-GT Python loop of the same equations (`dwlab/bench/reference.py`, the "
+        "released code's structure); its loss agrees with dwlab's to the relative difference "
+        f"shown. `fcos`: the FCOS assigner's loss on the same outputs. Peak memory: {mem}, "
+        "above what was allocated before the call.", "",
+        *_table(
+            ["GTs", "pairs", "agree", "dw ms", "loop ms", "fcos ms", "loop / dw", "dw / fcos",
+             "dw MiB", "loop MiB", "fcos MiB"],
+            [[str(r["gts"]), str(r["pairs"]), f"{r['agree']:.1e}", f"{r['dw_ms']:.1f}", f"{r['loop_ms']:.1f}",
+              f"{r['fcos_ms']:.1f}", f"{r['loop_ms'] / r['dw_ms']:.1f}x", f"{r['dw_ms'] / r['fcos_ms']:.2f}",
+              f"{r['dw_mib']:.0f}", f"{r['loop_mib']:.0f}", f"{r['fcos_mib']:.0f}"] for r in rows],
+        ),
+    ]  # fmt: skip
+    speedups = {r["gts"]: r["loop_ms"] / r["dw_ms"] for r in rows}
+    worst = min(speedups.values())
+    checks = [Check("DW loss never slower than the per-GT loop", f"min {worst:.1f}x", worst >= 1.0)]
+    at, need = (200, 2.0) if device.type == "cpu" else (50, 10.0)
+    if at in speedups:
+        checks.append(Check(f"DW loss >= {need:g}x the loop at {at} GTs ({device.type})",
+                            f"{speedups[at]:.1f}x", speedups[at] >= need))  # fmt: skip
+    ratio = max(r["dw_ms"] / r["fcos_ms"] for r in rows)
+    checks.append(Check("DW loss <= 1.5x the FCOS loss (all GT counts)", f"max {ratio:.2f}", ratio <= 1.5))
+    big = max(rows, key=lambda r: r["gts"])
+    peak_mb = big["dw_mib"] * 2**20 / 1e6
+    checks.append(Check(f"DW loss peak memory <= 200 MB at {big['gts']} GTs", f"{peak_mb:.0f} MB", peak_mb <= 200))
+    return lines, checks
+
+
+def _eval_section(cfg: Config, data_cfg: Config, val_set, device: torch.device) -> Section:
+    from dwlab.bench.pipeline import bench_eval
+
+    e = bench_eval(data_cfg, val_set, device)
+    total = e["infer_s"] + e["cocoeval_s"]
+    return [
+        f"## Evaluation of a {e['images']}-image val set", "",
+        f"Generated images of {cfg.data.min_size} px, random-init model with the score threshold at 0 "
+        f"so every image keeps {cfg.eval.max_dets} detections ({e['detections']} in all: "
+        f"COCOeval's worst case); eval batch {cfg.eval.batch_size}.", "",
+        *_table(["inference s", "COCOeval s", "total s", "images / s"],
+                [[f"{e['infer_s']:.1f}", f"{e['cocoeval_s']:.1f}", f"{total:.1f}", f"{e['images'] / total:.1f}"]]),
+    ], []  # fmt: skip
+
+
+def _data_section(cfg: Config, data_cfg: Config, train_set, batches: int, step_s: float) -> Section:
+    from dwlab.bench.pipeline import bench_loading
+
+    d = bench_loading(data_cfg, train_set, batches)
+    train_ips = cfg.train.batch_size / step_s
+    ratio = d["images_per_s"] / train_ips
+    return [
+        "## Data loading vs training throughput", "",
+        f"The training loader alone ({d['workers']} worker(s), PNG decode, resize, flip, collate) over "
+        f"{d['images']} generated images, against the dwlab DW training step above.", "",
+        *_table(["loader images / s", "training images / s", "ratio"],
+                [[f"{d['images_per_s']:.1f}", f"{train_ips:.1f}", f"{ratio:.1f}x"]]),
+    ], [Check("data loading >= 3x training throughput", f"{ratio:.1f}x", ratio >= 3.0)]  # fmt: skip
+
+
+def _sweep_section(opts: BenchOptions) -> Section:
+    from dwlab.bench.sweep import TRIAL_SET, bench_sweep
+
+    s = bench_sweep(opts.sweep_trials, opts.sweep_concurrent)
+    lines = [
+        "## Sweep concurrency", "",
+        f"{s['trials']} trials of the smoke preset with {TRIAL_SET} (1 CPU and 1 thread each) "
+        "through `dwlab.sweep` on a fresh local Ray each, with a throw-away MLflow sqlite store. "
+        "Sweep walls start once Ray is up (its start, once per sweep, is timed apart). Overhead "
+        "per trial: the sequential wall per trial minus the same training as one plain "
+        "`run_training` call.", "",
+        *_table(["one run_training s", "sequential s", f"{s['concurrent']} at a time s", "speed-up",
+                 "overhead / trial s", "Ray start s"],
+                [[f"{s['single_s']:.1f}", f"{s['sequential_s']:.1f}", f"{s['concurrent_s']:.1f}",
+                  f"{s['speedup']:.2f}x", f"{s['overhead_per_trial_s']:.1f}", f"{s['ray_start_s']:.1f}"]]),
+    ]  # fmt: skip
+    overhead = s["overhead_per_trial_s"]
+    return lines, [
+        Check(f"{s['concurrent']} trials at once >= 1.7x sequential", f"{s['speedup']:.2f}x", s["speedup"] >= 1.7),
+        Check("overhead per trial < 5 s (Ray start, once per sweep, apart)", f"{overhead:.1f} s", overhead < 5.0),
+    ]
+
+
 def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     """Run ``opts.parts`` and return the report (markdown); ``echo`` gets each section as it is done."""
     unknown = [p for p in opts.parts if p not in PARTS]
@@ -68,121 +182,33 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     info = machine_info(device)  # before a part changes the thread count
     checks: list[Check] = []
     sections: list[str] = []
-    step_s: dict[str, float] = {}
 
-    def emit(lines: list[str]) -> None:
-        text = "\n".join(lines) + "\n"
+    def emit(section: Section) -> None:
+        text = "\n".join(section[0]) + "\n"
         sections.append(text)
+        checks.extend(section[1])
         echo(text)
 
-    if "train" in opts.parts or "data" in opts.parts:
-        from dwlab.bench.train_step import CANDIDATES, GTS_PER_IMAGE, step_fns
+    step_s: dict[str, float] = {}
+    if "train" in opts.parts or "data" in opts.parts:  # the data part compares with the DW step
+        from dwlab.bench.train_step import step_fns
 
         step_s = interleaved_medians(step_fns(cfg, 80, device), reps=opts.reps, warmup=opts.warmup, device=device)
-        if "train" in opts.parts:
-            base = step_s["dwlab DW"]
-            rows = [[name, f"{step_s[name] * 1e3:.1f}", f"{step_s[name] / base:.2f}"] for name in CANDIDATES]
-            m = cfg.model
-            emit([
-                "## Training step (forward + loss + backward + SGD step)", "",
-                f"{m.backbone}, FPN {m.fpn_channels}, {m.head_convs}-conv GN({m.head_norm_groups}) head, "
-                f"80 classes, batch {cfg.train.batch_size} of {cfg.data.min_size}x{cfg.data.max_size} random "
-                f"images, {GTS_PER_IMAGE} random GTs each{', AMP' if cfg.train.amp and device.type == 'cuda' else ''}. "
-                "torchvision's FCOS gets the same backbone + FPN and head depth; it normalises and "
-                "batches its images inside the step (its transform), dwlab's loader does that before.", "",
-                *_table(["model", "ms / step", "/ dwlab DW"], rows),
-            ])  # fmt: skip
-            r1 = base / step_s["dwlab FCOS assigner"]
-            r2 = base / step_s["torchvision FCOS"]
-            checks += [
-                Check("train step DW / FCOS assigner <= 1.05", f"{r1:.2f}", r1 <= 1.05),
-                Check("train step dwlab DW / torchvision FCOS <= 1.0", f"{r2:.2f}", r2 <= 1.0),
-            ]
-
+    if "train" in opts.parts:
+        emit(_train_section(cfg, device, step_s))
     if "loss" in opts.parts:
-        from dwlab.bench.loss import bench_losses
-
-        h, w = opts.loss_image
-        rows = bench_losses(opts.gt_counts, height=h, width=w, device=device, reps=opts.reps, warmup=opts.warmup)
-        mem = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS (VmHWM) in a fresh process"
-        emit([
-            "## DW weights + loss alone (forward + backward on fixed head outputs)", "",
-            f"One {h}x{w} image ({rows[0]['anchors']} anchors on P3-P7), 80 classes, random GTs. "
-            "`loop`: a per-GT Python loop of the same equations (`dwlab/bench/reference.py`, the "
-            "released code's structure); its loss agrees with dwlab's to the relative difference "
-            f"shown. `fcos`: the FCOS assigner's loss on the same outputs. Peak memory: {mem}, "
-            "above what was allocated before the call.", "",
-            *_table(
-                ["GTs", "pairs", "agree", "dw ms", "loop ms", "fcos ms", "loop / dw", "dw / fcos",
-                 "dw MiB", "loop MiB", "fcos MiB"],
-                [[str(r["gts"]), str(r["pairs"]), f"{r['agree']:.1e}", f"{r['dw_ms']:.1f}", f"{r['loop_ms']:.1f}",
-                  f"{r['fcos_ms']:.1f}", f"{r['loop_ms'] / r['dw_ms']:.1f}x", f"{r['dw_ms'] / r['fcos_ms']:.2f}",
-                  f"{r['dw_mib']:.0f}", f"{r['loop_mib']:.0f}", f"{r['fcos_mib']:.0f}"] for r in rows],
-            ),
-        ])  # fmt: skip
-        speedups = {r["gts"]: r["loop_ms"] / r["dw_ms"] for r in rows}
-        worst = min(speedups.values())
-        checks.append(Check("DW loss never slower than the per-GT loop", f"min {worst:.1f}x", worst >= 1.0))
-        at = 200 if device.type == "cpu" else 50
-        need = 2.0 if device.type == "cpu" else 10.0
-        if at in speedups:
-            checks.append(Check(f"DW loss >= {need:g}x the loop at {at} GTs ({device.type})",
-                                f"{speedups[at]:.1f}x", speedups[at] >= need))  # fmt: skip
-        ratio = max(r["dw_ms"] / r["fcos_ms"] for r in rows)
-        checks.append(Check("DW loss <= 1.5x the FCOS loss (all GT counts)", f"max {ratio:.2f}", ratio <= 1.5))
-        big = max(rows, key=lambda r: r["gts"])
-        checks.append(Check(f"DW loss peak memory <= 200 MB at {big['gts']} GTs",
-                            f"{big['dw_mib'] * 2**20 / 1e6:.0f} MB", big["dw_mib"] * 2**20 <= 200e6))  # fmt: skip
-
+        emit(_loss_section(opts, device))
     if "eval" in opts.parts or "data" in opts.parts:
-        from dwlab.bench.pipeline import bench_eval, bench_loading, generated_datasets
+        from dwlab.bench.pipeline import generated_datasets
 
-        n_train = opts.load_batches * cfg.train.batch_size + cfg.train.batch_size
+        n_train = (opts.load_batches + 1) * cfg.train.batch_size
         data_cfg, train_set, val_set = generated_datasets(cfg, n_train, opts.eval_images)
         if "eval" in opts.parts:
-            e = bench_eval(data_cfg, val_set, device)
-            total = e["infer_s"] + e["cocoeval_s"]
-            emit([
-                f"## Evaluation of a {e['images']}-image val set", "",
-                f"Generated images of {cfg.data.min_size} px, random-init model with the score threshold at 0 "
-                f"so every image keeps {cfg.eval.max_dets} detections ({e['detections']} in all: "
-                f"COCOeval's worst case); eval batch {cfg.eval.batch_size}.", "",
-                *_table(["inference s", "COCOeval s", "total s", "images / s"],
-                        [[f"{e['infer_s']:.1f}", f"{e['cocoeval_s']:.1f}", f"{total:.1f}", f"{e['images'] / total:.1f}"]]),
-            ])  # fmt: skip
+            emit(_eval_section(cfg, data_cfg, val_set, device))
         if "data" in opts.parts:
-            d = bench_loading(data_cfg, train_set, opts.load_batches)
-            train_ips = cfg.train.batch_size / step_s["dwlab DW"]
-            ratio = d["images_per_s"] / train_ips
-            emit([
-                "## Data loading vs training throughput", "",
-                f"The training loader alone ({d['workers']} worker(s), PNG decode, resize, flip, collate) over "
-                f"{d['images']} generated images, against the dwlab DW training step above.", "",
-                *_table(["loader images / s", "training images / s", "ratio"],
-                        [[f"{d['images_per_s']:.1f}", f"{train_ips:.1f}", f"{ratio:.1f}x"]]),
-            ])  # fmt: skip
-            checks.append(Check("data loading >= 3x training throughput", f"{ratio:.1f}x", ratio >= 3.0))
-
+            emit(_data_section(cfg, data_cfg, train_set, opts.load_batches, step_s["dwlab DW"]))
     if "sweep" in opts.parts:
-        from dwlab.bench.sweep import TRIAL_SET, bench_sweep
-
-        s = bench_sweep(opts.sweep_trials, opts.sweep_concurrent)
-        emit([
-            "## Sweep concurrency", "",
-            f"{s['trials']} trials of the smoke preset with {TRIAL_SET} (1 CPU and 1 thread each) "
-            "through `dwlab.sweep` on a fresh local Ray each, with a throw-away MLflow sqlite store. "
-            "Sweep walls start once Ray is up (its start, once per sweep, is timed apart). Overhead "
-            "per trial: the sequential wall per trial minus the same training as one plain "
-            "`run_training` call.", "",
-            *_table(["one run_training s", "sequential s", f"{s['concurrent']} at a time s", "speed-up",
-                     "overhead / trial s", "Ray start s"],
-                    [[f"{s['single_s']:.1f}", f"{s['sequential_s']:.1f}", f"{s['concurrent_s']:.1f}",
-                      f"{s['speedup']:.2f}x", f"{s['overhead_per_trial_s']:.1f}", f"{s['ray_start_s']:.1f}"]]),
-        ])  # fmt: skip
-        checks += [
-            Check(f"{s['concurrent']} trials at once >= 1.7x sequential", f"{s['speedup']:.2f}x", s["speedup"] >= 1.7),
-            Check("overhead per trial < 5 s (Ray start, once per sweep, apart)", f"{s['overhead_per_trial_s']:.1f} s", s["overhead_per_trial_s"] < 5.0),
-        ]
+        emit(_sweep_section(opts))
 
     head = [
         f"# dwlab bench ({opts.scale} scale, {device.type})", "",
