@@ -42,7 +42,7 @@ def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssig
             idx = inside.nonzero()[:, 0]
             if idx.numel() == 0:
                 continue
-            centre = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2])
+            centre = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2], device=points.device)
             offset = (points[idx] - centre) / strides[idx, None]
             prior = torch.exp(-(offset**2).sum(1) / (2 * dw.prior_sigma**2))  # soft bag
             p, d = points[idx], dist[idx]
