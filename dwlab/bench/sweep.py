@@ -4,9 +4,7 @@ start (once per sweep, timed apart)."""
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -19,19 +17,6 @@ from dwlab.config import load_config
 TRIAL_SET = {"train.epochs": 1, "data.synth.n_train": 160, "data.synth.n_val": 16, "train.progress": False}
 
 
-@contextlib.contextmanager
-def _tracking_store(uri: str):
-    old = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = old
-
-
 def _sweep_walls(root: Path, trials: int, max_concurrent: int, trial_set: dict) -> tuple[float, float]:
     """Seconds to start a local Ray, and of ``run_sweep`` on it, for ``trials`` seeds of one
     smoke point. A fresh Ray each time: no warm worker processes from an earlier sweep."""
@@ -39,14 +24,14 @@ def _sweep_walls(root: Path, trials: int, max_concurrent: int, trial_set: dict) 
     from rich.console import Console
 
     from dwlab.sweep.spec import load_plan
-    from dwlab.sweep.tune_run import _init_ray, run_sweep
+    from dwlab.sweep.tune_run import _env, _init_ray, run_sweep
 
     name = f"bench-k{max_concurrent}"
     spec = root / f"{name}.yaml"
     spec.write_text(yaml.safe_dump({"name": name, "base": "smoke", "seeds": trials, "set": trial_set,
                                     "points": [{"id": "dw"}], "resources": {"smoke": {"cpus_per_trial": 1}}}))  # fmt: skip
     plan = load_plan(spec, runs_dir=root / "runs")
-    with _tracking_store(f"sqlite:///{root / f'{name}.db'}"):
+    with _env(MLFLOW_TRACKING_URI=f"sqlite:///{root / f'{name}.db'}"):
         start = time.perf_counter()
         _init_ray(None)
         ray_s = time.perf_counter() - start
