@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
+from torchvision.ops import sigmoid_focal_loss
 
 from dwlab.assign.common import check_outputs, focus_maps, level_maps, points_inside, positives
 from dwlab.assign.fcos import centerness_target, pad_targets
@@ -154,7 +154,7 @@ class ATSSAssigner:
         )
         with torch.no_grad():
             ctr_target = centerness_target(boxes_to_distances(outputs.anchors.points[pos.anchor], pos.gt_boxes))
-        loss_box = (ctr_target * generalized_box_iou_loss(pos.pred_boxes, pos.gt_boxes, reduction="none")).sum()
+        loss_box = pos.weighted_giou(ctr_target)
         loss_ctr = F.binary_cross_entropy_with_logits(
             outputs.centerness[pos.image, pos.anchor].float(), ctr_target, reduction="sum"
         )

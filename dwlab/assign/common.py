@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou
+from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from dwlab.assign.bags import split_levels
 from dwlab.box_ops import aligned_iou
@@ -75,6 +75,11 @@ class Positives(NamedTuple):
     gt_boxes: Tensor
     pred_boxes: Tensor
     iou: Tensor
+
+    def weighted_giou(self, weight: Tensor) -> Tensor:
+        """``sum_p weight[p] * (1 - GIoU(pred_boxes[p], gt_boxes[p]))``, with gradient through
+        the predictions; weight ``Tensor[P]``. The box term of ATSS, GFL, VFL and TOOD."""
+        return (weight * generalized_box_iou_loss(self.pred_boxes, self.gt_boxes, reduction="none")).sum()
 
 
 def positives(outputs: HeadOutputs, matched: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> Positives:

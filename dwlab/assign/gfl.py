@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
 from dwlab.assign.atss import ATSSMatch, atss_match
 from dwlab.assign.common import Positives, check_outputs, class_target, focus_maps, level_maps, positives, reduce
@@ -123,10 +122,9 @@ class GFLAssigner:
         loss_cls = quality_focal_loss(
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=self.beta, reduction="sum"
         )
-        giou = generalized_box_iou_loss(asg.pos.pred_boxes, asg.pos.gt_boxes, reduction="none")
         return {
             "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": self.box_weight * (asg.box_weight * giou).sum() / normaliser(asg.box_weight.sum(), device),
+            "loss_box": self.box_weight * asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
         }
 
     @torch.no_grad()

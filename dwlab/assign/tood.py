@@ -26,7 +26,6 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
 from dwlab.assign.common import (
     check_outputs,
@@ -163,9 +162,8 @@ class TOODAssigner:
         loss_cls = quality_focal_loss(
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=self.qfl_beta, reduction="sum"
         )
-        giou = generalized_box_iou_loss(asg.pos.pred_boxes, asg.pos.gt_boxes, reduction="none")
         norm = normaliser(asg.quality.sum(), outputs.cls_logits.device)
-        return {"loss_cls": loss_cls / norm, "loss_box": self.box_weight * (asg.box_weight * giou).sum() / norm}
+        return {"loss_cls": loss_cls / norm, "loss_box": self.box_weight * asg.pos.weighted_giou(asg.box_weight) / norm}
 
     @torch.no_grad()
     def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torchvision.ops import generalized_box_iou_loss
 
 from dwlab.assign.atss import atss_match
 from dwlab.assign.common import check_outputs, class_target, focus_maps, level_maps, positives, reduce
@@ -106,10 +105,9 @@ class VFLAssigner:
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target,
             alpha=self.alpha, gamma=self.gamma, reduction="sum",
         )  # fmt: skip
-        giou = generalized_box_iou_loss(asg.pos.pred_boxes, asg.pos.gt_boxes, reduction="none")
         return {
             "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": self.box_weight * (asg.box_weight * giou).sum() / normaliser(asg.box_weight.sum(), device),
+            "loss_box": self.box_weight * asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
         }
 
     @torch.no_grad()
