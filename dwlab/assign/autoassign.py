@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dwlab.assign.bags import candidate_prior
 from dwlab.assign.common import check_outputs, focus_maps, level_maps
-from dwlab.assign.dw import log1m_joint_score, log_joint_score
+from dwlab.assign.dw import entry_minima, log1m_joint_score, log_joint_score
 from dwlab.assign.fcos import pad_targets
 from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import AutoAssignAssignerConfig
@@ -137,10 +137,7 @@ class AutoAssignAssigner:
             inv = 1.0 / (1.0 - iou_max).clamp(min=EPS)
             lo, hi = _per_gt(inv, gt, num_gts, "amin")[gt], _per_gt(inv, gt, num_gts, "amax")[gt]
             w_neg = 1.0 - (inv - lo + EPS) / (hi - lo + EPS)
-            entry, inverse = torch.unique(flat * c + label, return_inverse=True)
-            entry_w_neg = torch.full((entry.shape[0],), float("inf"), device=device).scatter_reduce(
-                0, inverse, w_neg, "amin"
-            )
+            entry, (entry_w_neg,) = entry_minima(flat * c + label, w_neg)
             pair_iou = aligned_iou(pred.detach(), gt_boxes[gt])
         asg = AutoAssignment(
             image, anchor, gt, label, prior, score, pair_iou, iou_max, w_pos, w_neg,

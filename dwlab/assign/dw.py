@@ -218,6 +218,14 @@ def dw_cls_sums(
     return pos, neg
 
 
+def entry_minima(keys: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The distinct ``keys`` ``Tensor[E]`` (sorted) of P pairs' ``keys`` ``Tensor[P]`` and, for
+    each ``Tensor[P]`` of ``values``, its smallest over the pairs sharing a key, ``Tensor[E]``."""
+    entry, inverse = torch.unique(keys, return_inverse=True)
+    inf = torch.full((entry.shape[0],), float("inf"), device=keys.device)
+    return entry, [inf.scatter_reduce(0, inverse, v, "amin") for v in values]
+
+
 # ----------------------------------------------------------------------------- assigner
 
 
@@ -379,10 +387,7 @@ class DWAssigner:
                 giou_loss=giou_loss.detach(), **self._weight_kwargs(),
             )  # fmt: skip
             # several pairs on one (image, anchor, class) entry: the smallest weight / P_neg wins
-            entry, inverse = torch.unique(flat * c + label, return_inverse=True)
-            inf = torch.full((entry.shape[0],), float("inf"), device=device)
-            entry_w_neg = inf.scatter_reduce(0, inverse, pw.w_neg, "amin")
-            entry_p_neg = inf.scatter_reduce(0, inverse, pw.p_neg, "amin")
+            entry, (entry_w_neg, entry_p_neg) = entry_minima(flat * c + label, pw.w_neg, pw.p_neg)
         assignment = Assignment(
             image, anchor, gt, label, prior, score, iou, pw.w_pos, pw.w_neg, pw.p_neg,
             gt_image, gt_labels, gt_boxes, entry, entry_w_neg, entry_p_neg,
