@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.ops import box_iou, generalized_box_iou
+from torchvision.ops import box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from dwlab.assign.bags import candidate_prior_dense
 from dwlab.assign.dw import (
@@ -18,7 +18,7 @@ from dwlab.assign.dw import (
     log_joint_score,
     p_neg,
 )
-from dwlab.box_ops import boxes_to_distances
+from dwlab.box_ops import boxes_to_distances, distances_to_boxes
 from dwlab.config import DWAssignerConfig
 from dwlab.data.target import Target
 from dwlab.models.outputs import Anchors, HeadOutputs
@@ -224,7 +224,7 @@ def test_losses_are_finite_and_gradient_reaches_head_not_weights():
     for x in (outputs.cls_logits, outputs.centerness, outputs.distances):
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     asg = assigner.assign(outputs, targets_two_images())
-    assert not any(t.requires_grad for t in (asg.w_pos, asg.w_neg, asg.p_neg, asg.entry_w_neg))
+    assert not any(t.requires_grad for t in (asg.w_pos, asg.w_neg, asg.p_neg, asg.entry_neg_factor))
 
 
 def test_weights_act_as_constants_in_the_gradient():
@@ -241,6 +241,67 @@ def test_weights_act_as_constants_in_the_gradient():
         (asg.image, asg.anchor, asg.label), -asg.w_pos * (1 - torch.sigmoid(x)) / 3, accumulate=True
     )
     assert torch.allclose(grad, expected, atol=1e-7)
+
+
+@pytest.mark.parametrize("gamma2", [2.0, 3.0])
+def test_neg_gradient_is_the_analytic_derivative_with_pneg_constant(gamma2):
+    """d/dx of P_neg s^g (-ln(1 - s)) with s = sigmoid(x) sigmoid(y), P_neg constant:
+    P_neg (g s^(g-1) (-ln(1 - s)) + s^g / (1 - s)) ds/dx, ds/dx = s (1 - sigmoid(x)). Outside the
+    bag (other class channels) P_neg is replaced by 1: the focal negative's derivative."""
+    anchors = Anchors.grid([(4, 4)], [8], 0.5, CPU)
+    g = torch.Generator().manual_seed(3)
+    box = T([[2.0, 3.0, 22.0, 25.0]])
+    dist = (boxes_to_distances(anchors.points, box) * (1 + 0.3 * torch.rand(16, 4, generator=g))).clamp(min=1.0)
+    cls, ctr = torch.randn(1, 16, C, generator=g).requires_grad_(), torch.randn(1, 16, generator=g)
+    outputs = HeadOutputs(cls, ctr, dist[None], anchors)
+    assigner = DWAssigner(C, gamma2=gamma2)
+    targets = [Target(box, T([1]))]
+    (grad,) = torch.autograd.grad(assigner.loss_sums(outputs, targets).neg, cls)
+    asg = assigner.assign(outputs, targets)
+    assert 0 < len(asg.anchor) < 16
+    ious = box_iou(distances_to_boxes(anchors.points, dist), box)[:, 0].tolist()
+    for a in range(16):
+        for c in range(C):
+            x, y = float(cls.detach()[0, a, c]), float(ctr[0, a])
+            sx = 1 / (1 + math.exp(-x))
+            s = sx / (1 + math.exp(-y))
+            in_bag = c == 1 and a in asg.anchor.tolist()
+            factor = pneg_hand(ious[a]) if in_bag else 1.0
+            ds_dx = s * (1 - sx)
+            d = factor * (gamma2 * s ** (gamma2 - 1) * -math.log(1 - s) + s**gamma2 / (1 - s)) * ds_dx
+            assert float(grad[0, a, c]) == pytest.approx(d, rel=1e-4, abs=1e-9), (a, c)
+    assert any(0.0 < pneg_hand(ious[a]) < 1.0 for a in asg.anchor.tolist())  # P_neg is not trivial
+
+
+def test_neg_gradient_is_torchvision_focal_times_the_factor():
+    """With centerness saturated (sigmoid = 1) s = sigmoid(cls): outside bags the neg term is
+    torchvision's sigmoid_focal_loss(target 0, alpha off, gamma = gamma2), value and gradient;
+    in-bag entries on the GT's class get that gradient times their constant factor P_neg."""
+    outputs = make_outputs(2, boxes=torch.stack([targets_two_images()[0].boxes[0], targets_two_images()[1].boxes[0]]))
+    with torch.no_grad():
+        outputs.centerness.fill_(30.0)
+    cls = outputs.cls_logits
+    assigner = DWAssigner(C)
+    asg = assigner.assign(outputs, targets_two_images())
+    (grad,) = torch.autograd.grad(assigner.loss_sums(outputs, targets_two_images()).neg, cls)
+    (focal_grad,) = torch.autograd.grad(sigmoid_focal_loss(cls, torch.zeros_like(cls), alpha=-1, reduction="sum"), cls)
+    factor = torch.ones(cls.numel()).index_put_((asg.entry,), asg.entry_p_neg).reshape(cls.shape)
+    assert float(asg.entry_p_neg.min()) < 0.5  # some in-bag entries are well damped
+    torch.testing.assert_close(grad, factor * focal_grad, rtol=1e-4, atol=1e-7)
+    empty = [Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) for _ in range(2)]
+    neg = assigner.loss_sums(outputs, empty).neg
+    focal = sigmoid_focal_loss(cls, torch.zeros_like(cls), alpha=-1, reduction="sum")
+    assert float(neg) == pytest.approx(float(focal), rel=1e-5)
+
+
+def test_no_ineg_drops_the_score_power_in_bag_only():
+    targets = targets_two_images()
+    outputs = make_outputs(2, boxes=torch.stack([targets[0].boxes[0], targets[1].boxes[0]]), requires_grad=False)
+    asg = DWAssigner(C, neg_variant="no_ineg").assign(outputs, targets)
+    w_neg = DWAssigner(C, neg_variant="no_ineg").neg_weights(outputs, asg).reshape(-1)
+    s = outputs.scores().reshape(-1)
+    in_bag = torch.zeros_like(s, dtype=torch.bool).index_fill(0, asg.entry, True)
+    assert torch.allclose(w_neg[asg.entry], asg.entry_p_neg) and torch.allclose(w_neg[~in_bag], s[~in_bag] ** 2)
 
 
 def test_image_without_gts_gives_focal_negatives_only():
@@ -278,15 +339,15 @@ def test_shared_class_channel_takes_the_smallest_pneg():
     targets = targets_two_images()
     outputs = make_outputs(2, boxes=torch.stack([targets[0].boxes[0], targets[1].boxes[0]]), requires_grad=False)
     asg = DWAssigner(C).assign(outputs, targets)
+    entry_w_neg = DWAssigner(C).neg_weights(outputs, asg).reshape(-1)[asg.entry]
     shared = 0
-    for e, w, p in zip(asg.entry.tolist(), asg.entry_w_neg.tolist(), asg.entry_p_neg.tolist()):
+    for e, w, p in zip(asg.entry.tolist(), entry_w_neg.tolist(), asg.entry_p_neg.tolist()):
         on = ((asg.image * len(outputs.anchors) + asg.anchor) * C + asg.label) == e
         assert w == pytest.approx(float(asg.w_neg[on].min())) and p == pytest.approx(float(asg.p_neg[on].min()))
         if int(on.sum()) > 1 and float(asg.p_neg[on].max() - asg.p_neg[on].min()) > 1e-3:
             shared += 1
     assert shared > 0  # the two GTs of image 0 share anchors, with different P_neg
-    w_neg = DWAssigner(C).neg_weights(outputs, asg)
-    assert torch.allclose(w_neg.reshape(-1)[asg.entry], asg.entry_w_neg)
+    assert torch.allclose(asg.entry_neg_factor, asg.entry_p_neg)  # "full": the factor is P_neg
     # the neg normaliser counts each (image, anchor, class) entry once, with its smallest P_neg
     best: dict[tuple, float] = {}
     for key in zip(asg.image.tolist(), asg.anchor.tolist(), asg.label.tolist(), asg.p_neg.tolist()):

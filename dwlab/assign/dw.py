@@ -7,6 +7,17 @@ Symbols follow the paper (the project brief's "alpha/beta" grid is the paper's b
 (Eq. 5-8), loss Eq. 11-12 with the released code's normalisation (see ``/work/shared/paper/
 METHOD.md``). ``variant="official"`` switches to the released code's constants.
 
+Gradient of the negative term, as in the released code (``dw_head.py`` detaches only P_neg):
+over every (image, anchor, class) the term is ``factor * s**gamma2 * (-ln(1 - s))`` with the
+gradient flowing through *both* factors of s, exactly like focal loss's modulating factor
+(torchvision's ``sigmoid_focal_loss`` differentiates it too). Only ``factor`` is a constant:
+1 outside every bag and, on a GT's class channel inside its bag, per Table 5's ``neg_variant``:
+``full`` P_neg, ``no_pneg`` 1, ``one_minus_wpos`` (1 - w_pos) clamped at 0, ``pos_only`` 0,
+and ``no_ineg`` P_neg with no ``s**gamma2`` at all (weight P_neg * -ln(1 - s)). Where several
+pairs share one entry the smallest factor wins (s is the same for all of them). ``w_pos``,
+P_neg and the normalisers are detached. An earlier version also detached ``s**gamma2``; its
+gradient on negatives was 0.33-0.48x the released code's (issue 11), so it is gone.
+
 The weighting math exists once, on flat (anchor, GT) pair vectors: ``pair_weights``. The dense
 ``dual_weights`` and the assigner both call it. The assigner never builds a dense
 ``[A, G]`` float matrix: pairs come sparse from ``bags.candidate_prior`` for all images at once
@@ -61,8 +72,9 @@ class PairWeights(NamedTuple):
     """Weights of P (anchor, GT) pairs, each ``Tensor[P]``, detached."""
 
     w_pos: Tensor  # Eq. 4, sums to 1 over each GT's bag (paper variant)
-    w_neg: Tensor  # weight of the pair's -ln(1 - s) on its GT's class channel (Eq. 8 / Table 5)
+    w_neg: Tensor  # value of the weight of -ln(1 - s) on the GT's class channel (Eq. 8 / Table 5)
     p_neg: Tensor  # P_neg used by the normaliser (after the official in-bag min-max)
+    neg_factor: Tensor  # the constant part of w_neg: w_neg = neg_factor * s**gamma2 (no_ineg: no s**gamma2)
 
 
 @torch.no_grad()
@@ -128,18 +140,17 @@ def pair_weights(
         pn = p_neg(iou, gamma1, pneg_low, pneg_high)  # Eq. 5-6
     i_neg = s**gamma2  # Eq. 7
 
-    # in-bag negative weight on the GT's class channel (Eq. 8; Table 5 variants)
-    if neg_variant == "full":
-        w_neg = pn * i_neg  # Eq. 8
+    # in-bag negative weight on the GT's class channel, factor * I_neg (Eq. 8; Table 5 variants)
+    if neg_variant in ("full", "no_ineg"):
+        factor = pn  # Eq. 8
     elif neg_variant == "pos_only":
-        w_neg = torch.zeros_like(s)
+        factor = torch.zeros_like(s)
     elif neg_variant == "no_pneg":
-        w_neg = i_neg
-    elif neg_variant == "no_ineg":
-        w_neg = pn
+        factor = torch.ones_like(s)
     else:  # one_minus_wpos; clamped because official w_pos (exp(5t)/sum exp(3t)) can exceed 1
-        w_neg = (1.0 - w_pos).clamp(min=0.0) * i_neg
-    return PairWeights(w_pos, w_neg, pn)
+        factor = (1.0 - w_pos).clamp(min=0.0)
+    w_neg = factor if neg_variant == "no_ineg" else factor * i_neg
+    return PairWeights(w_pos, w_neg, pn, factor)
 
 
 def _bag_sum(values: Tensor, gt_idx: Tensor, num_gts: int) -> Tensor:
@@ -199,6 +210,23 @@ def log1m_joint_score(cls_logits: Tensor, ctr_logits: Tensor) -> Tensor:
     return F.logsigmoid(-cls_logits) + F.softplus(cls_logits + F.logsigmoid(-ctr_logits))
 
 
+def focal_neg_weights(
+    cls_logits: Tensor, centerness: Tensor, entry: Tensor, entry_factor: Tensor, gamma: float, plain: bool = False
+) -> Tensor:
+    """``factor * s**gamma`` on every (image, anchor, class), ``Tensor[B, A, C]`` float32, with
+    gradient through ``s**gamma`` (focal loss's modulating factor; Eq. 7) and none through
+    ``factor``: 1, replaced at ``entry`` ``Tensor[E]`` (flat indices into ``B * A * C``) by
+    ``entry_factor`` ``Tensor[E]``. ``plain``: those entries get the factor alone, no ``s**gamma``
+    (Table 5's ``no_ineg``). cls_logits ``Tensor[B, A, C]``, centerness ``Tensor[B, A]`` logits;
+    ``s**gamma = exp(gamma ln s)``, stable for any logits."""
+    cls, ctr = cls_logits.float(), centerness.float().unsqueeze(-1)
+    i_neg = torch.exp(gamma * log_joint_score(cls, ctr)).reshape(-1)  # Eq. 7
+    if plain:
+        i_neg = i_neg.index_fill(0, entry, 1.0)
+    factor = torch.ones_like(i_neg).index_put_((entry,), entry_factor.detach().float())
+    return (factor * i_neg).reshape(cls.shape)
+
+
 def dw_cls_sums(
     cls_logits: Tensor, centerness: Tensor, pos_entry: Tensor, w_pos: Tensor, w_neg: Tensor
 ) -> tuple[Tensor, Tensor]:
@@ -206,8 +234,9 @@ def dw_cls_sums(
     ``sum w_neg (-ln(1 - s))`` over every (image, anchor, class).
 
     cls_logits ``Tensor[B, A, C]``; centerness ``Tensor[B, A]`` logits; pos_entry ``Tensor[P]``
-    long, flat index ``(b * A + a) * C + c`` of each pair; w_pos ``Tensor[P]``; w_neg
-    ``Tensor[B, A, C]``. Computed in float32.
+    long, flat index ``(b * A + a) * C + c`` of each pair; w_pos ``Tensor[P]`` (constant);
+    w_neg ``Tensor[B, A, C]``, with whatever gradient it carries (``focal_neg_weights``).
+    Computed in float32.
     """
     cls, ctr = cls_logits.float(), centerness.float()
     num_classes = cls.shape[-1]
@@ -237,7 +266,7 @@ class Assignment:
     images concatenated), label, prior, score (s on the GT's class), iou, w_pos, w_neg, p_neg.
     Per GT ``Tensor[G]``: gt_image, gt_labels; gt_boxes ``Tensor[G, 4]`` xyxy pixels.
     Per distinct in-bag (image, anchor, class) entry ``Tensor[E]``: entry (flat index into
-    ``B * A * C``), entry_w_neg and entry_p_neg, the smallest over the pairs sharing it (the
+    ``B * A * C``), entry_neg_factor and entry_p_neg, the smallest over the pairs sharing it (the
     best-matched GT decides).
     """
 
@@ -255,7 +284,7 @@ class Assignment:
     gt_labels: Tensor
     gt_boxes: Tensor
     entry: Tensor
-    entry_w_neg: Tensor
+    entry_neg_factor: Tensor
     entry_p_neg: Tensor
 
 
@@ -386,11 +415,11 @@ class DWAssigner:
                 score, iou, prior, gt, gt_boxes.shape[0],
                 giou_loss=giou_loss.detach(), **self._weight_kwargs(),
             )  # fmt: skip
-            # several pairs on one (image, anchor, class) entry: the smallest weight / P_neg wins
-            entry, (entry_w_neg, entry_p_neg) = entry_minima(flat * c + label, pw.w_neg, pw.p_neg)
+            # several pairs on one (image, anchor, class) entry: the smallest factor / P_neg wins
+            entry, (entry_neg_factor, entry_p_neg) = entry_minima(flat * c + label, pw.neg_factor, pw.p_neg)
         assignment = Assignment(
             image, anchor, gt, label, prior, score, iou, pw.w_pos, pw.w_neg, pw.p_neg,
-            gt_image, gt_labels, gt_boxes, entry, entry_w_neg, entry_p_neg,
+            gt_image, gt_labels, gt_boxes, entry, entry_neg_factor, entry_p_neg,
         )  # fmt: skip
         return assignment, giou_loss
 
@@ -399,16 +428,14 @@ class DWAssigner:
         with torch.no_grad():
             return self._assign(outputs, targets)[0]
 
-    @torch.no_grad()
     def neg_weights(self, outputs: HeadOutputs, assignment: Assignment) -> Tensor:
-        """Negative weight of every (image, anchor, class), ``Tensor[B, A, C]``: ``s ** gamma2``
-        (focal negative), replaced on in-bag entries by the assignment's in-bag weight."""
-        scores = torch.sigmoid(outputs.cls_logits.detach().float()) * torch.sigmoid(
-            outputs.centerness.detach().float()
-        ).unsqueeze(-1)
-        w_neg = (scores**self.gamma2).reshape(-1)  # Eq. 7, a new tensor
-        w_neg[assignment.entry] = assignment.entry_w_neg
-        return w_neg.reshape(scores.shape)
+        """Weight of ``-ln(1 - s)`` on every (image, anchor, class), ``Tensor[B, A, C]``:
+        ``factor * s**gamma2`` (Eq. 7-8), factor 1 outside bags and the assignment's in-bag
+        factor inside, with gradient through ``s**gamma2`` only (see the module docstring)."""
+        return focal_neg_weights(
+            outputs.cls_logits, outputs.centerness, assignment.entry, assignment.entry_neg_factor,
+            self.gamma2, plain=self.neg_variant == "no_ineg",
+        )  # fmt: skip
 
     # --------------------------------------------------------------------- loss
 

@@ -32,9 +32,9 @@ def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssig
     neg_norm, num_gts = 0.0, 0
     for b, target in enumerate(targets):
         cls, ctr, dist = outputs.cls_logits[b].float(), outputs.centerness[b].float(), outputs.distances[b].float()
-        s = (torch.sigmoid(cls) * torch.sigmoid(ctr)[:, None]).detach()  # [A, C]
-        in_bag_w_neg = torch.full_like(s, math.inf)  # smallest in-bag w_neg per (anchor, class)
-        in_bag_p_neg = torch.full_like(s, math.inf)
+        s_grad = torch.sigmoid(cls) * torch.sigmoid(ctr)[:, None]  # [A, C], with gradient
+        s = s_grad.detach()
+        in_bag_p_neg = torch.full_like(s, math.inf)  # smallest in-bag P_neg per (anchor, class)
         for box, label in zip(target.boxes.float(), target.labels.tolist()):
             num_gts += 1
             x1, y1, x2, y2 = box.tolist()
@@ -54,16 +54,14 @@ def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssig
             e = torch.exp(dw.mu * t) * t * prior  # Eq. 4
             w_pos = e / e.sum() if e.sum() > 0 else prior / prior.sum()
             p_neg = (k * (dw.pneg_high**dw.gamma1 - iou**dw.gamma1)).clamp(0, 1)  # Eq. 5
-            w_neg = p_neg * score**dw.gamma2  # Eq. 7-8
             log_s = F.logsigmoid(cls[idx, label]) + F.logsigmoid(ctr[idx])
             cls_pos = cls_pos - (w_pos * log_s).sum()
             reg = reg + (w_pos * generalized_box_iou_loss(pred, gt, reduction="none")).sum()
-            in_bag_w_neg[idx, label] = torch.minimum(in_bag_w_neg[idx, label], w_neg)
             in_bag_p_neg[idx, label] = torch.minimum(in_bag_p_neg[idx, label], p_neg)
-        in_bag = torch.isfinite(in_bag_w_neg)
-        w_neg_all = torch.where(in_bag, in_bag_w_neg, s**dw.gamma2)
-        log_1m_s = torch.log1p(-torch.sigmoid(cls) * torch.sigmoid(ctr)[:, None])
-        neg = neg - (w_neg_all * log_1m_s).sum()  # Eq. 12
+        in_bag = torch.isfinite(in_bag_p_neg)
+        factor = torch.where(in_bag, in_bag_p_neg, torch.ones_like(s))  # detached P_neg, 1 outside
+        w_neg = factor * s_grad**dw.gamma2  # Eq. 7-8, gradient through s**gamma2 as released
+        neg = neg - (w_neg * torch.log1p(-s_grad)).sum()  # Eq. 12
         neg_norm += float((1.0 - in_bag_p_neg[in_bag]).sum())
     n_pos, n_neg = max(num_gts, 1), max(neg_norm, 1.0)
     return {
