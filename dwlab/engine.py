@@ -16,7 +16,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
-from dwlab.assign.base import LabelAssigner
+from dwlab.assign.base import LabelAssigner, weighted_total
 from dwlab.distributed import all_workers
 from dwlab.errors import NonFiniteLoss
 from dwlab.models.postprocess import Detections, postprocess
@@ -56,11 +56,12 @@ def train_one_epoch(
     on_step: Callable[[dict[str, float]], None] | None = None,
     skipped: list | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of each loss term (unweighted by anything
-    but the assigner's own weights), ``loss`` their sum, ``lr`` at the end, ``iters_per_s``,
-    ``images`` (trained on) and ``skipped_images`` (unreadable, left out; each one appended
-    to ``skipped`` when given). A batch without a readable image takes no step; under
-    data parallelism no worker steps then (each worker must take the same steps)."""
+    """One pass over ``loader``; returns the mean of each raw (unweighted) loss term, ``loss``
+    the mean of the total trained on, ``weighted_total(terms, assigner.loss_weights)``, ``lr``
+    at the end, ``iters_per_s``, ``images`` (trained on) and ``skipped_images`` (unreadable,
+    left out; each one appended to ``skipped`` when given). A batch without a readable image
+    takes no step; under data parallelism no worker steps then (each worker must take the same
+    steps)."""
     model.train()
     sums: dict[str, float] = defaultdict(float)
     count = images_seen = n_skipped = 0
@@ -84,11 +85,11 @@ def train_one_epoch(
         with torch.autocast(device.type, enabled=use_amp):
             outputs = model(images)
         losses = assigner(outputs, targets)
-        total = sum(losses.values())
+        total = weighted_total(losses, assigner.loss_weights)
         if nan_at_iter is not None and state.iteration == nan_at_iter:
             total = total * float("nan")  # test-only fault injection
         if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g}" for k, v in losses.items())
+            terms = ", ".join(f"{k}={v.item():.4g} (x{assigner.loss_weights[k]:g})" for k, v in losses.items())
             raise NonFiniteLoss(f"non-finite loss {total.item()} at iteration {state.iteration}: {terms}")
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from dwlab.assign import build_assigner
 from dwlab.assign.atss import ATSSAssigner, anchor_boxes, atss_match
 from dwlab.assign.autoassign import AutoAssignAssigner
+from dwlab.assign.base import weighted_total
 from dwlab.assign.gfl import GFLAssigner, quality_focal_loss
 from dwlab.assign.table1 import TABLE1
 from dwlab.assign.tood import TOODAssigner
@@ -37,6 +38,11 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def scaled(assigner, losses: dict) -> dict:
+    """Each term times its weight: the pre-weighted terms the hand cases state."""
+    return {k: assigner.loss_weights[k] * v for k, v in losses.items()}
 
 
 def anchors_of(levels: list[list[tuple[float, float]]], strides: list[float]) -> Anchors:
@@ -124,7 +130,8 @@ def test_atss_loss_hand_case():
     boxes = [[p[0] - 4, p[1] - 4, p[0] + 4, p[1] + 4] for level in ATSS_ANCHORS for p in level]
     boxes[3] = [4.0, 0.0, 16.0, 16.0]  # the positive's prediction: IoU = GIoU = 0.75
     out = outputs_of(anchors, boxes, [[0.5, 0.5]] * 6, ctr_logit=0.0)
-    losses = ATSSAssigner(2, topk=2, anchor_scale=1.0)(out, [target(GT, labels=[1])])
+    atss = ATSSAssigner(2, topk=2, anchor_scale=1.0)
+    losses = scaled(atss, atss(out, [target(GT, labels=[1])]))
     # focal, all p = 0.5: 11 negatives alpha_t = 0.75, one positive alpha_t = 0.25, (1 - p_t)^2 = 0.25
     assert losses["loss_cls"].item() == approx((11 * 0.75 + 0.25) * 0.25 * LN(2))
     # centerness target at (8, 8) in [0,0,16,16] is 1; GIoU weighted by it over its sum, x 2
@@ -182,7 +189,7 @@ def test_gfl_loss_hand_case():
     asg = gfl.assign(out, targets)
     assert asg.matched[0].tolist() == [-1, -1, -1, 0, -1, -1]
     assert asg.quality.tolist() == approx([0.75])  # y = IoU of the predicted box
-    losses = gfl(out, targets)
+    losses = scaled(gfl, gfl(out, targets))
     pos = -(0.15**2) * (0.75 * LN(0.6) + 0.25 * LN(0.4))
     neg = 11 * -(0.1**2) * LN(0.9)  # y = 0: s^2 (-ln(1 - s))
     assert losses["loss_cls"].item() == approx(pos + neg)
@@ -195,7 +202,7 @@ def test_vfl_target_is_iou_for_positives_and_zero_otherwise():
     vfl = VFLAssigner(2, topk=2, anchor_scale=1.0)
     asg = vfl.assign(out, targets)
     assert asg.quality.tolist() == approx([0.75])
-    losses = vfl(out, targets)
+    losses = scaled(vfl, vfl(out, targets))
     pos = -0.75 * (0.75 * LN(0.6) + 0.25 * LN(0.4))
     neg = 11 * -0.75 * 0.1**2 * LN(0.9)
     assert losses["loss_cls"].item() == approx(pos + neg)
@@ -238,7 +245,7 @@ def test_tood_picks_top13_by_alignment_and_normalises_to_max_iou():
     best = max(top, key=lambda i: t[i])
     assert float(m.target[0, best]) == approx(u_max)  # the best-aligned anchor gets the max IoU
     # loss: QFL on t_hat, GIoU weighted by t_hat, both over sum(t_hat)
-    losses = tood(out, targets)
+    losses = scaled(tood, tood(out, targets))
     cls = sum(-((th - TOOD_S[i]) ** 2) * (th * LN(TOOD_S[i]) + (1 - th) * LN(1 - TOOD_S[i])) for i, th in zip(top, t_hat))
     cls += sum(-(TOOD_S[i] ** 2) * LN(1 - TOOD_S[i]) for i in range(16) if i not in top)
     norm = max(sum(t_hat), 1.0)
@@ -279,11 +286,11 @@ def test_autoassign_weights_and_loss_hand_case():
     w_neg = {0: 0.0, 1: 0.75, 3: 1.0, 4: 0.75}
     assert asg.w_neg.tolist() == approx([w_neg[a] for a in bag], abs=1e-6)
     assert not any(v.requires_grad for v in vars(asg).values() if isinstance(v, torch.Tensor))
-    losses = aa(out, targets)
+    losses = scaled(aa, aa(out, targets))
     pos_cls = sum(w_pos[a] * -LN(s[a]) for a in bag)
     pos_reg = sum(w_pos[a] * 5 * (1 - iou[a]) for a in bag)
-    assert losses["loss_pos_cls"].item() == approx(0.25 * pos_cls)  # over 1 GT
-    assert losses["loss_pos_reg"].item() == approx(0.25 * pos_reg)
+    assert losses["loss_cls_pos"].item() == approx(0.25 * pos_cls)  # over 1 GT
+    assert losses["loss_box"].item() == approx(0.25 * pos_reg)
     neg = sum(w_neg.get(a, 1.0) * sc[1] ** 2 * -LN(1 - sc[1]) + sc[0] ** 2 * -LN(1 - sc[0]) for a, sc in enumerate(scores))
     assert losses["loss_neg"].item() == approx(0.75 * neg / (4 * math.exp(-0.25)), rel=1e-4)
 
@@ -320,7 +327,7 @@ def test_images_without_gts_give_finite_loss_with_gradient(method):
     for targets in ([empty_target(), empty_target()], [one, empty_target()]):
         out = random_outputs(2)
         losses = assigner(out, targets)
-        total = sum(losses.values())
+        total = weighted_total(losses, assigner.loss_weights)
         assert torch.isfinite(total) and total.item() > 0, losses
         total.backward()
         assert out.cls_logits.grad is not None and torch.isfinite(out.cls_logits.grad).all()

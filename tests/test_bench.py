@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dwlab.assign.base import weighted_total
 from dwlab.assign.dw import DWAssigner
 from dwlab.bench.loss import LossCase, check_agreement, loss_fns, synthetic_batch
 from dwlab.bench.measure import in_fresh_process, interleaved_medians, peak_extra_bytes
@@ -25,7 +26,7 @@ def test_loop_reference_matches_dw_terms_and_gradients(num_gts):
     dw = DWAssigner(case.num_classes)
     grads = []
     for fn in (lambda: dw(outputs, targets), lambda: dw_loss_per_gt_loop(outputs, targets, dw)):
-        sum(fn().values()).backward()
+        weighted_total(fn(), dw.loss_weights).backward()
         grads.append([torch.zeros_like(t) if t.grad is None else t.grad.clone() for t in (outputs.cls_logits, outputs.centerness, outputs.distances)])
         for t in (outputs.cls_logits, outputs.centerness, outputs.distances):
             t.grad = None

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torchvision.ops import box_iou, generalized_box_iou, sigmoid_focal_loss
 
 from dwlab.assign.bags import candidate_prior_dense
+from dwlab.assign.base import weighted_total
 from dwlab.assign.dw import (
     DWAssigner,
     dual_weights,
@@ -218,9 +219,9 @@ def test_losses_are_finite_and_gradient_reaches_head_not_weights():
     outputs = make_outputs(2)
     assigner = DWAssigner(C)
     losses = assigner(outputs, targets_two_images())
-    assert set(losses) == {"loss_cls_pos", "loss_reg", "loss_neg"}
+    assert set(losses) == {"loss_cls_pos", "loss_box", "loss_neg"} == set(assigner.loss_weights)
     assert all(torch.isfinite(v) and v > 0 for v in losses.values())
-    sum(losses.values()).backward()
+    weighted_total(losses, assigner.loss_weights).backward()
     for x in (outputs.cls_logits, outputs.centerness, outputs.distances):
         assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     asg = assigner.assign(outputs, targets_two_images())
@@ -291,7 +292,7 @@ def test_neg_gradient_is_torchvision_focal_times_the_factor():
     empty = [Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) for _ in range(2)]
     neg = assigner.loss_sums(outputs, empty).neg
     focal = sigmoid_focal_loss(cls, torch.zeros_like(cls), alpha=-1, reduction="sum")
-    assert float(neg) == pytest.approx(float(focal), rel=1e-5)
+    assert float(neg.detach()) == pytest.approx(float(focal.detach()), rel=1e-5)
 
 
 def test_no_ineg_drops_the_score_power_in_bag_only():
@@ -307,12 +308,13 @@ def test_no_ineg_drops_the_score_power_in_bag_only():
 def test_image_without_gts_gives_focal_negatives_only():
     outputs = make_outputs(2)
     empty = [Target(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)) for _ in range(2)]
-    losses = DWAssigner(C)(outputs, empty)
-    assert losses["loss_cls_pos"].item() == 0.0 and losses["loss_reg"].item() == 0.0
+    assigner = DWAssigner(C)
+    losses = assigner(outputs, empty)
+    assert losses["loss_cls_pos"].item() == 0.0 and losses["loss_box"].item() == 0.0
     s = outputs.scores().detach()
     expected = (s**2 * -torch.log1p(-s)).sum()  # focal negative, normaliser clamped to 1
     assert losses["loss_neg"].item() == pytest.approx(float(expected), rel=1e-5)
-    sum(losses.values()).backward()
+    weighted_total(losses, assigner.loss_weights).backward()
     assert outputs.cls_logits.grad.abs().sum() > 0 and torch.isfinite(outputs.cls_logits.grad).all()
 
 
@@ -328,9 +330,9 @@ def test_batched_equals_per_image(variant):
         assert float(getattr(whole, name)) == pytest.approx(sum(float(getattr(p, name)) for p in parts), rel=1e-5)
     assert float(whole.neg_norm) > 1.0  # high IoUs: the neg normaliser is not the clamp
     losses = assigner(outputs, targets)
-    scale = assigner.pos_scale
-    assert float(losses["loss_cls_pos"]) == pytest.approx(scale * sum(float(p.cls_pos) for p in parts) / 3, rel=1e-5)
-    assert float(losses["loss_reg"]) == pytest.approx(scale * 5.0 * sum(float(p.reg) for p in parts) / 3, rel=1e-5)
+    scale, w = assigner.pos_scale, assigner.loss_weights
+    assert float(w["loss_cls_pos"] * losses["loss_cls_pos"]) == pytest.approx(scale * sum(float(p.cls_pos) for p in parts) / 3, rel=1e-5)
+    assert float(w["loss_box"] * losses["loss_box"]) == pytest.approx(scale * 5.0 * sum(float(p.reg) for p in parts) / 3, rel=1e-5)
     expected_neg = sum(float(p.neg) for p in parts) / sum(float(p.neg_norm) for p in parts)
     assert float(losses["loss_neg"]) == pytest.approx(expected_neg, rel=1e-5)
 
@@ -387,8 +389,9 @@ def test_official_loss_scales_pos_terms():
     outputs = make_outputs(2, requires_grad=False)
     assigner = DWAssigner(C, variant="official")
     sums, losses = assigner.loss_sums(outputs, targets), assigner(outputs, targets)
-    assert float(losses["loss_cls_pos"]) == pytest.approx(0.25 * float(sums.cls_pos) / 3, rel=1e-6)
-    assert float(losses["loss_reg"]) == pytest.approx(0.25 * 5 * float(sums.reg) / 3, rel=1e-6)
+    w = assigner.loss_weights
+    assert float(w["loss_cls_pos"] * losses["loss_cls_pos"]) == pytest.approx(0.25 * float(sums.cls_pos) / 3, rel=1e-6)
+    assert float(w["loss_box"] * losses["loss_box"]) == pytest.approx(0.25 * 5 * float(sums.reg) / 3, rel=1e-6)
 
 
 def test_all_weights_one_is_plain_bce():
@@ -432,8 +435,9 @@ def test_log_scores_are_stable_and_exact():
     with torch.no_grad():
         outputs.cls_logits.mul_(40)
         outputs.centerness.mul_(40)
-    losses = DWAssigner(C)(outputs, targets_two_images()[:1])
-    sum(losses.values()).backward()
+    assigner = DWAssigner(C)
+    losses = assigner(outputs, targets_two_images()[:1])
+    weighted_total(losses, assigner.loss_weights).backward()
     assert all(torch.isfinite(v) for v in losses.values()) and torch.isfinite(outputs.cls_logits.grad).all()
 
 

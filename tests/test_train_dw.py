@@ -23,7 +23,7 @@ def test_dw_with_box_refinement_trains_and_pos_terms_fall(tmp_path, synth_root):
                       train={"epochs": 4, "grad_clip": 10.0})
     history = []
     result = run_training(validate(raw, "t"), tmp_path / "run", on_epoch_end=lambda r: history.append(r.metrics))
-    for key in ("loss_cls_pos", "loss_reg"):
+    for key in ("loss_cls_pos", "loss_box"):
         assert history[-1][key] < history[0][key], [h[key] for h in history]
     assert all(math.isfinite(h["loss"]) for h in history)
     assert set(result.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}

@@ -108,7 +108,8 @@ def atss_match(
 class ATSSAssigner:
     """ATSS assignment with the FCOS-style loss of the ATSS paper (focal, GIoU, centerness).
 
-    Returns ``{"loss_cls", "loss_box", "loss_ctr"}``, already weighted.
+    Returns ``{"loss_cls", "loss_box", "loss_ctr"}``, unweighted; ``loss_weights`` gives
+    ``loss_box`` the weight ``box_weight``.
     """
 
     def __init__(
@@ -128,6 +129,7 @@ class ATSSAssigner:
         self.num_classes = num_classes
         self.topk, self.anchor_scale = topk, anchor_scale
         self.focal_alpha, self.focal_gamma, self.box_weight = focal_alpha, focal_gamma, box_weight
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight, "loss_ctr": 1.0}
 
     @classmethod
     def from_config(cls, cfg: ATSSAssignerConfig, num_classes: int) -> ATSSAssigner:
@@ -160,7 +162,7 @@ class ATSSAssigner:
         )
         return {
             "loss_cls": loss_cls / num_pos,
-            "loss_box": self.box_weight * loss_box / normaliser(ctr_target.sum(), device),
+            "loss_box": loss_box / normaliser(ctr_target.sum(), device),
             "loss_ctr": loss_ctr / num_pos,
         }
 

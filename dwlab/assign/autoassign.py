@@ -81,8 +81,10 @@ def _per_gt(values: Tensor, gt: Tensor, num_gts: int, how: str) -> Tensor:
 class AutoAssignAssigner:
     """AutoAssign's centre prior and confidence-weighted pos / neg weights, detached, on the loss.
 
-    Returns ``{"loss_pos_cls", "loss_pos_reg", "loss_neg"}``, already weighted (pos_cls + pos_reg
-    is the weighted -ln P+ of the positive term).
+    Returns ``{"loss_cls_pos", "loss_box", "loss_neg"}``, unweighted: ``sum w+ (-ln s)`` and
+    ``sum w+ GIoULoss`` over the number of GTs, the negative term over the sum of the prior.
+    ``loss_weights``: ``pos_weight``, ``pos_weight * loc_lambda`` (-ln P_loc = lambda GIoULoss,
+    so cls_pos + lambda * box is the weighted -ln P+), ``neg_weight``.
     """
 
     def __init__(
@@ -102,6 +104,7 @@ class AutoAssignAssigner:
             raise ValueError(f"prior_sigma and tau must be positive, got {prior_sigma} and {tau}")
         self.num_classes, self.prior_sigma, self.tau, self.loc_lambda = num_classes, prior_sigma, tau, loc_lambda
         self.neg_gamma, self.pos_weight, self.neg_weight = neg_gamma, pos_weight, neg_weight
+        self.loss_weights = {"loss_cls_pos": pos_weight, "loss_box": pos_weight * loc_lambda, "loss_neg": neg_weight}
 
     @classmethod
     def from_config(cls, cfg: AutoAssignAssignerConfig, num_classes: int) -> AutoAssignAssigner:
@@ -165,15 +168,15 @@ class AutoAssignAssigner:
         flat = asg.image * a + asg.anchor
         log_s = log_joint_score(cls.reshape(-1)[flat * c + asg.label], ctr.reshape(-1)[flat])
         pos_cls = (asg.w_pos * -log_s).sum()
-        pos_reg = (asg.w_pos * self.loc_lambda * giou_loss).sum()  # -ln P_loc = lambda * GIoULoss
+        pos_box = (asg.w_pos * giou_loss).sum()  # -ln P_loc = lambda * GIoULoss, lambda in the weight
         s = torch.exp(log_joint_score(cls, ctr.unsqueeze(-1)))
         neg = (self.neg_weights(outputs, asg) * s.pow(self.neg_gamma) * -log1m_joint_score(cls, ctr.unsqueeze(-1))).sum()
         n_pos = normaliser(float(asg.gt_labels.numel()), device)
         n_neg = normaliser(asg.prior.sum(), device)
         return {
-            "loss_pos_cls": self.pos_weight * pos_cls / n_pos,
-            "loss_pos_reg": self.pos_weight * pos_reg / n_pos,
-            "loss_neg": self.neg_weight * neg / n_neg,
+            "loss_cls_pos": pos_cls / n_pos,
+            "loss_box": pos_box / n_pos,
+            "loss_neg": neg / n_neg,
         }
 
     # --------------------------------------------------------------------- visualisation

@@ -304,7 +304,8 @@ class DWAssigner:
     Every DW constant is a keyword argument with the paper's default (the fields of
     ``DWAssignerConfig``); ``loc_score``, ``mu_norm``, ``pneg_high``, ``pneg_bag_minmax`` and
     ``pos_scale`` left None are filled from ``variant`` ("paper" or "official") with the same
-    table as the config. Returns ``{"loss_cls_pos", "loss_reg", "loss_neg"}``, already weighted.
+    table as the config. Returns ``{"loss_cls_pos", "loss_box", "loss_neg"}``, unweighted;
+    ``loss_weights``: ``pos_scale``, ``pos_scale * beta`` (Eq. 11's beta * GIoU loss), 1.
     """
 
     def __init__(
@@ -357,6 +358,7 @@ class DWAssigner:
         self.beta, self.mu, self.gamma1, self.gamma2 = beta, mu, gamma1, gamma2
         self.neg_variant, self.pneg_low, self.neg_norm = neg_variant, pneg_low, neg_norm
         self.bag, self.bag_radius, self.bag_topk, self.prior_sigma = bag, bag_radius, bag_topk, prior_sigma
+        self.loss_weights = {"loss_cls_pos": self.pos_scale, "loss_box": self.pos_scale * beta, "loss_neg": 1.0}
 
     @classmethod
     def from_config(cls, cfg: DWAssignerConfig, num_classes: int) -> DWAssigner:
@@ -461,8 +463,8 @@ class DWAssigner:
         n_pos = normaliser(sums.num_gts, device)
         n_neg = normaliser(sums.neg_norm.detach(), device) if self.neg_norm == "pneg" else n_pos
         return {
-            "loss_cls_pos": self.pos_scale * sums.cls_pos / n_pos,
-            "loss_reg": self.pos_scale * self.beta * sums.reg / n_pos,  # Eq. 11: beta * GIoU loss
+            "loss_cls_pos": sums.cls_pos / n_pos,
+            "loss_box": sums.reg / n_pos,  # Eq. 11's GIoU loss; beta is in loss_weights
             "loss_neg": sums.neg / n_neg,
         }
 

@@ -100,6 +100,7 @@ class FCOSAssigner:
         self.center_radius = center_radius
         self.size_ranges = list(size_ranges)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": 1.0, "loss_ctr": 1.0}
 
     @classmethod
     def from_config(cls, cfg: FCOSAssignerConfig, num_classes: int) -> FCOSAssigner:

@@ -87,7 +87,8 @@ class QualityAssignment:
 class GFLAssigner:
     """ATSS assignment + QFL on the joint score + quality-weighted GIoU (no DFL).
 
-    Returns ``{"loss_cls", "loss_box"}``, already weighted.
+    Returns ``{"loss_cls", "loss_box"}``, unweighted; ``loss_weights`` gives ``loss_box`` the
+    weight ``box_weight``.
     """
 
     def __init__(
@@ -99,6 +100,7 @@ class GFLAssigner:
             raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
         self.num_classes, self.topk, self.anchor_scale = num_classes, topk, anchor_scale
         self.beta, self.box_weight = beta, box_weight
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
 
     @classmethod
     def from_config(cls, cfg: GFLAssignerConfig, num_classes: int) -> GFLAssigner:
@@ -124,7 +126,7 @@ class GFLAssigner:
         )
         return {
             "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": self.box_weight * asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
+            "loss_box": asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
         }
 
     @torch.no_grad()

@@ -114,7 +114,8 @@ def task_aligned_match(
 class TOODAssigner:
     """Task-aligned assignment + focal-style loss on t_hat + t_hat-weighted GIoU.
 
-    Returns ``{"loss_cls", "loss_box"}``, already weighted.
+    Returns ``{"loss_cls", "loss_box"}``, unweighted; ``loss_weights`` gives ``loss_box`` the
+    weight ``box_weight``.
     """
 
     def __init__(
@@ -133,6 +134,7 @@ class TOODAssigner:
             raise ValueError(f"topk must be >= 1, got {topk}")
         self.num_classes, self.topk, self.alpha, self.beta = num_classes, topk, alpha, beta
         self.qfl_beta, self.box_weight = qfl_beta, box_weight
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
 
     @classmethod
     def from_config(cls, cfg: TOODAssignerConfig, num_classes: int) -> TOODAssigner:
@@ -163,7 +165,7 @@ class TOODAssigner:
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=self.qfl_beta, reduction="sum"
         )
         norm = normaliser(asg.quality.sum(), outputs.cls_logits.device)
-        return {"loss_cls": loss_cls / norm, "loss_box": self.box_weight * asg.pos.weighted_giou(asg.box_weight) / norm}
+        return {"loss_cls": loss_cls / norm, "loss_box": asg.pos.weighted_giou(asg.box_weight) / norm}
 
     @torch.no_grad()
     def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:

@@ -64,7 +64,8 @@ def varifocal_loss(
 class VFLAssigner:
     """ATSS assignment + Varifocal Loss on the joint score + IoU-weighted GIoU.
 
-    Returns ``{"loss_cls", "loss_box"}``, already weighted.
+    Returns ``{"loss_cls", "loss_box"}``, unweighted; ``loss_weights`` gives ``loss_box`` the
+    weight ``box_weight``.
     """
 
     def __init__(
@@ -83,6 +84,7 @@ class VFLAssigner:
             raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
         self.num_classes, self.topk, self.anchor_scale = num_classes, topk, anchor_scale
         self.alpha, self.gamma, self.box_weight = alpha, gamma, box_weight
+        self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
 
     @classmethod
     def from_config(cls, cfg: VFLAssignerConfig, num_classes: int) -> VFLAssigner:
@@ -107,7 +109,7 @@ class VFLAssigner:
         )  # fmt: skip
         return {
             "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": self.box_weight * asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
+            "loss_box": asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
         }
 
     @torch.no_grad()

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dwlab.assign.base import weighted_total
 from dwlab.assign.dw import DWAssigner
 from dwlab.assign.fcos import FCOSAssigner
 from dwlab.bench.measure import in_fresh_process, interleaved_medians, peak_extra_bytes
@@ -64,12 +65,13 @@ def loss_fns(case: LossCase, device: torch.device) -> dict:
     outputs, targets = synthetic_batch(case, device)
     dw = DWAssigner(case.num_classes)
     fcos = FCOSAssigner(case.num_classes)
-    losses = {"dw": lambda: dw(outputs, targets), "loop": lambda: dw_loss_per_gt_loop(outputs, targets, dw),
-              "fcos": lambda: fcos(outputs, targets)}  # fmt: skip
+    losses = {"dw": lambda: (dw(outputs, targets), dw.loss_weights),
+              "loop": lambda: (dw_loss_per_gt_loop(outputs, targets, dw), dw.loss_weights),
+              "fcos": lambda: (fcos(outputs, targets), fcos.loss_weights)}  # fmt: skip
 
     def step(loss_fn):
         def run():
-            total = sum(loss_fn().values())
+            total = weighted_total(*loss_fn())
             total.backward()
             for leaf in (outputs.cls_logits, outputs.centerness, outputs.distances):
                 leaf.grad = None

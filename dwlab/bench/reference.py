@@ -22,7 +22,7 @@ from dwlab.models.outputs import HeadOutputs
 
 
 def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssigner) -> dict[str, Tensor]:
-    """The same three terms as ``dw(outputs, targets)`` for ``variant="paper"``, ``bag="soft"``,
+    """The same three (unweighted) terms as ``dw(outputs, targets)`` for ``variant="paper"``, ``bag="soft"``,
     ``neg_variant="full"`` in one process (no DDP averaging)."""
     if dw.variant != "paper" or dw.bag != "soft" or dw.neg_variant != "full" or dw.neg_norm != "pneg":
         raise ValueError("the loop reference implements the paper variant with the soft bag only")
@@ -65,7 +65,7 @@ def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssig
         neg_norm += float((1.0 - in_bag_p_neg[in_bag]).sum())
     n_pos, n_neg = max(num_gts, 1), max(neg_norm, 1.0)
     return {
-        "loss_cls_pos": dw.pos_scale * cls_pos / n_pos,
-        "loss_reg": dw.pos_scale * dw.beta * reg / n_pos,
+        "loss_cls_pos": cls_pos / n_pos,
+        "loss_box": reg / n_pos,
         "loss_neg": neg / n_neg,
     }

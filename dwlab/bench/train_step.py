@@ -13,6 +13,7 @@ from torchvision.models.detection import FCOS as TorchvisionFCOS
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
 from dwlab.assign import build_assigner
+from dwlab.assign.base import weighted_total
 from dwlab.config import Config
 from dwlab.data.target import Target
 from dwlab.data.transforms import normalize
@@ -63,6 +64,10 @@ def torchvision_fcos(cfg: Config, num_classes: int) -> TorchvisionFCOS:
     )  # fmt: skip
 
 
+def _dwlab_loss(model: nn.Module, assigner, images: torch.Tensor, targets: list[Target]) -> torch.Tensor:
+    return weighted_total(assigner(model(images), targets), assigner.loss_weights)
+
+
 def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, Callable[[], None]]:
     """``{candidate: () -> None}``, one optimizer step each on the same batch. SGD for all
     (the paper's optimizer); AMP on CUDA when ``train.amp``."""
@@ -73,14 +78,14 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
     tv_targets = [{"boxes": t.boxes.to(device), "labels": t.labels.to(device)} for t in targets]
     use_amp = cfg.train.amp and device.type == "cuda"
 
-    def make(model: nn.Module, loss_fn: Callable[[], dict]) -> Callable[[], None]:
+    def make(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         optimizer = torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
 
         def step() -> None:
             with torch.autocast(device.type, enabled=use_amp):
-                losses = loss_fn()
+                loss = loss_fn()
             optimizer.zero_grad(set_to_none=True)
-            sum(losses.values()).backward()
+            loss.backward()
             optimizer.step()
 
         return step
@@ -93,8 +98,9 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
         model = build_model(cfg.model.model_copy(update={"pretrained": False, "box_refine": refine}), num_classes)
         model = model.to(device).train()
         assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
-        fns[name] = make(model, lambda model=model, assigner=assigner: assigner(model(dwlab_images), dwlab_targets))
+        loss = functools.partial(_dwlab_loss, model, assigner, dwlab_images, dwlab_targets)
+        fns[name] = make(model, loss)
     torch.manual_seed(0)
     tv = torchvision_fcos(cfg, num_classes).to(device).train()
-    fns["torchvision FCOS"] = make(tv, lambda: tv(tv_images, tv_targets))
+    fns["torchvision FCOS"] = make(tv, lambda: sum(tv(tv_images, tv_targets).values()))  # its own weights: 1
     return fns
