@@ -83,8 +83,12 @@ class FCOSAssignerConfig(Strict):
 class DWAssignerConfig(Strict):
     """Dual Weighting (Li et al., CVPR 2022). Symbols follow the paper: beta, mu, gamma1, gamma2.
 
-    ``variant: official`` fills every field left null with the released code's choice
-    (METHOD.md, "Where the released code differs"); ``paper`` fills them with the paper's.
+    The released-code constants left null stay null here (and in a run's ``config.yaml``); the
+    assigner resolves them from ``variant`` when it is built (``dwlab.assign.dw.DWParams``:
+    ``official`` takes the released code's choices, METHOD.md "Where the released code
+    differs", ``paper`` the paper's), and the run records the resolved values apart
+    (``resolved.yaml``). So a saved config re-run with another ``mu`` or ``variant`` resolves
+    them anew.
     """
 
     variant: Literal["paper", "official"] = "paper"
@@ -97,7 +101,7 @@ class DWAssignerConfig(Strict):
     bag_radius: float = Field(2.0, gt=0.0)  # threshold bag: distance / stride < r
     bag_topk: int = Field(9, ge=1)  # top-k bag: k nearest per FPN level
     prior_sigma: float = Field(1.11, gt=0.0)  # soft bag: Gaussian sigma in stride units
-    # released-code constants (null: decided by ``variant``)
+    # released-code constants (null: decided by ``variant`` when the assigner is built)
     loc_score: Literal["iou_pow", "exp_giou"] | None = None  # t = s*iou**beta | s*exp(-beta*GIoULoss)
     mu_norm: float | None = None  # exponent in the pos normaliser (paper: mu, official: 3)
     pneg_high: float | None = None  # IoU where P_neg reaches 0 (paper 0.95, official 1.0)
@@ -110,19 +114,9 @@ class DWAssignerConfig(Strict):
     neg_norm: Literal["pneg", "num_gts"] = "pneg"
 
     @model_validator(mode="after")
-    def _fill_variant(self) -> DWAssignerConfig:
-        official = self.variant == "official"
-        defaults = {
-            "loc_score": "exp_giou" if official else "iou_pow",
-            "mu_norm": 3.0 if official else self.mu,
-            "pneg_high": 1.0 if official else 0.95,
-            "pneg_bag_minmax": official,
-            "pos_scale": 0.25 if official else 1.0,
-        }
-        for key, value in defaults.items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)
-        if not self.pneg_low < self.pneg_high:
+    def _check_pneg_range(self) -> DWAssignerConfig:
+        # with pneg_high null the bound depends on the variant: DWParams checks it when built
+        if self.pneg_high is not None and not self.pneg_low < self.pneg_high:
             raise ValueError(f"pneg_low={self.pneg_low} must be below pneg_high={self.pneg_high}")
         return self
 

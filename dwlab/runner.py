@@ -1,7 +1,9 @@
 """A whole run from a config: data, model, assigner, optimiser, epochs, checkpoints, evaluation.
 
-A run directory holds ``config.yaml`` (the resolved config), ``metrics.jsonl`` (one line per
-epoch), ``checkpoints/last.pt`` (+ ``prev.pt``) and ``eval.json`` (final COCO metrics).
+A run directory holds ``config.yaml`` (the config as given, fields left null stay null),
+``resolved.yaml`` (what the run resolved beyond it: the assigner's constants and loss weights,
+see ``resolved_record``), ``metrics.jsonl`` (one line per epoch), ``checkpoints/last.pt``
+(+ ``prev.pt``) and ``eval.json`` (final COCO metrics).
 Under torch.distributed (e.g. a Ray Train worker) it trains data-parallel; rank 0 writes files.
 
 Images that cannot be decoded are skipped, not fatal (see ``data.coco``): each epoch's
@@ -17,15 +19,17 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from dwlab import __version__, checkpoint
 from dwlab.assign import build_assigner
+from dwlab.assign.base import LabelAssigner
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, SkippedImage, collate
 from dwlab.distributed import is_distributed, mean_over_workers, rank, sum_over_workers, world_size
@@ -43,6 +47,7 @@ class EpochReport:
     epochs: int
     metrics: dict[str, float]  # mean loss terms, lr, iters_per_s, images_seen; AP* when evaluated
     checkpoint: Path | None  # written for this epoch (rank 0 only)
+    resolved: dict[str, Any]  # resolved_record of the run
 
 
 @dataclass
@@ -50,6 +55,7 @@ class RunResult:
     out_dir: Path
     metrics: dict[str, float]  # final AP, AP50, AP75, APs, APm, APl
     epochs_done: int
+    resolved: dict[str, Any]  # resolved_record of the run
 
 
 # ----------------------------------------------------------------------------- building
@@ -97,6 +103,34 @@ def num_classes_of(cfg: Config, dataset: CocoDetection) -> int:
             f"model.num_classes={n} but {dataset.ann_file} has {dataset.num_classes} categories"
         )
     return dataset.num_classes
+
+
+def make_assigner(cfg: Config, num_classes: int) -> LabelAssigner:
+    """``build_assigner``; a value the builder refuses (e.g. DW's ``pneg_low`` against its
+    variant's ``pneg_high``) is a one-line ``DwlabError`` naming the section."""
+    try:
+        return build_assigner(cfg.assigner, num_classes)
+    except ValueError as err:
+        raise DwlabError(f"assigner.{cfg.assigner.name}: {err}") from None
+
+
+def resolved_record(cfg: Config, assigner: LabelAssigner) -> dict[str, Any]:
+    """What a run resolves beyond its config: ``{"assigner": {name: assigner.resolved_params()}}``
+    when the assigner has that method (DW: every constant after the variant table), and
+    ``{"loss_weights": assigner.loss_weights}``."""
+    record: dict[str, Any] = {}
+    resolved_params = getattr(assigner, "resolved_params", None)
+    if resolved_params is not None:
+        record["assigner"] = {cfg.assigner.name: resolved_params()}
+    record["loss_weights"] = dict(assigner.loss_weights)
+    return record
+
+
+def write_run_config(out_dir: Path, cfg: Config, resolved: dict[str, Any]) -> None:
+    """``config.yaml`` (the config as given) and ``resolved.yaml`` (``resolved_record``)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+    (out_dir / "resolved.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
 
 
 def pick_device(name: str) -> torch.device:
@@ -232,7 +266,8 @@ def run_training(
     num_classes = num_classes_of(cfg, train_set)
     device = pick_device(cfg.train.device)
     model = build_model(cfg.model, num_classes).to(device)
-    assigner = build_assigner(cfg.assigner, num_classes)
+    assigner = make_assigner(cfg, num_classes)
+    resolved = resolved_record(cfg, assigner)
     groups = param_groups(model, cfg.train.weight_decay)
     if cfg.train.optimizer == "sgd":
         optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
@@ -259,8 +294,7 @@ def run_training(
             torch.set_rng_state(saved["rng"])
     is_main = rank() == 0
     if is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "config.yaml").write_text(dump_yaml(cfg))
+        write_run_config(out_dir, cfg, resolved)
 
     net = model
     if is_distributed():
@@ -329,6 +363,7 @@ def run_training(
                         "iteration": state.iteration,
                         "rng": torch.get_rng_state(),
                         "config": to_dict(cfg),
+                        "resolved": resolved,
                         "dwlab_version": __version__,
                     },
                     ckpt_dir,
@@ -337,14 +372,14 @@ def run_training(
             with open(out_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
         if on_epoch_end is not None:
-            on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path))
+            on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path, resolved))
 
     final = {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics}
     if not final and history:  # resumed after the last epoch: nothing left to train
         final = {k: history[-1][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in history[-1]}
     if is_main and final:
         _write_json(out_dir / "eval.json", final)
-    return RunResult(out_dir, final, max(start_epoch, cfg.train.epochs))
+    return RunResult(out_dir, final, max(start_epoch, cfg.train.epochs), resolved)
 
 
 def _report_skipped(epoch: int, epochs: int, skipped: list[SkippedImage], metrics: dict[str, float]) -> None:

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from dwlab.assign.base import weighted_total
-from dwlab.assign.dw import DWAssigner
+from dwlab.assign.dw import DWAssigner, DWParams
 from dwlab.bench.loss import LossCase, check_agreement, loss_fns, synthetic_batch
 from dwlab.bench.measure import in_fresh_process, interleaved_medians, peak_extra_bytes
 from dwlab.bench.reference import dw_loss_per_gt_loop
@@ -37,7 +37,7 @@ def test_loop_reference_matches_dw_terms_and_gradients(num_gts):
 def test_loop_reference_refuses_other_variants():
     outputs, targets = synthetic_batch(LossCase(3, 128, 128, 5), CPU)
     with pytest.raises(ValueError, match="paper variant"):
-        dw_loss_per_gt_loop(outputs, targets, DWAssigner(5, variant="official"))
+        dw_loss_per_gt_loop(outputs, targets, DWAssigner(5, DWParams(variant="official")))
 
 
 def test_loss_fns_run_forward_and_backward_and_leave_no_grad():

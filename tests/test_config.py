@@ -46,15 +46,32 @@ def test_wrong_type_and_unknown_key_name_the_file_and_key(tmp_path):
         load_config(str(tmp_path / "missing.yaml"))
 
 
-def test_dw_variant_fills_released_code_constants():
-    paper = validate({"assigner": {"dw": {"mu": 6}}}, "x").assigner.dw
+def test_dw_variant_constants_stay_null_in_the_config_and_resolve_in_dwparams():
+    from dwlab.assign.dw import DWParams
+
+    released = ("loc_score", "mu_norm", "pneg_high", "pneg_bag_minmax", "pos_scale")
+    cfg = validate({"assigner": {"dw": {"mu": 6}}}, "x").assigner.dw
+    assert all(getattr(cfg, k) is None for k in released)
+    paper = DWParams.from_config(cfg)
     assert (paper.loc_score, paper.mu_norm, paper.pneg_high, paper.pneg_bag_minmax, paper.pos_scale) == (
         "iou_pow", 6.0, 0.95, False, 1.0)
-    official = validate({"assigner": {"dw": {"variant": "official"}}}, "x").assigner.dw
+    official = DWParams.from_config(validate({"assigner": {"dw": {"variant": "official"}}}, "x").assigner.dw)
     assert (official.loc_score, official.mu_norm, official.pneg_high, official.pneg_bag_minmax, official.pos_scale) == (
         "exp_giou", 3.0, 1.0, True, 0.25)
-    mixed = validate({"assigner": {"dw": {"variant": "official", "pos_scale": 1.0}}}, "x").assigner.dw
+    mixed = DWParams.from_config(validate({"assigner": {"dw": {"variant": "official", "pos_scale": 1.0}}}, "x").assigner.dw)
     assert mixed.pos_scale == 1.0 and mixed.mu_norm == 3.0  # each constant overridable
+
+
+def test_dw_pneg_range_is_one_line_in_the_config_and_at_the_builder():
+    from dwlab.runner import make_assigner
+
+    with pytest.raises(DwlabError, match=r"x: assigner.dw: .*pneg_low=0.9 must be below pneg_high=0.8"):
+        validate({"assigner": {"dw": {"pneg_low": 0.9, "pneg_high": 0.8}}}, "x")
+    cfg = validate({"assigner": {"dw": {"pneg_low": 0.96}}}, "x")  # paper's pneg_high 0.95: known when built
+    with pytest.raises(DwlabError, match=r"^assigner.dw: need 0 <= pneg_low < pneg_high, got 0.96 and 0.95$"):
+        make_assigner(cfg, 3)
+    official = validate({"assigner": {"dw": {"pneg_low": 0.96, "variant": "official"}}}, "x")
+    assert make_assigner(official, 3).params.pneg_high == 1.0
 
 
 def test_flatten_and_overrides_from_mapping():

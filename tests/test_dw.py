@@ -13,6 +13,7 @@ from dwlab.assign.bags import candidate_prior_dense
 from dwlab.assign.base import weighted_total
 from dwlab.assign.dw import (
     DWAssigner,
+    DWParams,
     dual_weights,
     dw_cls_sums,
     log1m_joint_score,
@@ -170,15 +171,15 @@ def test_official_weights_hand_case():
 
 
 def test_official_constructor_fills_released_constants():
-    a = DWAssigner(3, variant="official")
+    a = DWAssigner(3, DWParams(variant="official")).params
     assert (a.loc_score, a.mu_norm, a.pneg_high, a.pneg_bag_minmax, a.pos_scale) == ("exp_giou", 3.0, 1.0, True, 0.25)
-    b = DWAssigner.from_config(DWAssignerConfig(variant="official", mu_norm=4.0), 3)
+    b = DWAssigner.from_config(DWAssignerConfig(variant="official", mu_norm=4.0), 3).params
     assert (b.loc_score, b.mu_norm, b.pos_scale) == ("exp_giou", 4.0, 0.25)
-    p = DWAssigner(3, mu=6.0)
+    p = DWAssigner(3, DWParams(mu=6.0)).params
     assert (p.loc_score, p.mu_norm, p.pneg_high, p.pneg_bag_minmax, p.pos_scale) == ("iou_pow", 6.0, 0.95, False, 1.0)
     for bad in (dict(neg_variant="none"), dict(bag="all"), dict(variant="mmdet"), dict(pneg_low=0.96)):
         with pytest.raises(ValueError):
-            DWAssigner(3, **bad)
+            DWAssigner(3, DWParams(**bad))
 
 
 # ----------------------------------------------------------------------------- the assigner
@@ -255,7 +256,7 @@ def test_neg_gradient_is_the_analytic_derivative_with_pneg_constant(gamma2):
     dist = (boxes_to_distances(anchors.points, box) * (1 + 0.3 * torch.rand(16, 4, generator=g))).clamp(min=1.0)
     cls, ctr = torch.randn(1, 16, C, generator=g).requires_grad_(), torch.randn(1, 16, generator=g)
     outputs = HeadOutputs(cls, ctr, dist[None], anchors)
-    assigner = DWAssigner(C, gamma2=gamma2)
+    assigner = DWAssigner(C, DWParams(gamma2=gamma2))
     targets = [Target(box, T([1]))]
     (grad,) = torch.autograd.grad(assigner.loss_sums(outputs, targets).neg, cls)
     asg = assigner.assign(outputs, targets)
@@ -298,8 +299,8 @@ def test_neg_gradient_is_torchvision_focal_times_the_factor():
 def test_no_ineg_drops_the_score_power_in_bag_only():
     targets = targets_two_images()
     outputs = make_outputs(2, boxes=torch.stack([targets[0].boxes[0], targets[1].boxes[0]]), requires_grad=False)
-    asg = DWAssigner(C, neg_variant="no_ineg").assign(outputs, targets)
-    w_neg = DWAssigner(C, neg_variant="no_ineg").neg_weights(outputs, asg).reshape(-1)
+    asg = DWAssigner(C, DWParams(neg_variant="no_ineg")).assign(outputs, targets)
+    w_neg = DWAssigner(C, DWParams(neg_variant="no_ineg")).neg_weights(outputs, asg).reshape(-1)
     s = outputs.scores().reshape(-1)
     in_bag = torch.zeros_like(s, dtype=torch.bool).index_fill(0, asg.entry, True)
     assert torch.allclose(w_neg[asg.entry], asg.entry_p_neg) and torch.allclose(w_neg[~in_bag], s[~in_bag] ** 2)
@@ -323,14 +324,14 @@ def test_batched_equals_per_image(variant):
     targets = targets_two_images()
     boxes = torch.stack([targets[0].boxes[0], targets[1].boxes[0]])
     outputs = make_outputs(2, boxes=boxes, requires_grad=False)
-    assigner = DWAssigner(C, variant=variant)
+    assigner = DWAssigner(C, DWParams(variant=variant))
     whole = assigner.loss_sums(outputs, targets)
     parts = [assigner.loss_sums(sub(outputs, i), [targets[i]]) for i in range(2)]
     for name in ("cls_pos", "reg", "neg", "num_gts", "neg_norm"):
         assert float(getattr(whole, name)) == pytest.approx(sum(float(getattr(p, name)) for p in parts), rel=1e-5)
     assert float(whole.neg_norm) > 1.0  # high IoUs: the neg normaliser is not the clamp
     losses = assigner(outputs, targets)
-    scale, w = assigner.pos_scale, assigner.loss_weights
+    scale, w = assigner.params.pos_scale, assigner.loss_weights
     assert float(w["loss_cls_pos"] * losses["loss_cls_pos"]) == pytest.approx(scale * sum(float(p.cls_pos) for p in parts) / 3, rel=1e-5)
     assert float(w["loss_box"] * losses["loss_box"]) == pytest.approx(scale * 5.0 * sum(float(p.reg) for p in parts) / 3, rel=1e-5)
     expected_neg = sum(float(p.neg) for p in parts) / sum(float(p.neg_norm) for p in parts)
@@ -363,11 +364,12 @@ def test_shared_class_channel_takes_the_smallest_pneg():
 def test_dense_dual_weights_equal_the_assigner_pairs(variant):
     targets = targets_two_images()
     outputs = make_outputs(2, boxes=torch.stack([targets[0].boxes[0], targets[1].boxes[0]]), requires_grad=False)
-    assigner = DWAssigner(C, variant=variant)
+    assigner = DWAssigner(C, DWParams(variant=variant))
     asg = assigner.assign(outputs, targets)
     anchors, scores, boxes = outputs.anchors, outputs.scores(), outputs.boxes()
-    kw = dict(PAPER, gamma1=assigner.gamma1, gamma2=assigner.gamma2, loc_score=assigner.loc_score,
-              mu_norm=assigner.mu_norm, pneg_high=assigner.pneg_high, pneg_bag_minmax=assigner.pneg_bag_minmax)  # fmt: skip
+    p = assigner.params
+    kw = dict(PAPER, gamma1=p.gamma1, gamma2=p.gamma2, loc_score=p.loc_score,
+              mu_norm=p.mu_norm, pneg_high=p.pneg_high, pneg_bag_minmax=p.pneg_bag_minmax)  # fmt: skip
     first = 0
     for i, t in enumerate(targets):
         prior, in_bag = candidate_prior_dense(anchors.points, anchors.strides, anchors.levels, t.boxes, kind="soft")
@@ -387,7 +389,7 @@ def test_dense_dual_weights_equal_the_assigner_pairs(variant):
 def test_official_loss_scales_pos_terms():
     targets = targets_two_images()
     outputs = make_outputs(2, requires_grad=False)
-    assigner = DWAssigner(C, variant="official")
+    assigner = DWAssigner(C, DWParams(variant="official"))
     sums, losses = assigner.loss_sums(outputs, targets), assigner(outputs, targets)
     w = assigner.loss_weights
     assert float(w["loss_cls_pos"] * losses["loss_cls_pos"]) == pytest.approx(0.25 * float(sums.cls_pos) / 3, rel=1e-6)
@@ -413,7 +415,7 @@ def test_assigner_reduces_to_bce_when_every_weight_is_one():
     outputs = HeadOutputs(torch.randn(1, 64, C, generator=g), torch.randn(1, 64, generator=g),
                           torch.full((1, 64, 4), 1.0), anchors)  # fmt: skip
     targets = [Target(T([[2.0, 2.0, 30.0, 30.0], [30.0, 20.0, 62.0, 60.0]]), T([1, 2]))]
-    assigner = DWAssigner(C, bag="topk", bag_topk=1, neg_variant="pos_only", gamma2=0.0)
+    assigner = DWAssigner(C, DWParams(bag="topk", bag_topk=1, neg_variant="pos_only", gamma2=0.0))
     losses = assigner(outputs, targets)
     target = torch.zeros(1, 64, C)
     asg = assigner.assign(outputs, targets)
@@ -466,7 +468,7 @@ def test_neg_norm_num_gts_divides_the_neg_term_by_the_gt_count():
     a = len(anchors)
     outputs = HeadOutputs(torch.randn(1, a, 3), torch.randn(1, a), torch.rand(1, a, 4) * 12 + 2, anchors)
     targets = [Target(torch.tensor([[2.0, 2, 20, 22], [10, 6, 30, 30]]), torch.tensor([0, 2]))]
-    pneg, by_gts = DWAssigner(3), DWAssigner(3, neg_norm="num_gts")
+    pneg, by_gts = DWAssigner(3), DWAssigner(3, DWParams(neg_norm="num_gts"))
     sums = pneg.loss_sums(outputs, targets)
     assert torch.allclose(by_gts(outputs, targets)["loss_neg"], sums.neg / 2.0)
     assert torch.allclose(pneg(outputs, targets)["loss_neg"], sums.neg / sums.neg_norm.clamp(min=1.0))

@@ -9,7 +9,7 @@ from torchvision.ops import generalized_box_iou_loss
 
 from dwlab.assign import build_assigner
 from dwlab.assign.base import LOSS_TERMS, weighted_total
-from dwlab.assign.dw import DWAssigner
+from dwlab.assign.dw import DWAssigner, DWParams
 from dwlab.box_ops import distances_to_boxes
 from dwlab.config import AssignerConfig
 from dwlab.data.target import Target
@@ -46,7 +46,7 @@ def old_total(method: str, a, t: dict[str, torch.Tensor]) -> torch.Tensor:
     if method == "autoassign":  # loss_pos_cls, loss_pos_reg (lambda inside), loss_neg
         return a.pos_weight * t["loss_cls_pos"] + a.pos_weight * a.loc_lambda * t["loss_box"] + a.neg_weight * t["loss_neg"]
     # dw: loss_cls_pos, loss_reg = pos_scale * beta * GIoU, loss_neg
-    return a.pos_scale * t["loss_cls_pos"] + a.pos_scale * a.beta * t["loss_box"] + t["loss_neg"]
+    return a.params.pos_scale * t["loss_cls_pos"] + a.params.pos_scale * a.params.beta * t["loss_box"] + t["loss_neg"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -72,7 +72,7 @@ def test_weighted_total_refuses_mismatched_terms():
 def test_dw_loss_box_is_the_wpos_weighted_giou_and_beta_is_its_weight(variant, beta):
     """Table 2 varies beta: the raw ``loss_box`` is sum w_pos GIoULoss / number of GTs (beta
     acts only through w_pos), and beta is in the weight table, ``pos_scale * beta``."""
-    dw = DWAssigner(C, variant=variant, beta=beta)
+    dw = DWAssigner(C, DWParams(variant=variant, beta=beta))
     outputs, targets = batch()
     asg = dw.assign(outputs, targets)
     pred = distances_to_boxes(outputs.anchors.points[asg.anchor], outputs.distances[asg.image, asg.anchor])

@@ -136,7 +136,8 @@ def test_tiny_sweep_four_finished_runs_then_idempotent(in_store):
         assert steps(in_store, run.info.run_id, "AP") == [2]
         assert {"loss", "loss_cls", "loss_box", "lr", "images_seen", "AP", "AP50", "APl"} <= set(run.data.metrics)
         arts = {a.path for a in client(in_store).list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "eval.json", "metrics.jsonl", "checkpoints"} <= arts
+        assert {"config.yaml", "resolved.yaml", "eval.json", "metrics.jsonl", "checkpoints"} <= arts
+        assert params["resolved.loss_weights.loss_box"] == "1.0"  # FCOS: every weight 1
         assert (trial.run_dir / "checkpoints" / "last.pt").is_file()
 
     # again: every (point, seed) is FINISHED with the same config -> no trial, no run

@@ -4,9 +4,11 @@ import json
 import math
 import shutil
 
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from dwlab import checkpoint
 from dwlab.cli import app
 from dwlab.config import validate
 from dwlab.runner import run_training
@@ -27,6 +29,11 @@ def test_dw_with_box_refinement_trains_and_pos_terms_fall(tmp_path, synth_root):
         assert history[-1][key] < history[0][key], [h[key] for h in history]
     assert all(math.isfinite(h["loss"]) for h in history)
     assert set(result.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    # the run records the resolved DW constants beside its config (whose null fields stay null)
+    assert result.resolved["assigner"]["dw"]["mu_norm"] == 5.0 and result.resolved["loss_weights"]["loss_box"] == 5.0
+    assert yaml.safe_load((tmp_path / "run" / "resolved.yaml").read_text()) == result.resolved
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["assigner"]["dw"]["mu_norm"] is None
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["resolved"] == result.resolved
 
 
 def test_images_without_ground_truth_train(tmp_path, synth_root):

@@ -27,7 +27,7 @@ negative weights live on the ``[B, A, C]`` score tensor the focal-style term nee
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
@@ -298,77 +298,97 @@ class LossSums(NamedTuple):
     neg_norm: Tensor  # sum over in-bag (image, anchor, class) entries of (1 - P_neg)
 
 
+# the constants where the released code departs from the paper (METHOD.md, "Where the released
+# code differs"); ``MU`` stands for "the value of mu"
+MU = "mu"
+VARIANTS: dict[str, dict[str, object]] = {
+    "paper": dict(loc_score="iou_pow", mu_norm=MU, pneg_high=0.95, pneg_bag_minmax=False, pos_scale=1.0),
+    "official": dict(loc_score="exp_giou", mu_norm=3.0, pneg_high=1.0, pneg_bag_minmax=True, pos_scale=0.25),
+}
+
+
+@dataclass(frozen=True)
+class DWParams:
+    """Every DW constant, with the paper's defaults; resolved once, at construction.
+
+    The fields of ``DWAssignerConfig``. ``loc_score``, ``mu_norm``, ``pneg_high``,
+    ``pneg_bag_minmax`` and ``pos_scale`` left None take ``variant``'s value from ``VARIANTS``
+    (paper: ``iou_pow``, mu, 0.95, False, 1.0; official: ``exp_giou``, 3, 1.0, True, 0.25); a
+    value given wins. After construction no field is None. ``DWParams(**cfg.model_dump())``
+    resolves a config (``from_config``); ``dataclasses.replace`` keeps the resolved values.
+    Raises ValueError on an unknown choice or inconsistent values.
+    """
+
+    variant: str = "paper"
+    beta: float = 5.0  # Eq. 3: t = s * iou**beta
+    mu: float = 5.0  # Eq. 4: exp(mu * t)
+    gamma1: float = 2.0  # Eq. 5-6: P_neg exponent
+    gamma2: float = 2.0  # Eq. 7: I_neg = s**gamma2
+    neg_variant: str = "full"  # Table 5
+    bag: str = "soft"  # Table 4
+    bag_radius: float = 2.0
+    bag_topk: int = 9
+    prior_sigma: float = 1.11
+    loc_score: str | None = None  # t = s * iou**beta | s * exp(-beta * GIoULoss)
+    mu_norm: float | None = None  # exponent of the pos normaliser
+    pneg_high: float | None = None  # IoU where P_neg reaches 0
+    pneg_bag_minmax: bool | None = None  # min-max normalise P_neg within each bag
+    pos_scale: float | None = None  # scale of both pos terms (loss_weights)
+    pneg_low: float = 0.5  # IoU below which P_neg = 1
+    neg_norm: str = "pneg"  # divisor of L_neg: in-bag sum of (1 - P_neg) | number of GTs
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"unknown variant {self.variant!r} (expected one of {tuple(VARIANTS)})")
+        for key, value in VARIANTS[self.variant].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, self.mu if value == MU else value)
+        choices = dict(neg_variant=NEG_VARIANTS, bag=BAG_KINDS, loc_score=LOC_SCORES, neg_norm=("pneg", "num_gts"))
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"unknown {key} {getattr(self, key)!r} (expected one of {allowed})")
+        if self.bag_radius <= 0 or self.bag_topk < 1 or self.prior_sigma <= 0:
+            raise ValueError(
+                f"bag parameters must be positive: radius={self.bag_radius}, topk={self.bag_topk}, "
+                f"sigma={self.prior_sigma}"
+            )
+        if not 0.0 <= self.pneg_low < self.pneg_high:
+            raise ValueError(f"need 0 <= pneg_low < pneg_high, got {self.pneg_low} and {self.pneg_high}")
+
+    @classmethod
+    def from_config(cls, cfg: DWAssignerConfig) -> DWParams:
+        return cls(**cfg.model_dump())
+
+
 class DWAssigner:
     """Dual Weighting assigner and loss (paper Eq. 3-8, 11-12), one module per method.
 
-    Every DW constant is a keyword argument with the paper's default (the fields of
-    ``DWAssignerConfig``); ``loc_score``, ``mu_norm``, ``pneg_high``, ``pneg_bag_minmax`` and
-    ``pos_scale`` left None are filled from ``variant`` ("paper" or "official") with the same
-    table as the config. Returns ``{"loss_cls_pos", "loss_box", "loss_neg"}``, unweighted;
-    ``loss_weights``: ``pos_scale``, ``pos_scale * beta`` (Eq. 11's beta * GIoU loss), 1.
+    ``params``: every DW constant, resolved (``DWParams``; the paper's by default). Returns
+    ``{"loss_cls_pos", "loss_box", "loss_neg"}``, unweighted; ``loss_weights``: ``pos_scale``,
+    ``pos_scale * beta`` (Eq. 11's beta * GIoU loss), 1.
     """
 
-    def __init__(
-        self,
-        num_classes: int,
-        *,
-        variant: str = "paper",
-        beta: float = 5.0,
-        mu: float = 5.0,
-        gamma1: float = 2.0,
-        gamma2: float = 2.0,
-        neg_variant: str = "full",
-        bag: str = "soft",
-        bag_radius: float = 2.0,
-        bag_topk: int = 9,
-        prior_sigma: float = 1.11,
-        loc_score: str | None = None,
-        mu_norm: float | None = None,
-        pneg_high: float | None = None,
-        pneg_bag_minmax: bool | None = None,
-        pos_scale: float | None = None,
-        pneg_low: float = 0.5,
-        neg_norm: str = "pneg",
-    ) -> None:
-        if variant not in ("paper", "official"):
-            raise ValueError(f"unknown variant {variant!r} (expected 'paper' or 'official')")
+    def __init__(self, num_classes: int, params: DWParams = DWParams()) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if neg_variant not in NEG_VARIANTS:
-            raise ValueError(f"unknown neg_variant {neg_variant!r} (expected one of {NEG_VARIANTS})")
-        if neg_norm not in ("pneg", "num_gts"):
-            raise ValueError(f"unknown neg_norm {neg_norm!r} (expected 'pneg' or 'num_gts')")
-        if bag not in BAG_KINDS:
-            raise ValueError(f"unknown bag {bag!r} (expected one of {BAG_KINDS})")
-        if bag_radius <= 0 or bag_topk < 1 or prior_sigma <= 0:
-            raise ValueError(
-                f"bag parameters must be positive: radius={bag_radius}, topk={bag_topk}, sigma={prior_sigma}"
-            )
-        filled = DWAssignerConfig(variant=variant, mu=mu)  # the variant table lives in the config
-        self.loc_score = filled.loc_score if loc_score is None else loc_score
-        self.mu_norm = filled.mu_norm if mu_norm is None else mu_norm
-        self.pneg_high = filled.pneg_high if pneg_high is None else pneg_high
-        self.pneg_bag_minmax = filled.pneg_bag_minmax if pneg_bag_minmax is None else pneg_bag_minmax
-        self.pos_scale = filled.pos_scale if pos_scale is None else pos_scale
-        if self.loc_score not in LOC_SCORES:
-            raise ValueError(f"unknown loc_score {self.loc_score!r} (expected one of {LOC_SCORES})")
-        if not 0.0 <= pneg_low < self.pneg_high:
-            raise ValueError(f"need 0 <= pneg_low < pneg_high, got {pneg_low} and {self.pneg_high}")
-        self.num_classes, self.variant = num_classes, variant
-        self.beta, self.mu, self.gamma1, self.gamma2 = beta, mu, gamma1, gamma2
-        self.neg_variant, self.pneg_low, self.neg_norm = neg_variant, pneg_low, neg_norm
-        self.bag, self.bag_radius, self.bag_topk, self.prior_sigma = bag, bag_radius, bag_topk, prior_sigma
-        self.loss_weights = {"loss_cls_pos": self.pos_scale, "loss_box": self.pos_scale * beta, "loss_neg": 1.0}
+        self.num_classes, self.params = num_classes, params
+        p = params
+        self.loss_weights = {"loss_cls_pos": p.pos_scale, "loss_box": p.pos_scale * p.beta, "loss_neg": 1.0}
 
     @classmethod
     def from_config(cls, cfg: DWAssignerConfig, num_classes: int) -> DWAssigner:
-        return cls(num_classes, **cfg.model_dump())
+        return cls(num_classes, DWParams.from_config(cfg))
+
+    def resolved_params(self) -> dict[str, object]:
+        """Every constant this assigner runs with (the run records it beside its config)."""
+        return asdict(self.params)
 
     def _weight_kwargs(self) -> dict:
+        p = self.params
         return dict(
-            beta=self.beta, mu=self.mu, gamma1=self.gamma1, gamma2=self.gamma2,
-            neg_variant=self.neg_variant, loc_score=self.loc_score, mu_norm=self.mu_norm,
-            pneg_low=self.pneg_low, pneg_high=self.pneg_high, pneg_bag_minmax=self.pneg_bag_minmax,
+            beta=p.beta, mu=p.mu, gamma1=p.gamma1, gamma2=p.gamma2, neg_variant=p.neg_variant,
+            loc_score=p.loc_score, mu_norm=p.mu_norm, pneg_low=p.pneg_low, pneg_high=p.pneg_high,
+            pneg_bag_minmax=p.pneg_bag_minmax,
         )  # fmt: skip
 
     # --------------------------------------------------------------------- pairs and weights
@@ -390,7 +410,8 @@ class DWAssigner:
         assert gt_labels.numel() == 0 or (0 <= gt_labels.min() and gt_labels.max() < self.num_classes)
         anchor, gt, prior = candidate_prior(
             anchors.points, anchors.strides, anchors.levels, gt_boxes,
-            kind=self.bag, radius=self.bag_radius, topk=self.bag_topk, sigma=self.prior_sigma,
+            kind=self.params.bag, radius=self.params.bag_radius, topk=self.params.bag_topk,
+            sigma=self.params.prior_sigma,
         )  # fmt: skip
         return anchor, gt, prior, gt_image, gt_labels, gt_boxes
 
@@ -436,7 +457,7 @@ class DWAssigner:
         factor inside, with gradient through ``s**gamma2`` only (see the module docstring)."""
         return focal_neg_weights(
             outputs.cls_logits, outputs.centerness, assignment.entry, assignment.entry_neg_factor,
-            self.gamma2, plain=self.neg_variant == "no_ineg",
+            self.params.gamma2, plain=self.params.neg_variant == "no_ineg",
         )  # fmt: skip
 
     # --------------------------------------------------------------------- loss
@@ -461,7 +482,7 @@ class DWAssigner:
         sums = self.loss_sums(outputs, targets)
         device = outputs.cls_logits.device
         n_pos = normaliser(sums.num_gts, device)
-        n_neg = normaliser(sums.neg_norm.detach(), device) if self.neg_norm == "pneg" else n_pos
+        n_neg = normaliser(sums.neg_norm.detach(), device) if self.params.neg_norm == "pneg" else n_pos
         return {
             "loss_cls_pos": sums.cls_pos / n_pos,
             "loss_box": sums.reg / n_pos,  # Eq. 11's GIoU loss; beta is in loss_weights

@@ -24,10 +24,11 @@ from dwlab.models.outputs import HeadOutputs
 def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssigner) -> dict[str, Tensor]:
     """The same three (unweighted) terms as ``dw(outputs, targets)`` for ``variant="paper"``, ``bag="soft"``,
     ``neg_variant="full"`` in one process (no DDP averaging)."""
-    if dw.variant != "paper" or dw.bag != "soft" or dw.neg_variant != "full" or dw.neg_norm != "pneg":
+    c = dw.params
+    if c.variant != "paper" or c.bag != "soft" or c.neg_variant != "full" or c.neg_norm != "pneg":
         raise ValueError("the loop reference implements the paper variant with the soft bag only")
     points, strides = outputs.anchors.points, outputs.anchors.strides  # [A, 2], [A]
-    k = 1.0 / (dw.pneg_high**dw.gamma1 - dw.pneg_low**dw.gamma1)  # Eq. 6
+    k = 1.0 / (c.pneg_high**c.gamma1 - c.pneg_low**c.gamma1)  # Eq. 6
     cls_pos = reg = neg = points.new_zeros(())
     neg_norm, num_gts = 0.0, 0
     for b, target in enumerate(targets):
@@ -44,23 +45,23 @@ def dw_loss_per_gt_loop(outputs: HeadOutputs, targets: list[Target], dw: DWAssig
                 continue
             centre = torch.tensor([(x1 + x2) / 2, (y1 + y2) / 2], device=points.device)
             offset = (points[idx] - centre) / strides[idx, None]
-            prior = torch.exp(-(offset**2).sum(1) / (2 * dw.prior_sigma**2))  # soft bag
+            prior = torch.exp(-(offset**2).sum(1) / (2 * c.prior_sigma**2))  # soft bag
             p, d = points[idx], dist[idx]
             pred = torch.stack([p[:, 0] - d[:, 0], p[:, 1] - d[:, 1], p[:, 0] + d[:, 2], p[:, 1] + d[:, 3]], 1)
             gt = box.expand_as(pred)
             iou = box_iou(pred.detach(), box[None])[:, 0]
             score = s[idx, label]
-            t = score * iou**dw.beta  # Eq. 3
-            e = torch.exp(dw.mu * t) * t * prior  # Eq. 4
+            t = score * iou**c.beta  # Eq. 3
+            e = torch.exp(c.mu * t) * t * prior  # Eq. 4
             w_pos = e / e.sum() if e.sum() > 0 else prior / prior.sum()
-            p_neg = (k * (dw.pneg_high**dw.gamma1 - iou**dw.gamma1)).clamp(0, 1)  # Eq. 5
+            p_neg = (k * (c.pneg_high**c.gamma1 - iou**c.gamma1)).clamp(0, 1)  # Eq. 5
             log_s = F.logsigmoid(cls[idx, label]) + F.logsigmoid(ctr[idx])
             cls_pos = cls_pos - (w_pos * log_s).sum()
             reg = reg + (w_pos * generalized_box_iou_loss(pred, gt, reduction="none")).sum()
             in_bag_p_neg[idx, label] = torch.minimum(in_bag_p_neg[idx, label], p_neg)
         in_bag = torch.isfinite(in_bag_p_neg)
         factor = torch.where(in_bag, in_bag_p_neg, torch.ones_like(s))  # detached P_neg, 1 outside
-        w_neg = factor * s_grad**dw.gamma2  # Eq. 7-8, gradient through s**gamma2 as released
+        w_neg = factor * s_grad**c.gamma2  # Eq. 7-8, gradient through s**gamma2 as released
         neg = neg - (w_neg * torch.log1p(-s_grad)).sum()  # Eq. 12
         neg_norm += float((1.0 - in_bag_p_neg[in_bag]).sum())
     n_pos, n_neg = max(num_gts, 1), max(neg_norm, 1.0)

@@ -6,7 +6,9 @@ Layout of the store:
 - one parent run per ``dwlab sweep`` invocation (tag ``dwlab.kind=sweep``);
 - one nested run per (point, seed) (tags ``dwlab.kind=trial``, ``mlflow.parentRunId``,
   ``dwlab.point``, ``dwlab.seed``, ``dwlab.config_hash``, ...), params = the flattened
-  resolved config, metrics per epoch at ``step=epoch``, artifacts = config.yaml, eval.json,
+  config plus, under ``resolved.``, what the trial resolved beyond it (its first report's
+  ``resolved`` record: e.g. ``resolved.assigner.dw.mu_norm``, ``resolved.loss_weights.loss_box``),
+  metrics per epoch at ``step=epoch``, artifacts = config.yaml, resolved.yaml, eval.json,
   metrics.jsonl and (optionally) the final checkpoint.
 
 The (point, seed, config hash) tags make a sweep idempotent: a FINISHED run with the same
@@ -137,6 +139,7 @@ class SweepTracker:
         self.run_ids: dict[str, str] = {}  # trial key -> run id
         self._logged_steps: dict[str, int] = {}
         self._where: dict[str, dict] = {}  # host, device, pid of each trial's current attempt
+        self._resolved: set[str] = set()  # trials whose resolved.* params are logged
         try:
             self.experiment_id = self._experiment()
         except DwlabError:
@@ -298,8 +301,9 @@ class SweepTracker:
             self.client.set_tag(run_id, "dwlab.retries", str(attempt))
 
     def log_result(self, key: str, result: dict[str, Any]) -> None:
-        """One trial report: per-epoch metrics at ``step=epoch``; host and device tags once."""
-        from mlflow.entities import Metric
+        """One trial report: per-epoch metrics at ``step=epoch``; host and device tags and the
+        ``resolved.*`` params once."""
+        from mlflow.entities import Metric, Param
 
         run_id = self.run_ids[key]
         step = int(result.get("epoch", 0))
@@ -307,6 +311,11 @@ class SweepTracker:
         if result.get("host") and self._where.get(key) != where:  # once per attempt
             self.client.log_batch(run_id, tags=_tags(where))
             self._where[key] = where
+        if result.get("resolved") and key not in self._resolved:  # a reopened run may have them
+            have = self.client.get_run(run_id).data.params
+            params = {k: _param(v) for k, v in flatten(result["resolved"], "resolved.").items() if k not in have}
+            self.client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+            self._resolved.add(key)
         metrics = result.get("metrics") or {}
         if result.get("final"):  # final AP*: only what the epoch report at that step lacked
             if self._logged_steps.get(key) == step:
@@ -375,6 +384,8 @@ class SweepTracker:
             self.client.log_artifact(run_id, str(eval_file))
         elif final_metrics:
             self.client.log_dict(run_id, final_metrics, "eval.json")
+        if (run_dir / "resolved.yaml").is_file():
+            self.client.log_artifact(run_id, str(run_dir / "resolved.yaml"))
         if (run_dir / "metrics.jsonl").is_file():
             self.client.log_artifact(run_id, str(run_dir / "metrics.jsonl"))
         ckpt = run_dir / "checkpoints" / "last.pt"

@@ -32,7 +32,8 @@ def trial_fn(config: dict[str, Any]) -> None:
 
 def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
     """``run_training`` with a report per epoch and a final one (also when the run was already
-    complete on disk, e.g. a driver killed between the last epoch and its record)."""
+    complete on disk, e.g. a driver killed between the last epoch and its record); each report
+    carries the run's ``resolved`` record (``runner.resolved_record``)."""
     from dwlab.config import Config
     from dwlab.runner import run_training
 
@@ -46,6 +47,7 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
                 "epochs": rep.epochs,
                 "final": False,
                 "metrics": {k: float(v) for k, v in rep.metrics.items()},
+                "resolved": rep.resolved,
                 **info,
             }
         )
@@ -57,6 +59,7 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
             "epochs": cfg.train.epochs,
             "final": True,
             "metrics": {k: float(v) for k, v in result.metrics.items()},
+            "resolved": result.resolved,
             **info,
         }
     )
