@@ -74,7 +74,8 @@ class FCOSAssignerConfig(Strict):
     """FCOS (Tian et al., ICCV 2019) with center sampling."""
 
     center_radius: float = Field(1.5, gt=0.0)
-    # regression ranges per level: level l takes max(l,t,r,b) in [size_ranges[l], size_ranges[l+1])
+    # regression ranges per level: level l takes max(l,t,r,b) in [size_ranges[l], size_ranges[l+1]],
+    # closed at both ends like MMDetection's FCOS (a value on a bound fits both levels)
     size_ranges: list[float] = [0.0, 64.0, 128.0, 256.0, 512.0, 1e8]
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0

@@ -3,7 +3,8 @@ ICCV 2019, with the center sampling of FCOS-imprv) and its loss.
 
 An anchor point is positive for GT g when
   (i)  it lies within ``center_radius * stride`` of g's centre (clipped to g's box), and
-  (ii) its largest regression distance max(l, t, r, b) to g is inside its level's size range;
+  (ii) its largest regression distance max(l, t, r, b) to g is inside its level's size range
+       ``[lo, hi]``, closed at both ends (as MMDetection's FCOS);
 among several such GTs it takes the one of smallest area. Loss: focal loss on the class score
 (alpha 0.25, gamma 2), GIoU loss on positives' boxes, BCE on centerness targets
 sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b)); each summed and divided by the number of
