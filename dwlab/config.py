@@ -159,6 +159,10 @@ class TOODAssignerConfig(Strict):
     beta: float = Field(6.0, ge=0.0)
     qfl_beta: float = Field(2.0, ge=0.0)  # focusing exponent of the cls loss |t_hat - s|^qfl_beta
     box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (released code)
+    # warm-up: the first epochs assign with ATSS and train the ATSS loss (released: 4 of 12)
+    initial_epochs: int = Field(4, ge=0)
+    initial_topk: int = Field(9, ge=1)  # the warm-up's ATSS top-k per level
+    anchor_scale: float = Field(8.0, gt=0.0)  # the warm-up's ATSS anchor side, x stride
 
 
 class AutoAssignAssignerConfig(Strict):

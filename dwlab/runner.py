@@ -317,6 +317,8 @@ def run_training(
         if cfg.train.inject_error_at_epoch is not None and epoch + 1 == cfg.train.inject_error_at_epoch:
             raise RuntimeError(f"injected error at the start of epoch {epoch + 1} (train.inject_error_at_epoch)")
         generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+        if hasattr(assigner, "set_epoch"):  # e.g. TOOD's ATSS warm-up epochs
+            assigner.set_epoch(epoch)
         if isinstance(loader.sampler, DistributedSampler):
             loader.sampler.set_epoch(epoch)
         progress, task = _progress(cfg.train.progress and is_main, iters_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}")

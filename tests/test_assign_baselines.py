@@ -261,6 +261,57 @@ def test_tood_top_candidate_outside_the_gt_is_dropped():
     assert int((m.matched[0] == 0).sum()) == 12  # the other 12 of the top 13
 
 
+def test_tood_target_epsilon_keeps_tiny_alignments_finite():
+    """Early in training t_max is tiny: t_hat = t / (t_max + 1e-7) * u_max (released code), so
+    the best anchor's target is u_max * t_max / (t_max + 1e-7), not u_max."""
+    scale = 1e-6
+    out, targets = tood_case()
+    with torch.no_grad():
+        out.cls_logits.copy_(torch.logit(torch.tensor(TOOD_S) * scale)[None, :, None])
+    m, _, _ = TOODAssigner(1).match(out, targets)
+    t = [s * scale * r**6 for s, r in zip(TOOD_S, TOOD_R)]
+    top = [i for i in range(16) if m.matched[0, i] == 0]
+    assert len(top) == 13 and torch.isfinite(m.target).all()
+    t_max, u_max = max(t[i] for i in top), max(TOOD_R[i] for i in top)
+    assert 1e-7 < t_max < 1e-6
+    assert m.target[0, top].tolist() == approx([t[i] / (t_max + 1e-7) * u_max for i in top], rel=1e-4)
+    assert float(m.target[0, top].max()) == approx(u_max * t_max / (t_max + 1e-7), rel=1e-4)
+
+
+def test_tood_warmup_is_atss_assignment_and_loss_then_task_aligned():
+    """Released TOOD: ATSS assignment with hard targets, focal loss (on s) and centerness-weighted
+    GIoU for the first ``initial_epochs``; task-aligned from then on. With the centerness
+    saturated (s = sigmoid(cls)) the warm-up's terms are the ATSS assigner's."""
+    out = random_outputs(2, seed=3)
+    with torch.no_grad():
+        out.centerness.fill_(40.0)
+    targets = [target([10.0, 12.0, 50.0, 40.0], [30.0, 30.0, 60.0, 62.0], labels=[0, 2]),
+               target([4.0, 4.0, 28.0, 36.0], labels=[1])]  # fmt: skip
+    tood, atss = TOODAssigner(3, initial_epochs=2), ATSSAssigner(3)
+    aligned = tood.assign(out, targets).matched  # never told the epoch: task-aligned
+    tood.set_epoch(1)
+    warm = tood.assign(out, targets)
+    assert torch.equal(warm.matched, atss.match(out, targets)[0].matched)
+    assert not torch.equal(warm.matched, aligned)
+    assert warm.quality.tolist() == [1.0] * len(warm.quality)  # hard targets, not the IoU
+    ours, ref = tood(out, targets), atss(out, targets)
+    assert ours["loss_cls"].item() == approx(ref["loss_cls"].item(), rel=1e-5)
+    assert ours["loss_box"].item() == approx(ref["loss_box"].item(), rel=1e-5)
+    tood.set_epoch(2)
+    assert torch.equal(tood.assign(out, targets).matched, aligned)
+    assert tood(out, targets)["loss_cls"].item() != approx(ref["loss_cls"].item(), rel=1e-2)
+
+
+def test_training_tells_the_assigner_its_epoch(tmp_path, synth_root, monkeypatch):
+    seen = []
+    set_epoch = TOODAssigner.set_epoch
+    monkeypatch.setattr(TOODAssigner, "set_epoch", lambda self, e: (set_epoch(self, e), seen.append(self.warming_up)))
+    raw = tiny_config(synth_root, assigner={"name": "tood", "tood": {"initial_epochs": 2}},
+                      train={"epochs": 3, "threads": 1, "max_iters_per_epoch": 1})  # fmt: skip
+    run_training(validate(raw, "t"), tmp_path / "run")
+    assert seen == [True, True, False]
+
+
 # ----------------------------------------------------------------------------- AutoAssign
 
 
