@@ -37,7 +37,7 @@ from torch import Tensor
 
 from dwlab.assign.bags import candidate_prior
 from dwlab.assign.common import check_outputs, focus_maps, level_maps
-from dwlab.assign.dw import entry_minima, log1m_joint_score, log_joint_score
+from dwlab.assign.dw import entry_minima, focal_neg_weights, log1m_joint_score, log_joint_score
 from dwlab.assign.fcos import pad_targets
 from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import AutoAssignAssignerConfig
@@ -153,12 +153,10 @@ class AutoAssignAssigner:
         with torch.no_grad():
             return self._assign(outputs, targets)[0]
 
-    @torch.no_grad()
     def neg_weights(self, outputs: HeadOutputs, asg: AutoAssignment) -> Tensor:
-        """w- of every (image, anchor, class), ``Tensor[B, A, C]``: 1, replaced on in-bag entries."""
-        w = torch.ones(outputs.cls_logits.numel(), device=outputs.cls_logits.device)
-        w[asg.entry] = asg.entry_w_neg
-        return w.reshape(outputs.cls_logits.shape)
+        """Weight of -ln(1 - s) on every (image, anchor, class), ``Tensor[B, A, C]``: w- * s^gamma,
+        w- 1 outside bags (constant), gradient through s^gamma (focal negative)."""
+        return focal_neg_weights(outputs.cls_logits, outputs.centerness, asg.entry, asg.entry_w_neg, self.neg_gamma)
 
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         asg, giou_loss = self._assign(outputs, targets)
@@ -169,8 +167,7 @@ class AutoAssignAssigner:
         log_s = log_joint_score(cls.reshape(-1)[flat * c + asg.label], ctr.reshape(-1)[flat])
         pos_cls = (asg.w_pos * -log_s).sum()
         pos_box = (asg.w_pos * giou_loss).sum()  # -ln P_loc = lambda * GIoULoss, lambda in the weight
-        s = torch.exp(log_joint_score(cls, ctr.unsqueeze(-1)))
-        neg = (self.neg_weights(outputs, asg) * s.pow(self.neg_gamma) * -log1m_joint_score(cls, ctr.unsqueeze(-1))).sum()
+        neg = (self.neg_weights(outputs, asg) * -log1m_joint_score(cls, ctr.unsqueeze(-1))).sum()
         n_pos = normaliser(float(asg.gt_labels.numel()), device)
         n_neg = normaliser(asg.prior.sum(), device)
         return {
@@ -201,7 +198,7 @@ class AutoAssignAssigner:
         rows = torch.arange(a, device=device)
         for i, d in enumerate(maps):
             d["pos"] = best.reshape(b, a)[i]
-            d["neg"] = w_neg[i, rows, d["cls"]] * d["score"].pow(self.neg_gamma)
+            d["neg"] = w_neg[i, rows, d["cls"]]
         return maps
 
     def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
