@@ -5,7 +5,8 @@ Symbols follow the paper (the project brief's "alpha/beta" grid is the paper's b
 ``s`` joint score sigmoid(cls) * sigmoid(centerness), ``t = s * iou**beta`` (Eq. 3),
 ``w_pos = exp(mu t) t prior / sum_bag`` (Eq. 4), ``w_neg = P_neg(iou) * s**gamma2``
 (Eq. 5-8), loss Eq. 11-12 with the released code's normalisation (see ``/work/shared/paper/
-METHOD.md``). ``variant="official"`` switches to the released code's constants.
+METHOD.md``). ``variant="official"`` switches to the released code's constants; every constant
+is resolved once, when the assigner is built (``DWParams``).
 
 Gradient of the negative term, as in the released code (``dw_head.py`` detaches only P_neg):
 over every (image, anchor, class) the term is ``factor * s**gamma2 * (-ln(1 - s))`` with the
