@@ -77,6 +77,24 @@ def train(
     typer.echo("final: " + " ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()))
 
 
+@app.command()
+@user_errors
+def pretrain(
+    config: Annotated[str, typer.Argument(help="Config file or preset name: its model.backbone and model.pretrain.")],
+    set_: SetOption = None,
+) -> None:
+    """Build (or find) the cached domain-pretrained backbone that model.pretrained=synth loads."""
+    from dwlab.config import load_config
+    from dwlab.pretrain import cache_path, cached_backbone
+
+    cfg = load_config(config, set_ or [])
+    path = cache_path(cfg.model.backbone, cfg.model.pretrain)
+    if path.is_file():
+        typer.echo(f"cached: {path}")
+        return
+    cached_backbone(cfg.model.backbone, cfg.model.pretrain, log=typer.echo)
+
+
 @app.command("eval")
 @user_errors
 def eval_(

@@ -45,9 +45,30 @@ class DataConfig(Strict):
     synth: SynthConfig = SynthConfig()
 
 
+class PretrainConfig(Strict):
+    """The domain-pretrained backbone (``model.pretrained: synth``, see ``dwlab.pretrain``): a
+    classifier of object crops cut from generated images of their own seed stream. Every field
+    is part of the cache key."""
+
+    images: int = Field(3000, ge=10)  # generated images to cut crops from
+    image_size: int = Field(128, ge=32)  # their longer side
+    seed: int = 0
+    crop: int = Field(64, ge=16)  # crops are resized to crop x crop
+    context: float = Field(0.15, ge=0.0)  # box side fraction added on each side of a crop
+    epochs: int = Field(6, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0.0)  # AdamW, linear decay to 0
+    weight_decay: float = Field(0.05, ge=0.0)
+    threads: int | None = None  # torch CPU threads while pretraining (null: torch's default)
+
+
 class ModelConfig(Strict):
     backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
-    pretrained: bool | str = True  # True: torchvision ImageNet weights; a str: local state_dict path
+    # True: torchvision's ImageNet weights; "synth": the cached domain-pretrained backbone
+    # (``pretrain`` below, built on first use or by ``dwlab pretrain``); another str: a local
+    # state_dict path; false: random init
+    pretrained: bool | str = True
+    pretrain: PretrainConfig = PretrainConfig()
     norm: Literal["frozen_bn", "bn"] = "frozen_bn"
     frozen_stages: int = Field(1, ge=-1, le=4)  # -1 none, 0 stem, 1 stem + layer1, ...
     fpn_channels: int = Field(256, ge=8)
@@ -199,7 +220,9 @@ class TrainConfig(Strict):
     lr_steps: list[int] = [8, 11]  # epochs after which lr /= 10
     lr_gamma: float = 0.1
     grad_clip: float | None = None  # max grad norm
-    amp: bool = True  # used on CUDA only
+    amp: bool = True  # CUDA: fp16 autocast with a GradScaler
+    cpu_bf16: bool = False  # CPU: bf16 autocast (about 1.3x on a CPU with AVX-512 BF16)
+    channels_last: bool = False  # NHWC activations (a little faster on the CPU)
     threads: int | None = None  # torch CPU threads (null: torch's default)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"

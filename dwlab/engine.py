@@ -50,6 +50,8 @@ def train_one_epoch(
     device: torch.device,
     *,
     scaler: torch.amp.GradScaler | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
     grad_clip: float | None = None,
     max_iters: int | None = None,
     nan_at_iter: int | None = None,
@@ -66,7 +68,6 @@ def train_one_epoch(
     sums: dict[str, float] = defaultdict(float)
     count = images_seen = n_skipped = 0
     start = time.perf_counter()
-    use_amp = scaler is not None
     for batch in loader:
         if max_iters is not None and count >= max_iters:
             break
@@ -80,9 +81,9 @@ def train_one_epoch(
         lr = lr_fn(state.iteration)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format)
         targets = [t.to(device) for t in targets]
-        with torch.autocast(device.type, enabled=use_amp):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
             outputs = model(images)
         losses = assigner(outputs, targets)
         total = weighted_total(losses, assigner.loss_weights)

@@ -275,6 +275,11 @@ def run_training(
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
     use_amp = cfg.train.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda") if use_amp else None
+    autocast_dtype = torch.float16 if use_amp else None
+    if cfg.train.cpu_bf16 and device.type == "cpu":
+        autocast_dtype = torch.bfloat16
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
 
     state = StepState()
     start_epoch = 0
@@ -339,6 +344,8 @@ def run_training(
                 state,
                 device,
                 scaler=scaler,
+                autocast_dtype=autocast_dtype,
+                memory_format=memory_format,
                 grad_clip=cfg.train.grad_clip,
                 max_iters=cfg.train.max_iters_per_epoch,
                 nan_at_iter=cfg.train.inject_nan_at_iter,

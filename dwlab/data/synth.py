@@ -40,6 +40,7 @@ CATEGORIES = [  # (COCO id, name); ids are not contiguous on purpose
     (11, "ring"),
 ]
 SPLITS = {"train": 0, "val": 1}
+PRETRAIN_STREAM = 2  # the images a domain-pretrained backbone learns from (dwlab.pretrain)
 MIN_SIZE = 8.0  # px, longer box side of the smallest object
 MAX_SIZE_FRAC = 0.7  # of the longer image side
 MAX_OBJECTS = 8
@@ -117,6 +118,12 @@ def _remove_stale_temps(root: Path, name: str) -> None:
 
 def _rng(seed: int, *keys: int) -> np.random.Generator:
     return np.random.default_rng([seed % 2**63, *keys])
+
+
+def render(seed: int, stream: int, index: int, size: int) -> tuple[np.ndarray, list]:
+    """Image ``index`` of a stream (``SPLITS`` values, or ``PRETRAIN_STREAM``), never empty:
+    (uint8 HxWx3 pixels, [(bbox xywh, area, category id), ...])."""
+    return _render_image(_rng(seed, stream, index), size, empty=False)
 
 
 def _write_split(out_dir: Path, split: str, n: int, seed: int, size: int) -> dict:

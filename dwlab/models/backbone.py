@@ -28,7 +28,7 @@ STAGE_CHANNELS = {  # output channels of layer2, layer3, layer4
 STRIDES = (8, 16, 32, 64, 128)
 
 
-def _resnet(name: str, pretrained: bool | str, norm: str) -> nn.Module:
+def resnet(name: str, pretrained: bool | str, norm: str) -> nn.Module:
     norm_layer = FrozenBatchNorm2d if norm == "frozen_bn" else nn.BatchNorm2d
     if name == "resnet10":
         if pretrained is True:
@@ -78,7 +78,7 @@ def build_backbone(
     name: str, *, pretrained: bool | str, norm: str, frozen_stages: int, fpn_channels: int
 ) -> BackboneWithFPN:
     """ResNet-FPN returning 5 maps (P3..P7) of ``fpn_channels`` channels each."""
-    net = _resnet(name, pretrained, norm)
+    net = resnet(name, pretrained, norm)
     _freeze(net, frozen_stages)
     return BackboneWithFPN(
         net,

@@ -41,9 +41,14 @@ class FCOS(nn.Module):
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> FCOS:
+    pretrained = cfg.pretrained
+    if pretrained == "synth":  # the cached domain-pretrained trunk (dwlab.pretrain)
+        from dwlab.pretrain import cached_backbone
+
+        pretrained = str(cached_backbone(cfg.backbone, cfg.pretrain))
     backbone = build_backbone(
         cfg.backbone,
-        pretrained=cfg.pretrained,
+        pretrained=pretrained,
         norm=cfg.norm,
         frozen_stages=cfg.frozen_stages,
         fpn_channels=cfg.fpn_channels,

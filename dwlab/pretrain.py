@@ -1,0 +1,147 @@
+"""A backbone pretrained on the generated domain, with no label assignment involved.
+
+The paper starts every detector from the same ImageNet classifier. Its analogue here: a ResNet
+of the detector's architecture learns to classify object crops (box plus ``context`` on each
+side, squared, resized to ``crop`` px) cut from generated images of their own seed stream
+(``synth.PRETRAIN_STREAM``: neither the train nor the val images). No box, anchor or
+assignment is involved, so every label-assignment method starts from identical features.
+
+It is built once (``dwlab pretrain CONFIG``, or on first use by a run whose
+``model.pretrained`` is ``synth``) and cached under ``<cache>/backbones/`` keyed by the backbone
+name and every ``model.pretrain`` setting; a run loads the cached trunk like an ImageNet one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor, nn
+
+from dwlab.config import PretrainConfig
+from dwlab.data import synth
+from dwlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+KEY_EXCLUDES = {"threads"}  # settings that do not change what is learnt
+
+
+def cache_path(backbone: str, cfg: PretrainConfig) -> Path:
+    """``<cache>/backbones/<backbone>-<hash of the settings>.pt``."""
+    settings = {"backbone": backbone, **cfg.model_dump(exclude=KEY_EXCLUDES)}
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    return synth.cache_root() / "backbones" / f"{backbone}-{digest}.pt"
+
+
+def cached_backbone(backbone: str, cfg: PretrainConfig, log=print) -> Path:
+    """The cached domain-pretrained trunk for these settings, built on first use."""
+    path = cache_path(backbone, cfg)
+    if not path.is_file():
+        build(backbone, cfg, path, log=log)
+    return path
+
+
+def crops(cfg: PretrainConfig) -> tuple[Tensor, Tensor]:
+    """Crops of every object in ``cfg.images`` generated images: ``Tensor[N, 3, crop, crop]``
+    uint8 and their class indices ``Tensor[N]`` (position in ``synth.CATEGORIES``)."""
+    index = {cat_id: k for k, (cat_id, _) in enumerate(synth.CATEGORIES)}
+    pixels, labels = [], []
+    for i in range(cfg.images):
+        image, objects = synth.render(cfg.seed, synth.PRETRAIN_STREAM, i, cfg.image_size)
+        picture = Image.fromarray(image)
+        for (x, y, w, h), _area, cat_id in objects:
+            half = max(w, h) * (0.5 + cfg.context)
+            cx, cy = x + w / 2, y + h / 2
+            box = tuple(round(v) for v in (cx - half, cy - half, cx + half, cy + half))
+            crop = picture.crop(box).resize((cfg.crop, cfg.crop), Image.BILINEAR)  # zero-padded outside
+            pixels.append(np.asarray(crop))
+            labels.append(index[cat_id])
+    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+
+
+def _normalise(batch: Tensor) -> Tensor:
+    """uint8 ``Tensor[B, 3, H, W]`` -> float, ImageNet-normalised like the detector's input."""
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
+    return (batch.float() - mean) / std
+
+
+def _augment(batch: Tensor, gen: torch.Generator) -> Tensor:
+    """A random horizontal flip and a random multiple of 90 degrees (the classes are invariant)."""
+    if torch.rand((), generator=gen) < 0.5:
+        batch = batch.flip(-1)
+    return batch.rot90(int(torch.randint(4, (), generator=gen)), dims=(-2, -1))
+
+
+def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels: Tensor, log=print) -> tuple[nn.Module, float]:
+    """Train ``backbone`` + a linear classifier on 90% of the crops; returns the trunk (the
+    classifier layer removed) and the accuracy on the other 10%."""
+    from dwlab.models.backbone import resnet
+
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(labels), generator=gen)
+    n_val = max(1, len(labels) // 10)
+    val, train = order[:n_val], order[n_val:]
+    net = resnet(backbone, False, "bn")
+    net.fc = nn.Linear(net.fc.in_features, len(synth.CATEGORIES))
+    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps = cfg.epochs * max(1, len(train) // cfg.batch_size)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    net.train()
+    for epoch in range(cfg.epochs):
+        perm = train[torch.randperm(len(train), generator=gen)]
+        for start in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size):
+            idx = perm[start : start + cfg.batch_size]
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = net(_normalise(_augment(images[idx], gen)))
+            loss = nn.functional.cross_entropy(logits.float(), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        log(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}")
+    net.eval()
+    with torch.no_grad():
+        predicted = torch.cat([net(_normalise(images[val[i : i + 256]])).argmax(1) for i in range(0, n_val, 256)])
+    accuracy = (predicted == labels[val]).float().mean().item()
+    net.fc = nn.Identity()
+    return net, accuracy
+
+
+def build(backbone: str, cfg: PretrainConfig, path: Path, log=print) -> dict:
+    """Pretrain and write the trunk's state_dict to ``path`` (atomically) and a ``.json`` beside
+    it with the settings, the held-out crop accuracy and the time taken; returns that record."""
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        start = time.perf_counter()
+        images, labels = crops(cfg)
+        log(f"pretrain: {len(labels)} crops from {cfg.images} generated images ({time.perf_counter() - start:.0f} s)")
+        net, accuracy = train_classifier(backbone, cfg, images, labels, log=log)
+    finally:
+        torch.set_num_threads(threads)
+    record = {
+        "backbone": backbone, "settings": cfg.model_dump(), "crops": len(labels),
+        "val_accuracy": round(accuracy, 4), "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(state, tmp)
+        os.chmod(tmp, 0o644)
+        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
+        os.replace(tmp, path)  # last: the .pt exists only when complete
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    log(f"pretrain: held-out crop accuracy {accuracy:.3f}; wrote {path}")
+    return record

@@ -1,0 +1,67 @@
+"""The domain-pretrained backbone: crops from their own stream, a cache keyed by the settings,
+loaded by ``model.pretrained: synth`` like an ImageNet trunk."""
+
+import json
+
+import torch
+from typer.testing import CliRunner
+
+from dwlab.cli import app
+from dwlab.config import PretrainConfig, validate
+from dwlab.data import synth
+from dwlab.models.detector import build_model
+from dwlab.pretrain import cache_path, cached_backbone, crops
+from tests.conftest import tiny_config
+
+TINY = PretrainConfig(images=12, epochs=1, batch_size=16, threads=1)
+
+
+def test_crops_cover_every_object_of_their_own_stream():
+    images, labels = crops(TINY)
+    n_objects = sum(len(synth.render(0, synth.PRETRAIN_STREAM, i, 128)[1]) for i in range(12))
+    assert images.shape == (n_objects, 3, 64, 64) and images.dtype == torch.uint8
+    assert labels.shape == (n_objects,) and 0 <= labels.min() and labels.max() < len(synth.CATEGORIES)
+    train_first, _ = synth.render(0, synth.SPLITS["train"], 0, 128)
+    pretrain_first, _ = synth.render(0, synth.PRETRAIN_STREAM, 0, 128)
+    assert train_first.shape != pretrain_first.shape or (train_first != pretrain_first).any()
+
+
+def test_cache_key_follows_every_setting_but_threads():
+    base = cache_path("resnet10", TINY)
+    assert cache_path("resnet10", TINY.model_copy(update={"threads": 2})) == base
+    assert cache_path("resnet18", TINY) != base
+    for change in ({"images": 13}, {"seed": 1}, {"crop": 32}, {"epochs": 2}, {"lr": 1e-3}):
+        assert cache_path("resnet10", TINY.model_copy(update=change)) != base, change
+
+
+def test_built_once_then_loaded_by_pretrained_synth(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
+    path = cached_backbone("resnet10", TINY, log=lambda _: None)
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["backbone"] == "resnet10" and 0.0 <= record["val_accuracy"] <= 1.0
+    assert not list(path.parent.glob("*.tmp-*"))
+    mtime = path.stat().st_mtime_ns
+    assert cached_backbone("resnet10", TINY) == path and path.stat().st_mtime_ns == mtime  # reused
+
+    raw = tiny_config(None, model={"backbone": "resnet10", "pretrained": "synth", "pretrain": TINY.model_dump()})
+    model = build_model(validate(raw, "t").model, num_classes=6)
+    trunk = torch.load(path, weights_only=True)
+    body = model.backbone.body
+    assert not any(k.startswith("fc.") for k in trunk)
+    assert torch.equal(body.conv1.weight, trunk["conv1.weight"])
+    assert torch.equal(body.layer3[0].conv1.weight, trunk["layer3.0.conv1.weight"])
+
+
+def test_cli_pretrain_builds_then_reports_the_cached_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
+    settings = [f"model.pretrain.{k}={v}" for k, v in TINY.model_dump().items() if v is not None]
+    args = ["pretrain", "smoke", "--set", "model.backbone=resnet10"]
+    for item in settings:
+        args += ["--set", item]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "held-out crop accuracy" in first.output
+    second = CliRunner().invoke(app, args)
+    assert second.exit_code == 0 and second.output.startswith("cached: ")
+    bad = CliRunner().invoke(app, ["pretrain", "smoke", "--set", "model.pretrain.images=0"])
+    assert bad.exit_code == 2 and "model.pretrain.images" in bad.output
