@@ -61,7 +61,7 @@ def one_line(err: Exception) -> str:
 @app.command()
 @user_errors
 def train(
-    config: Annotated[str, typer.Argument(help="Config file or preset name (smoke, paper).")],
+    config: Annotated[str, typer.Argument(help="Config file or preset name (smoke, mini, paper).")],
     set_: SetOption = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<name>).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run directory's last checkpoint.")] = False,
@@ -137,8 +137,9 @@ def data_synth(
 @user_errors
 def sweep(
     file: Annotated[Path, typer.Argument(help="Sweep file, e.g. experiments/table2.yaml.")],
-    scale: Annotated[Optional[str], typer.Option(help="smoke or paper (default: the file's scale).")] = None,
+    scale: Annotated[Optional[str], typer.Option(help="smoke, mini or paper (default: the file's scale).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per point (default: the file's seeds).")] = None,
+    all_points: Annotated[bool, typer.Option(help="Run every point, also where the file's 'only' picks a subset for this scale.")] = False,
     set_: SetOption = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
     max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: as many as the resources fit).")] = None,
@@ -149,7 +150,7 @@ def sweep(
     """Run a sweep file's trials (one per point and seed) on Ray Tune, tracked in MLflow."""
     from dwlab.sweep.spec import describe, load_plan
 
-    plan = load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir)
+    plan = load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points)
     if dry_run:
         typer.echo("\n".join(describe(plan)))
         return
@@ -280,6 +281,27 @@ def plot_weights_cmd(
     from dwlab.visualize import parse_methods, plot_checkpoint_weights
 
     typer.echo(f"wrote {plot_checkpoint_weights(checkpoint, image, out, parse_methods(methods))}")
+
+
+@plot_app.command("curves")
+@user_errors
+def plot_curves_cmd(
+    runs: Annotated[list[str], typer.Argument(help="LABEL=RUN_DIR, one per curve (each run's metrics.jsonl).")],
+    out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("reports/learning_curves.png"),
+    title: Annotated[str, typer.Option(help="Figure title.")] = "",
+) -> None:
+    """Learning curves: val AP against training images seen, one line per run."""
+    from dwlab.plots import plot_learning_curves, read_curve
+
+    curves = {}
+    for item in runs:
+        label, sep, run_dir = item.rpartition("=")
+        if not sep or not label:
+            raise DwlabError(f"{item!r}: expected LABEL=RUN_DIR")
+        if not (Path(run_dir) / "metrics.jsonl").is_file():
+            raise DwlabError(f"{item!r}: no metrics.jsonl in {run_dir}")
+        curves[label] = read_curve(run_dir)
+    typer.echo(f"wrote {plot_learning_curves(out, curves, title=title)}")
 
 
 @plot_app.command("table1")

@@ -246,7 +246,7 @@ class EvalConfig(Strict):
 
 class Config(Strict):
     name: str = "run"
-    scale: Literal["smoke", "paper", "custom"] = "custom"
+    scale: Literal["smoke", "mini", "paper", "custom"] = "custom"
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     assigner: AssignerConfig = AssignerConfig()

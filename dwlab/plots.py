@@ -148,3 +148,38 @@ def plot_table1(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_path, dpi=110)
     return out_path
+
+
+def read_curve(run_dir: str | Path) -> dict[str, np.ndarray]:
+    """A run's learning curve from its ``metrics.jsonl``: ``images_seen`` and val ``AP`` (percent)
+    at each evaluated epoch."""
+    import json
+
+    text = (Path(run_dir) / "metrics.jsonl").read_text()
+    rows = [row for row in map(json.loads, filter(str.strip, text.splitlines())) if "AP" in row]
+    return {
+        "images_seen": np.array([row["images_seen"] for row in rows], dtype=float),
+        "AP": np.array([100.0 * row["AP"] for row in rows]),
+    }
+
+
+def plot_learning_curves(out_path: str | Path, curves: Mapping[str, Mapping[str, np.ndarray]], *, title: str = "") -> Path:
+    """Val AP (%) against images seen (thousands), one line per labelled curve (``read_curve``
+    output). Writes a PNG; returns its path."""
+    out_path = Path(out_path)
+    fig = Figure(figsize=(6.4, 4.2))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for label, curve in curves.items():
+        ax.plot(curve["images_seen"] / 1000.0, curve["AP"], "o-", markersize=3, label=label)
+    ax.set_xlabel("training images seen (thousands)")
+    ax.set_ylabel("val AP (%)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left")
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=150)
+    return out_path

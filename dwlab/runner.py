@@ -74,6 +74,17 @@ def data_paths(cfg: DataConfig) -> tuple[Path, Path, Path, Path]:
     return root / cfg.train_ann, root / cfg.train_images, root / cfg.val_ann, root / cfg.val_images
 
 
+def prepare_inputs(cfg: Config, log: Callable[[str], None] = print) -> None:
+    """Make a run's one-time inputs, each cached: the generated dataset (``data.root`` null)
+    and the domain-pretrained backbone (``model.pretrained: synth``). A sweep calls this once
+    per distinct setting before its trials start, so that they do not all build them at once."""
+    data_paths(cfg.data)
+    if cfg.model.pretrained == "synth":
+        from dwlab.pretrain import cached_backbone
+
+        cached_backbone(cfg.model.backbone, cfg.model.pretrain, log=log)
+
+
 def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     train_ann, train_images, val_ann, val_images = data_paths(cfg.data)
     size = dict(min_size=cfg.data.min_size, max_size=cfg.data.max_size)

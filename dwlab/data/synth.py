@@ -19,10 +19,12 @@ gives the same files, and train and val are different streams.
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -127,18 +129,23 @@ def render(seed: int, stream: int, index: int, size: int) -> tuple[np.ndarray, l
 
 
 def _write_split(out_dir: Path, split: str, n: int, seed: int, size: int) -> dict:
-    """Render ``n`` images into ``out_dir/split`` and return the COCO dict."""
+    """Render ``n`` images into ``out_dir/split`` and return the COCO dict. Images are rendered
+    by a pool of processes (one per core); each is seeded by its index, so the files do not
+    depend on the pool."""
     split_id = SPLITS[split]
     image_dir = out_dir / split
     image_dir.mkdir(parents=True, exist_ok=True)
     n_empty = int(round(EMPTY_FRAC * n))
     empty = set(_rng(seed, split_id).choice(n, size=n_empty, replace=False).tolist())
+    jobs = [(image_dir, seed, split_id, i, size, i in empty) for i in range(n)]
+    workers = min(os.cpu_count() or 1, 8, max(1, n // 200))  # small splits: no pool to start
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rendered = list(pool.map(_render_file, jobs, chunksize=64))
+    else:
+        rendered = [_render_file(job) for job in jobs]
     images, annotations = [], []
-    for i in range(n):
-        pixels, objects = _render_image(_rng(seed, split_id, i), size, i in empty)
-        file_name = f"{i + 1:06d}.png"
-        Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
-        height, width = pixels.shape[:2]
+    for i, (file_name, width, height, objects) in enumerate(rendered):
         images.append({"id": i + 1, "file_name": file_name, "width": width, "height": height})
         for bbox, area, category_id in objects:
             annotations.append({
@@ -149,6 +156,15 @@ def _write_split(out_dir: Path, split: str, n: int, seed: int, size: int) -> dic
     info = {"description": f"dwlab synthetic shapes ({split}, seed {seed})", "version": "1"}
     return {"info": info, "licenses": [], "images": images, "annotations": annotations,
             "categories": categories}
+
+
+def _render_file(job: tuple) -> tuple[str, int, int, list]:
+    """Render one image of a split into its PNG; (file name, width, height, objects)."""
+    image_dir, seed, split_id, i, size, empty = job
+    pixels, objects = _render_image(_rng(seed, split_id, i), size, empty)
+    file_name = f"{i + 1:06d}.png"
+    Image.fromarray(pixels).save(image_dir / file_name, compress_level=1)
+    return file_name, pixels.shape[1], pixels.shape[0], objects
 
 
 # ----------------------------------------------------------------------------- one image

@@ -257,6 +257,17 @@ def _values(series: pd.Series | None, fmt: Callable = str) -> str:
     return vals[0] if len(vals) == 1 else f"{', '.join(vals)} (mixed)"
 
 
+def _initialisation(pretrained) -> str:
+    """The backbone's starting point, from the ``model.pretrained`` param."""
+    text = str(pretrained)
+    names = {
+        "True": "ImageNet (torchvision's weights)",
+        "False": "random (trained from scratch)",
+        "synth": "domain-pretrained: a classifier of generated shape crops (dwlab pretrain)",
+    }
+    return names.get(text, f"weights from {text}")
+
+
 def header_info(runs: pd.DataFrame) -> dict[str, str]:
     """What the table was measured on, from its runs' tags, params and metrics."""
     get = runs.get
@@ -278,6 +289,7 @@ def header_info(runs: pd.DataFrame) -> dict[str, str]:
         "dataset": _values(get("tags.dwlab.dataset")),
         "scale": _values(get("tags.dwlab.scale")),
         "backbone": _values(backbone),
+        "initialisation": _values(get("params.model.pretrained"), _initialisation),
         "schedule": f"{epochs} epochs, batch {batch} x {workers} worker(s)",
         "images seen": images,
         "runs": f"{len(runs)} ({', '.join(parts)})",

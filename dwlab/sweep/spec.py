@@ -6,15 +6,16 @@ A sweep file names a base config, a list of points (each a mapping of dotted ove
     name: table2                 # experiment name (default: the file's stem)
     table: table2                # which paper table it reproduces (table2 .. table6)
     base: null                   # config preset or path (relative to this file); null: the scale preset
-    scale: smoke                 # smoke | paper (--scale overrides)
-    seeds: 1                     # seeds 0 .. seeds-1 per point (--seeds overrides)
+    scale: smoke                 # smoke | mini | paper (--scale overrides)
+    seeds: 1                     # seeds 0 .. seeds-1 per point (--seeds overrides), or per scale
     set: {train.epochs: 8}       # overrides applied to every point (or per scale, like resources)
     points:
       - {assigner.dw.beta: 5, id: my-id, label: "beta 5"}       # one point
       - grid: {assigner.dw.mu: [3, 4, 5]}                        # three points
         assigner.dw.beta: 5                                      # fixed keys of this grid
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, workers_per_trial: 1}
-      # or per scale: {smoke: {...}, paper: {...}}
+      # or per scale: {smoke: {...}, mini: {...}, paper: {...}}
+    only: {mini: [beta=5,mu=5]}  # per scale: run just these point ids (--all-points: every one)
     max_retries: 1
     checkpoint_artifact: true
 
@@ -31,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -39,7 +40,7 @@ from dwlab.config import Config, flatten, load_config, parse_override, read_yaml
 from dwlab.errors import DwlabError
 
 TABLES = ("table2", "table3", "table4", "table5", "table6")
-SCALES = ("smoke", "paper")
+SCALES = ("smoke", "mini", "paper")
 PAPER_IMAGES_PER_BATCH = 16  # 8 GPUs x 2 images (paper, Sec. 4)
 PAPER_LR = 0.01
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")
@@ -79,16 +80,20 @@ class Resources(_Strict):
         return max(1, int(self.cpus_per_worker))
 
 
+SeedCount = Annotated[int, Field(ge=1, le=1000)]
+
+
 class SweepFile(_Strict):
     """The YAML schema; ``points`` items and ``resources`` are checked further in ``expand``."""
 
     name: str | None = None
     table: Literal["table2", "table3", "table4", "table5", "table6"] | None = None
     base: str | None = None
-    scale: Literal["smoke", "paper"] = "smoke"
-    seeds: int = Field(1, ge=1, le=1000)
+    scale: Literal["smoke", "mini", "paper"] = "smoke"
+    seeds: SeedCount | dict[Literal["smoke", "mini", "paper"], SeedCount] = 1
     set: dict[str, Any] = {}
     points: list[dict[str, Any]]
+    only: dict[Literal["smoke", "mini", "paper"], list[str]] = {}
     resources: dict[str, Any] = {}
     max_retries: int = Field(1, ge=0, le=100)
     checkpoint_artifact: bool = True
@@ -257,7 +262,7 @@ def _resolve_base(base: str | None, scale: str, sweep_dir: Path, file: Path) -> 
 
 
 def _per_scale(raw: dict[str, Any], scale: str, where: str) -> dict[str, Any]:
-    """A section given once, or per scale as ``{smoke: {...}, paper: {...}}``: this scale's."""
+    """A section given once, or per scale as ``{smoke: {...}, mini: {...}, paper: {...}}``: this scale's."""
     if raw and set(raw) <= set(SCALES):
         raw = raw.get(scale) or {}
         if not isinstance(raw, dict):
@@ -301,18 +306,23 @@ def load_plan(
     seeds: int | None = None,
     set_: list[str] | None = None,
     runs_dir: Path | str = Path("runs/sweeps"),
+    all_points: bool = False,
 ) -> Plan:
     """Read, validate and expand a sweep file. Any problem is a one-line ``DwlabError`` that
     starts with the sweep file's path; nothing is started or written."""
     file = Path(file)
     try:
-        return _load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir))
+        return _load_plan(
+            file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir), all_points=all_points
+        )
     except DwlabError as err:
         message = _one_line(str(err))
         raise DwlabError(message if message.startswith(str(file)) else f"{file}: {message}") from None
 
 
-def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path) -> Plan:
+def _load_plan(
+    file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path, all_points: bool
+) -> Plan:
     raw = read_yaml(file)
     if not isinstance(raw, dict):
         raise DwlabError(f"expected a mapping with 'points', got {type(raw).__name__}")
@@ -328,7 +338,7 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
     if seeds is not None and seeds < 1:
         raise DwlabError(f"--seeds: expected at least 1, got {seeds}")
     scale = scale or spec.scale
-    n_seeds = seeds or spec.seeds
+    n_seeds = seeds or _seeds_at(spec.seeds, scale)
     if not spec.points:
         raise DwlabError("points: empty list (give at least one point or grid)")
     file_set = _per_scale(spec.set, scale, "set")
@@ -367,6 +377,9 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
             seen_hashes[digest] = seen_ids[pid] = pid
             points.append(Point(pid, overrides, label))
 
+    if not all_points and scale in spec.only:
+        points = _only(points, spec.only[scale], scale)
+
     runs_dir = runs_dir.resolve()
     runtime = {"train.progress": False}
     trials = []
@@ -399,6 +412,20 @@ def _load_plan(file: Path, *, scale: str | None, seeds: int | None, set_: list[s
     )
     plan.warnings.extend(_warnings(plan, cli_set))
     return plan
+
+
+def _seeds_at(seeds: int | dict[str, int], scale: str) -> int:
+    """``seeds`` given once, or per scale (a scale left out gets 1)."""
+    return seeds if isinstance(seeds, int) else seeds.get(scale, 1)
+
+
+def _only(points: list[Point], ids: list[str], scale: str) -> list[Point]:
+    """The points named by ``only.<scale>``, in the file's order."""
+    known = {p.id for p in points}
+    unknown = [i for i in ids if i not in known]
+    if unknown:
+        raise DwlabError(f"only.{scale}: no point has id {unknown[0]!r} (ids: {', '.join(sorted(known))})")
+    return [p for p in points if p.id in ids]
 
 
 def _warnings(plan: Plan, cli_set: dict[str, Any]) -> list[str]:

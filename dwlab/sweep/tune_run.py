@@ -255,6 +255,7 @@ def run_sweep(
             console.print(f"sweep {plan.name}: nothing to run")
             outcome.wall_s = time.monotonic() - started
             return outcome
+        _prepare(todo, console)
         owns_ray = _init_ray(address)  # before any run is opened: a bad --address writes nothing
         parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
         reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
@@ -271,6 +272,25 @@ def run_sweep(
         lock.close()
     outcome.wall_s = time.monotonic() - started
     return outcome
+
+
+def _prepare(todo: list[Trial], console: Console) -> None:
+    """The trials' cached inputs (generated dataset, domain-pretrained backbone), built here once
+    per distinct setting instead of by every trial at once. On a cluster each node has its own
+    cache unless ``DWLAB_CACHE`` points at shared storage; a node without them builds its own."""
+    from dwlab.runner import prepare_inputs
+
+    seen = set()
+    for trial in todo:
+        model = trial.config.model
+        key = (trial.config.data.model_dump_json(), model.backbone, model.pretrained, model.pretrain.model_dump_json())
+        if key in seen:
+            continue
+        seen.add(key)
+        started = time.monotonic()
+        prepare_inputs(trial.config, log=lambda line: console.print(line, soft_wrap=True))
+        if time.monotonic() - started > 1.0:
+            console.print(f"inputs of {trial.point.id} ready ({time.monotonic() - started:.0f} s)")
 
 
 def _run_tuner(
