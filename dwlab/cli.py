@@ -231,7 +231,7 @@ def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     scale: Annotated[str, typer.Option(help="Preset of the training-step, eval and data parts: smoke or paper.")] = "smoke",
     out: Annotated[Path, typer.Option(help="Markdown report to write.")] = Path("reports/bench.md"),
-    parts: Annotated[str, typer.Option(help="Comma-separated parts: train, loss, eval, data, sweep.")] = "train,loss,eval,data,sweep",
+    parts: Annotated[str, typer.Option(help="Comma-separated parts: train, throughput, loss, eval, data, sweep.")] = "train,throughput,loss,eval,data,sweep",
     reps: Annotated[int, typer.Option(min=1, help="Measured repetitions per figure (the median is reported).")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions first.")] = 3,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")] = None,

@@ -174,6 +174,18 @@ def _loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator: to
     )
 
 
+def precision(cfg: Config, device: torch.device) -> tuple[torch.amp.GradScaler | None, torch.dtype | None, torch.memory_format]:
+    """How a step computes: (GradScaler or None, autocast dtype or None, memory format). CUDA
+    with ``train.amp``: fp16 autocast and a scaler; CPU with ``train.cpu_bf16``: bf16 autocast
+    (no scaler needed); ``train.channels_last``: NHWC activations."""
+    use_amp = cfg.train.amp and device.type == "cuda"
+    autocast_dtype = torch.float16 if use_amp else None
+    if cfg.train.cpu_bf16 and device.type == "cpu":
+        autocast_dtype = torch.bfloat16
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    return (torch.amp.GradScaler("cuda") if use_amp else None), autocast_dtype, memory_format
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -284,12 +296,7 @@ def run_training(
         optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
     else:
         optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
-    use_amp = cfg.train.amp and device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda") if use_amp else None
-    autocast_dtype = torch.float16 if use_amp else None
-    if cfg.train.cpu_bf16 and device.type == "cpu":
-        autocast_dtype = torch.bfloat16
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    scaler, autocast_dtype, memory_format = precision(cfg, device)
     model = model.to(memory_format=memory_format)
 
     state = StepState()

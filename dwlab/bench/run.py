@@ -14,7 +14,8 @@ from dwlab.bench.measure import interleaved_medians, machine_info
 from dwlab.config import Config, load_config
 from dwlab.errors import DwlabError
 
-PARTS = ("train", "loss", "eval", "data", "sweep")
+PARTS = ("train", "throughput", "loss", "eval", "data", "sweep")
+THROUGHPUT_PRESETS = ("smoke", "mini")  # today's fp32 step against the learning scale's
 
 
 @dataclass
@@ -77,6 +78,39 @@ def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float]) 
         Check("train step DW / FCOS assigner <= 1.05", f"{r1:.2f}", r1 <= 1.05),
         Check("train step dwlab DW / torchvision FCOS <= 1.0", f"{r2:.2f}", r2 <= 1.0),
     ]
+
+
+def _throughput_section(opts: BenchOptions, device: torch.device) -> Section:
+    from dwlab.bench.throughput import step_fn
+
+    if device.type != "cpu":
+        return ["## Training images / s per thread", "", "Measured on the CPU only (`--device cpu`)."], []
+    configs = {name: load_config(name, opts.set_) for name in THROUGHPUT_PRESETS}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fns = {name: step_fn(cfg, device) for name, cfg in configs.items()}
+        step_s = interleaved_medians(fns, reps=opts.reps, warmup=opts.warmup, device=device)
+    finally:
+        torch.set_num_threads(threads)
+    ips = {name: configs[name].train.batch_size / step_s[name] for name in configs}
+    rows = []
+    for name, cfg in configs.items():
+        m, t = cfg.model, cfg.train
+        prec = "bf16 autocast" if t.cpu_bf16 else "fp32"
+        rows.append([name, f"{m.backbone}, frozen stages {m.frozen_stages}", str(t.batch_size),
+                     prec + (", channels_last" if t.channels_last else ""), f"{step_s[name] * 1e3:.0f}",
+                     f"{ips[name]:.1f}", f"{ips[name] / ips['smoke']:.2f}x"])  # fmt: skip
+    ratio = ips["mini"] / ips["smoke"]
+    lines = [
+        "## Training images / s per thread", "",
+        "One whole training step of each preset (`engine.train_one_epoch` on one fixed batch: its "
+        "model, DW assigner, optimizer, precision), 1 torch thread, random images of the preset's "
+        "size, 6 classes. `smoke` is the fp32 step the smoke scale trains with; `mini` the "
+        "learning scale's.", "",
+        *_table(["preset", "backbone", "batch", "precision", "ms / step", "images / s", "/ smoke"], rows),
+    ]  # fmt: skip
+    return lines, [Check("mini training images/s per thread >= 2x the smoke fp32 step", f"{ratio:.2f}x", ratio >= 2.0)]
 
 
 def _loss_section(opts: BenchOptions, device: torch.device) -> Section:
@@ -196,6 +230,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
         step_s = interleaved_medians(step_fns(cfg, 80, device), reps=opts.reps, warmup=opts.warmup, device=device)
     if "train" in opts.parts:
         emit(_train_section(cfg, device, step_s))
+    if "throughput" in opts.parts:
+        emit(_throughput_section(opts, device))
     if "loss" in opts.parts:
         emit(_loss_section(opts, device))
     if "eval" in opts.parts or "data" in opts.parts:

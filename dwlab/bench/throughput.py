@@ -1,0 +1,47 @@
+"""Training images per second per thread: a preset's whole training step (``engine.train_one_epoch``
+on one fixed batch, with the preset's model, assigner, optimizer and precision) on 1 thread,
+so that two presets can be compared side by side."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from dwlab.assign import build_assigner
+from dwlab.bench.train_step import synthetic_images
+from dwlab.config import Config
+from dwlab.data.transforms import normalize
+from dwlab.engine import StepState, param_groups, train_one_epoch
+from dwlab.models.detector import build_model
+from dwlab.runner import precision
+
+NUM_CLASSES = 6  # the generated dataset's
+
+
+def step_fn(cfg: Config, device: torch.device) -> Callable[[], None]:
+    """One optimizer step of ``cfg``'s training on a fixed batch of ``train.batch_size`` random
+    images of ``data.min_size x data.max_size`` (random init: the speed does not depend on it)."""
+    torch.manual_seed(0)
+    model = build_model(cfg.model.model_copy(update={"pretrained": False}), NUM_CLASSES).to(device)
+    scaler, autocast_dtype, memory_format = precision(cfg, device)
+    model = model.to(memory_format=memory_format)
+    assigner = build_assigner(cfg.assigner, NUM_CLASSES)
+    groups = param_groups(model, cfg.train.weight_decay)
+    optimizer = (
+        torch.optim.SGD(groups, lr=1e-4, momentum=cfg.train.momentum)
+        if cfg.train.optimizer == "sgd"
+        else torch.optim.AdamW(groups, lr=1e-4)
+    )
+    images, targets = synthetic_images(cfg, NUM_CLASSES)
+    batch = (normalize(images * 255), torch.tensor([images.shape[-2:]] * len(targets)), targets)
+    state = StepState()
+
+    def step() -> None:
+        train_one_epoch(
+            model, assigner, [batch], optimizer, lambda _: 1e-4, state, device,
+            scaler=scaler, autocast_dtype=autocast_dtype, memory_format=memory_format,
+            grad_clip=cfg.train.grad_clip,
+        )  # fmt: skip
+
+    return step
