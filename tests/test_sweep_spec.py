@@ -31,7 +31,7 @@ def sweep_cli(*args: str):
 
 
 def test_table2_is_the_papers_cross():
-    plan = load_plan(EXPERIMENTS / "table2.yaml")
+    plan = load_plan(EXPERIMENTS / "table2.yaml", scale="smoke")
     ids = [p.id for p in plan.points]
     expected = [f"beta=5,mu={m}" for m in (3, 4, 5, 6, 7, 8)] + [f"beta={b},mu=5" for b in (3, 4, 6, 7)]
     assert ids == expected
@@ -41,14 +41,36 @@ def test_table2_is_the_papers_cross():
     assert plan.name == "table2" and plan.table == "table2" and plan.scale == "smoke"
 
 
+def test_table2_at_the_learning_scale_runs_the_readme_subset_unless_all_points():
+    plan = load_plan(EXPERIMENTS / "table2.yaml")
+    assert plan.scale == "mini" and plan.name == "table2-mini"
+    assert [p.id for p in plan.points] == ["beta=5,mu=3", "beta=5,mu=5", "beta=5,mu=8", "beta=3,mu=5", "beta=7,mu=5"]
+    assert [t.seed for t in plan.trials] == [0] * 5
+    assert all(t.config.model.pretrained == "synth" and t.config.train.threads == 1 for t in plan.trials)
+    full = load_plan(EXPERIMENTS / "table2.yaml", all_points=True, seeds=3)
+    assert len(full.points) == 10 and len(full.trials) == 30
+
+
+def test_only_names_unknown_point_and_seeds_per_scale(tmp_path):
+    f = write(tmp_path / "s.yaml", {"seeds": {"smoke": 2}, "points": [{"id": "a", "train.epochs": 1}],
+                                         "only": {"smoke": ["a", "b"]}})
+    with pytest.raises(DwlabError, match=r"only\.smoke: no point has id 'b' \(ids: a\)"):
+        load_plan(f)
+    assert len(load_plan(f, all_points=True).trials) == 2  # smoke: 2 seeds
+    assert len(load_plan(f, scale="mini", all_points=True).trials) == 1  # a scale left out: 1
+    bad = write(tmp_path / "b.yaml", {"seeds": {"mini": 0}, "points": [{"train.epochs": 1}]})
+    with pytest.raises(DwlabError, match="seeds"):
+        load_plan(bad)
+
+
 @pytest.mark.parametrize(
     ("table", "n_points"), [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 5), ("table6", 8)]
 )
-@pytest.mark.parametrize("scale", ["smoke", "paper"])
-def test_every_table_validates_at_both_scales(table, n_points, scale):
-    plan = load_plan(EXPERIMENTS / f"{table}.yaml", scale=scale)
+@pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
+def test_every_table_validates_at_every_scale(table, n_points, scale):
+    plan = load_plan(EXPERIMENTS / f"{table}.yaml", scale=scale, all_points=True)
     assert len(plan.points) == n_points and plan.table == table
-    assert plan.name == (table if scale == "smoke" else f"{table}-paper")
+    assert plan.name == (table if scale == "smoke" else f"{table}-{scale}")
     assert all(t.config.scale == scale for t in plan.trials)
     if scale == "paper":  # the paper's layout: 8 workers x 2 images at lr 0.01, no warning
         assert plan.world_size * plan.trials[0].config.train.batch_size == 16 and not plan.warnings
@@ -57,14 +79,14 @@ def test_every_table_validates_at_both_scales(table, n_points, scale):
 
 
 def test_table3_4_6_points():
-    t3 = load_plan(EXPERIMENTS / "table3.yaml")
+    t3 = load_plan(EXPERIMENTS / "table3.yaml", scale="smoke")
     rows = [(t.config.assigner.dw.gamma1, t.config.assigner.dw.gamma2) for t in t3.trials]
     assert rows == [(1, 1), (1, 2), (2, 2), (3, 2), (4, 2), (5, 2), (2, 3)]
-    t4 = load_plan(EXPERIMENTS / "table4.yaml")
+    t4 = load_plan(EXPERIMENTS / "table4.yaml", scale="smoke")
     bags = [(c.bag, c.bag_radius if c.bag == "threshold" else c.bag_topk if c.bag == "topk" else None)
             for c in (t.config.assigner.dw for t in t4.trials)]
     assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
-    t6 = load_plan(EXPERIMENTS / "table6.yaml")
+    t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")
     methods = ["fcos", "atss", "autoassign", "gfl", "vfl", "tood", "dw"]
     assert [p.id for p in t6.points] == methods + ["dw+refine"]
     assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
@@ -168,7 +190,7 @@ def test_missing_sweep_file_and_bad_options(tmp_path, monkeypatch):
 
 def test_dry_run_lists_trials_and_differences(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = sweep_cli(str(EXPERIMENTS / "table2.yaml"), "--dry-run", "--seeds", "2", "--set", "train.epochs=3")
+    result = sweep_cli(str(EXPERIMENTS / "table2.yaml"), "--dry-run", "--scale", "smoke", "--seeds", "2", "--set", "train.epochs=3")
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "10 points x 2 seeds = 20 trials" in out
@@ -220,7 +242,7 @@ def test_fuzzed_sweep_files_never_traceback(data, tmp_path):
 
 
 def test_set_per_scale_picks_this_scales_overrides():
-    smoke = load_plan(EXPERIMENTS / "table2.yaml")
+    smoke = load_plan(EXPERIMENTS / "table2.yaml", scale="smoke")
     paper = load_plan(EXPERIMENTS / "table2.yaml", scale="paper")
     assert {t.config.train.epochs for t in smoke.trials} == {3}
     assert {t.config.train.epochs for t in paper.trials} == {12}  # the paper preset's 1x, unchanged
