@@ -295,7 +295,7 @@ def plot_curves_cmd(
 
     curves = {}
     for item in runs:
-        label, sep, run_dir = item.rpartition("=")
+        label, sep, run_dir = item.partition("=")  # sweep run directories have "=" in them
         if not sep or not label:
             raise DwlabError(f"{item!r}: expected LABEL=RUN_DIR")
         if not (Path(run_dir) / "metrics.jsonl").is_file():

@@ -13,6 +13,7 @@ name and every ``model.pretrain`` setting; a run loads the cached trunk like an 
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -27,7 +28,8 @@ from torch import Tensor, nn
 
 from dwlab.config import PretrainConfig
 from dwlab.data import synth
-from dwlab.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from dwlab.data.transforms import normalize
+from dwlab.errors import DwlabError
 
 KEY_EXCLUDES = {"threads"}  # settings that do not change what is learnt
 
@@ -40,10 +42,17 @@ def cache_path(backbone: str, cfg: PretrainConfig) -> Path:
 
 
 def cached_backbone(backbone: str, cfg: PretrainConfig, log=print) -> Path:
-    """The cached domain-pretrained trunk for these settings, built on first use."""
+    """The cached domain-pretrained trunk for these settings, built on first use. Processes
+    that need it at once (two runs, data-parallel ranks) wait on one lock file: one builds it,
+    the others then load the same file."""
     path = cache_path(backbone, cfg)
-    if not path.is_file():
-        build(backbone, cfg, path, log=log)
+    if path.is_file():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not path.is_file():
+            build(backbone, cfg, path, log=log)
     return path
 
 
@@ -65,13 +74,6 @@ def crops(cfg: PretrainConfig) -> tuple[Tensor, Tensor]:
     return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
 
 
-def _normalise(batch: Tensor) -> Tensor:
-    """uint8 ``Tensor[B, 3, H, W]`` -> float, ImageNet-normalised like the detector's input."""
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255
-    return (batch.float() - mean) / std
-
-
 def _augment(batch: Tensor, gen: torch.Generator) -> Tensor:
     """A random horizontal flip and a random multiple of 90 degrees (the classes are invariant)."""
     if torch.rand((), generator=gen) < 0.5:
@@ -89,6 +91,11 @@ def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels:
     order = torch.randperm(len(labels), generator=gen)
     n_val = max(1, len(labels) // 10)
     val, train = order[:n_val], order[n_val:]
+    if len(train) < cfg.batch_size:
+        raise DwlabError(
+            f"model.pretrain: {len(train)} training crops from images={cfg.images} are fewer than "
+            f"batch_size={cfg.batch_size}; raise model.pretrain.images"
+        )
     net = resnet(backbone, False, "bn")
     net.fc = nn.Linear(net.fc.in_features, len(synth.CATEGORIES))
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -100,7 +107,7 @@ def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels:
         for start in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = net(_normalise(_augment(images[idx], gen)))
+                logits = net(normalize(_augment(images[idx], gen).float()))
             loss = nn.functional.cross_entropy(logits.float(), labels[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -109,39 +116,48 @@ def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels:
         log(f"pretrain epoch {epoch + 1}/{cfg.epochs}: loss {loss.item():.3f}")
     net.eval()
     with torch.no_grad():
-        predicted = torch.cat([net(_normalise(images[val[i : i + 256]])).argmax(1) for i in range(0, n_val, 256)])
+        predicted = torch.cat([net(normalize(images[val[i : i + 256]].float())).argmax(1) for i in range(0, n_val, 256)])
     accuracy = (predicted == labels[val]).float().mean().item()
     net.fc = nn.Identity()
     return net, accuracy
 
 
 def build(backbone: str, cfg: PretrainConfig, path: Path, log=print) -> dict:
-    """Pretrain and write the trunk's state_dict to ``path`` (atomically) and a ``.json`` beside
-    it with the settings, the held-out crop accuracy and the time taken; returns that record."""
+    """Pretrain and write the trunk's state_dict to ``path`` and a ``.json`` beside it with the
+    settings, the held-out crop accuracy and the time taken (each to a temp file, then renamed;
+    the ``.pt`` last, so that it exists only complete); returns that record."""
+    start = time.perf_counter()
     threads = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    try:
-        start = time.perf_counter()
-        images, labels = crops(cfg)
-        log(f"pretrain: {len(labels)} crops from {cfg.images} generated images ({time.perf_counter() - start:.0f} s)")
-        net, accuracy = train_classifier(backbone, cfg, images, labels, log=log)
-    finally:
-        torch.set_num_threads(threads)
+    # its own RNG stream: a run that builds the cache on first use initialises its detector
+    # from train.seed exactly as a run that finds the cache does
+    with torch.random.fork_rng(devices=[]):
+        try:
+            images, labels = crops(cfg)
+            log(f"pretrain: {len(labels)} crops from {cfg.images} generated images ({time.perf_counter() - start:.0f} s)")
+            net, accuracy = train_classifier(backbone, cfg, images, labels, log=log)
+        finally:
+            torch.set_num_threads(threads)
     record = {
         "backbone": backbone, "settings": cfg.model_dump(), "crops": len(labels),
         "val_accuracy": round(accuracy, 4), "seconds": round(time.perf_counter() - start, 1),
     }  # fmt: skip
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("fc.")}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        path.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, path)  # last: the .pt exists only when complete
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    _write_atomic(path.with_suffix(".json"), lambda f: f.write((json.dumps(record, indent=2) + "\n").encode()))
+    _write_atomic(path, lambda f: torch.save(state, f))
     log(f"pretrain: held-out crop accuracy {accuracy:.3f}; wrote {path}")
     return record
+
+
+def _write_atomic(path: Path, write) -> None:
+    """``write(binary file)`` into a temp sibling, then rename it to ``path`` (mode 644)."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

@@ -78,7 +78,8 @@ def prepare_inputs(cfg: Config, log: Callable[[str], None] = print) -> None:
     """Make a run's one-time inputs, each cached: the generated dataset (``data.root`` null)
     and the domain-pretrained backbone (``model.pretrained: synth``). A sweep calls this once
     per distinct setting before its trials start, so that they do not all build them at once."""
-    data_paths(cfg.data)
+    if cfg.data.root is None:  # a given data.root need only exist where the trials run
+        data_paths(cfg.data)
     if cfg.model.pretrained == "synth":
         from dwlab.pretrain import cached_backbone
 

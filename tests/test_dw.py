@@ -472,3 +472,14 @@ def test_neg_norm_num_gts_divides_the_neg_term_by_the_gt_count():
     sums = pneg.loss_sums(outputs, targets)
     assert torch.allclose(by_gts(outputs, targets)["loss_neg"], sums.neg / 2.0)
     assert torch.allclose(pneg(outputs, targets)["loss_neg"], sums.neg / sums.neg_norm.clamp(min=1.0))
+
+
+def test_dw_params_has_exactly_the_config_fields():
+    """DWParams mirrors DWAssignerConfig field for field, so that ``from_config`` never meets a
+    field it does not know (a TypeError the runner would not turn into a one-line error)."""
+    import dataclasses
+
+    from dwlab.assign.dw import DWParams
+    from dwlab.config import DWAssignerConfig
+
+    assert [f.name for f in dataclasses.fields(DWParams)] == list(DWAssignerConfig.model_fields)

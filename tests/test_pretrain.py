@@ -3,12 +3,14 @@ loaded by ``model.pretrained: synth`` like an ImageNet trunk."""
 
 import json
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
 from dwlab.cli import app
 from dwlab.config import PretrainConfig, validate
 from dwlab.data import synth
+from dwlab.errors import DwlabError
 from dwlab.models.detector import build_model
 from dwlab.pretrain import cache_path, cached_backbone, crops
 from tests.conftest import tiny_config
@@ -65,3 +67,42 @@ def test_cli_pretrain_builds_then_reports_the_cached_file(tmp_path, monkeypatch)
     assert second.exit_code == 0 and second.output.startswith("cached: ")
     bad = CliRunner().invoke(app, ["pretrain", "smoke", "--set", "model.pretrain.images=0"])
     assert bad.exit_code == 2 and "model.pretrain.images" in bad.output
+
+
+def test_building_the_cache_leaves_the_global_rng_alone(tmp_path, monkeypatch):
+    """A run that builds the backbone on first use initialises its detector from its own seed,
+    exactly as a run that finds the cache."""
+    monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    cached_backbone("resnet10", TINY, log=lambda _: None)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_too_few_crops_for_one_batch_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
+    with pytest.raises(DwlabError, match=r"model\.pretrain: \d+ training crops from images=10 are fewer than batch_size=64"):
+        cached_backbone("resnet10", TINY.model_copy(update={"images": 10, "batch_size": 64}), log=lambda _: None)
+    assert not list((tmp_path / "backbones").glob("*.pt"))
+
+
+def test_plot_curves_reads_sweep_run_directories(tmp_path):
+    run = tmp_path / "table2-mini" / "beta=5,mu=5" / "seed0"
+    run.mkdir(parents=True)
+    rows = [{"epoch": 1, "images_seen": 2400.0}, {"epoch": 2, "images_seen": 4800.0, "AP": 0.25}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "curves.png"
+    result = CliRunner().invoke(app, ["plot", "curves", f"DW=={run}", "--out", str(out)])
+    assert result.exit_code == 2 and "no metrics.jsonl" in result.output  # the label ends at the first "="
+    result = CliRunner().invoke(app, ["plot", "curves", f"DW={run}", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert out.stat().st_size > 0
+
+
+def test_prepare_inputs_leaves_a_given_data_root_to_the_trials(tmp_path):
+    """The sweep driver prepares cached inputs; a data.root it cannot see (the nodes mount it)
+    is not its business."""
+    from dwlab.runner import prepare_inputs
+
+    prepare_inputs(validate(tiny_config(tmp_path / "mounted-on-the-nodes-only"), "t"), log=lambda _: None)

@@ -246,3 +246,23 @@ def test_set_per_scale_picks_this_scales_overrides():
     paper = load_plan(EXPERIMENTS / "table2.yaml", scale="paper")
     assert {t.config.train.epochs for t in smoke.trials} == {3}
     assert {t.config.train.epochs for t in paper.trials} == {12}  # the paper preset's 1x, unchanged
+
+
+def test_a_value_only_the_assigner_can_judge_stops_the_plan(tmp_path):
+    """DW's pneg_low against its variant's pneg_high (null in the config) is checked by building
+    the point's assigner at plan time, not first inside a trial."""
+    f = write(tmp_path / "s.yaml", {"points": [{"assigner.dw.pneg_low": 0.96}]})
+    with pytest.raises(DwlabError) as err:
+        load_plan(f)
+    assert str(err.value) == (
+        f"{f}: points[0] (pneg_low=0.96): assigner.dw: need 0 <= pneg_low < pneg_high, got 0.96 and 0.95"
+    )
+
+
+def test_dry_run_says_when_only_leaves_points_out(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = sweep_cli(str(EXPERIMENTS / "table2.yaml"), "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "5 points (of 10: only.mini; --all-points runs all) x 1 seeds = 5 trials" in result.stdout
+    result = sweep_cli(str(EXPERIMENTS / "table2.yaml"), "--dry-run", "--all-points")
+    assert "10 points x 1 seeds = 10 trials" in result.stdout

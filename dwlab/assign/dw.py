@@ -290,7 +290,7 @@ class Assignment:
 
 
 class LossSums(NamedTuple):
-    """Unnormalised terms of a batch; ``DWAssigner.__call__`` divides and scales them."""
+    """Unnormalised terms of a batch; ``DWAssigner.__call__`` divides them by their normalisers."""
 
     cls_pos: Tensor  # sum over pairs of w_pos * -ln s
     reg: Tensor  # sum over pairs of w_pos * GIoULoss
@@ -316,7 +316,8 @@ class DWParams:
     ``pneg_bag_minmax`` and ``pos_scale`` left None take ``variant``'s value from ``VARIANTS``
     (paper: ``iou_pow``, mu, 0.95, False, 1.0; official: ``exp_giou``, 3, 1.0, True, 0.25); a
     value given wins. After construction no field is None. ``DWParams(**cfg.model_dump())``
-    resolves a config (``from_config``); ``dataclasses.replace`` keeps the resolved values.
+    resolves a config (``from_config``). To change a constant, resolve anew from the config
+    (``dataclasses.replace`` would keep e.g. the ``mu_norm`` resolved from the old ``mu``).
     Raises ValueError on an unknown choice or inconsistent values.
     """
 

@@ -20,6 +20,7 @@ from dwlab.data.transforms import normalize
 from dwlab.engine import param_groups
 from dwlab.models.backbone import build_backbone
 from dwlab.models.detector import build_model
+from dwlab.runner import precision
 
 GTS_PER_IMAGE = 7  # COCO train2017 has about 7.3 per image
 CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", "torchvision FCOS")
@@ -76,13 +77,13 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
     dwlab_targets = [t.to(device) for t in targets]
     tv_images = [img.to(device) for img in images]
     tv_targets = [{"boxes": t.boxes.to(device), "labels": t.labels.to(device)} for t in targets]
-    use_amp = cfg.train.amp and device.type == "cuda"
+    _, autocast_dtype, _ = precision(cfg, device)
 
     def make(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
         optimizer = torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
 
         def step() -> None:
-            with torch.autocast(device.type, enabled=use_amp):
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = loss_fn()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

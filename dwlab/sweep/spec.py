@@ -138,6 +138,7 @@ class Plan:
     checkpoint_artifact: bool
     runs_dir: Path
     warnings: list[str] = field(default_factory=list)
+    left_out: int = 0  # points the file's ``only`` leaves out at this scale (--all-points: 0)
 
     @property
     def world_size(self) -> int:
@@ -369,6 +370,7 @@ def _load_plan(
             pid = explicit or point_id(overrides)
             where = f"points[{index}] ({pid})"
             cfg = resolve({**file_set, **overrides, **cli_set}, where)
+            _check_assigner(cfg, where)
             digest = config_hash(cfg)
             if digest in seen_hashes:  # the same config twice (e.g. the centre of a cross)
                 continue
@@ -377,6 +379,7 @@ def _load_plan(
             seen_hashes[digest] = seen_ids[pid] = pid
             points.append(Point(pid, overrides, label))
 
+    n_points = len(points)
     if not all_points and scale in spec.only:
         points = _only(points, spec.only[scale], scale)
 
@@ -409,9 +412,21 @@ def _load_plan(
         max_retries=spec.max_retries,
         checkpoint_artifact=spec.checkpoint_artifact,
         runs_dir=runs_dir,
+        left_out=n_points - len(points),
     )
     plan.warnings.extend(_warnings(plan, cli_set))
     return plan
+
+
+def _check_assigner(cfg: Config, where: str) -> None:
+    """Build the point's assigner once, so that a value only its builder can judge (DW's
+    ``pneg_low`` against the variant's ``pneg_high``) stops the sweep before anything starts."""
+    from dwlab.runner import make_assigner
+
+    try:
+        make_assigner(cfg, num_classes=1)
+    except DwlabError as err:
+        raise DwlabError(f"{where}: {err}") from None
 
 
 def _seeds_at(seeds: int | dict[str, int], scale: str) -> int:
@@ -465,7 +480,9 @@ def describe(plan: Plan) -> list[str]:
     }
     res = plan.resources
     lines = [
-        f"sweep {plan.name} ({plan.file}): {len(plan.points)} points x {len(plan.seeds)} seeds = "
+        f"sweep {plan.name} ({plan.file}): {len(plan.points)} points"
+        + (f" (of {len(plan.points) + plan.left_out}: only.{plan.scale}; --all-points runs all)" if plan.left_out else "")
+        + f" x {len(plan.seeds)} seeds = "
         f"{len(plan.trials)} trials, scale {plan.scale}, table {plan.table or '-'}",
         f"base: {plan.base}",
         "every trial: " + (" ".join(f"{k}={_fmt_value(v)}" for k, v in common.items()) or "-"),
