@@ -105,3 +105,14 @@ def test_bad_options_are_one_line_exit_2(tmp_path, args, message):
     lines = [line for line in res.output.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], res.output
     assert not out.exists()
+
+
+def test_throughput_part_compares_the_smoke_and_mini_steps_on_one_thread():
+    opts = BenchOptions(parts=("throughput",), reps=1, warmup=0, threads=2,
+                        set_=["train.batch_size=2", "model.fpn_channels=32", "model.head_norm_groups=8"])  # fmt: skip
+    text = run_bench(opts, echo=lambda _: None)
+    assert "## Training images / s per thread" in text
+    assert "mini training images/s per thread >= 2x the smoke fp32 step" in text
+    rows = [line for line in text.splitlines() if line.startswith(("| smoke |", "| mini |"))]
+    assert len(rows) == 2 and "bf16 autocast, channels_last" in rows[1] and "| fp32 |" in rows[0]
+    assert torch.get_num_threads() == 2  # the part's single thread does not leak
