@@ -12,17 +12,19 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from dwlab.assign import build_assigner
-from dwlab.assign.atss import ATSSAssigner, anchor_boxes, atss_match
+from dwlab.assign.atss import ATSSAssigner
 from dwlab.assign.autoassign import AutoAssignAssigner
 from dwlab.assign.base import weighted_total
-from dwlab.assign.gfl import GFLAssigner, quality_focal_loss
+from dwlab.assign.common import anchor_boxes, atss_match
+from dwlab.assign.gfl import GFLAssigner
 from dwlab.assign.table1 import TABLE1
 from dwlab.assign.tood import TOODAssigner
-from dwlab.assign.vfl import VFLAssigner, varifocal_loss
+from dwlab.assign.vfl import VFLAssigner
 from dwlab.box_ops import boxes_to_distances
 from dwlab.cli import app
 from dwlab.config import AssignerConfig, validate
 from dwlab.data.target import Target
+from dwlab.losses import quality_focal_loss, varifocal_loss
 from dwlab.models.outputs import Anchors, HeadOutputs
 from dwlab.runner import run_training
 from tests.conftest import tiny_config

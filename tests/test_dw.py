@@ -15,14 +15,12 @@ from dwlab.assign.dw import (
     DWAssigner,
     DWParams,
     dual_weights,
-    dw_cls_sums,
-    log1m_joint_score,
-    log_joint_score,
     p_neg,
 )
 from dwlab.box_ops import boxes_to_distances, distances_to_boxes
 from dwlab.config import DWAssignerConfig
 from dwlab.data.target import Target
+from dwlab.losses import log1m_joint_score, log_joint_score, weighted_joint_bce
 from dwlab.models.outputs import Anchors, HeadOutputs
 
 CPU = torch.device("cpu")
@@ -402,7 +400,7 @@ def test_all_weights_one_is_plain_bce():
     target = torch.zeros(2, 5, C)
     target[0, 1, 2] = target[1, 4, 0] = target[1, 0, 0] = 1.0
     pos_entry = target.reshape(-1).nonzero()[:, 0]
-    pos, neg = dw_cls_sums(cls, ctr, pos_entry, torch.ones(3), 1 - target)
+    pos, neg = weighted_joint_bce(cls, ctr, pos_entry, torch.ones(3), 1 - target)
     s = torch.sigmoid(cls) * torch.sigmoid(ctr)[..., None]
     assert float(pos + neg) == pytest.approx(float(F.binary_cross_entropy(s, target, reduction="sum")), rel=1e-5)
 

@@ -9,8 +9,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dwlab.assign.table1 import METHODS, TABLE1, qfl_weights
+from dwlab.assign.table1 import METHODS, TABLE1
 from dwlab.cli import app
+from dwlab.losses import qfl_weights
 from dwlab.plots import plot_table1
 
 T = torch.tensor

@@ -15,94 +15,34 @@ the ATSS paper's setting). Then, per GT g (paper Alg. 1):
 Loss (released ATSS code): focal loss on the class logits (alpha 0.25, gamma 2) over the number
 of positives; GIoU loss of the predicted boxes weighted by the centerness targets and divided by
 their sum (weight 2.0); BCE of the centerness logits against the centerness targets
-(``fcos.centerness_target`` from the anchor point) over the number of positives. The matched
+(``common.centerness_target`` from the anchor point) over the number of positives. The matched
 GT index per anchor, ``Tensor[B, A]`` (-1 = background), is the boundary between assignment
-and loss, as in ``fcos.fcos_match``; GFL and VFL reuse ``atss_match``.
+and loss, as in ``fcos.fcos_match``. The matching itself, ``common.atss_match``, is shared with
+GFL, VFL and TOOD's warm-up.
 """
 
 from __future__ import annotations
-
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
-from dwlab.assign.common import check_outputs, focus_maps, level_maps, points_inside, positives
-from dwlab.assign.fcos import centerness_target, pad_targets
-from dwlab.box_ops import aligned_iou, boxes_to_distances, box_centers
+from dwlab.assign.common import (
+    ATSSMatch,
+    atss_match,
+    centerness_target,
+    check_outputs,
+    focus_maps,
+    level_maps,
+    pad_targets,
+    positives,
+)
+from dwlab.box_ops import boxes_to_distances
 from dwlab.config import ATSSAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
-from dwlab.models.outputs import Anchors, HeadOutputs
-
-
-def anchor_boxes(anchors: Anchors, anchor_scale: float) -> Tensor:
-    """One square box of side ``anchor_scale * stride`` per point, ``Tensor[A, 4]`` xyxy pixels."""
-    half = (anchors.strides * anchor_scale / 2)[:, None]
-    return torch.cat([anchors.points - half, anchors.points + half], dim=-1)
-
-
-class ATSSMatch(NamedTuple):
-    """matched ``Tensor[B, A]`` long (-1 = background); threshold ``Tensor[B, G]`` t_g;
-    candidates ``Tensor[B, K, G]`` anchor indices of C_g (K = sum over levels of min(topk, A_l));
-    candidate_iou ``Tensor[B, K, G]``. All without gradient."""
-
-    matched: Tensor
-    threshold: Tensor
-    candidates: Tensor
-    candidate_iou: Tensor
-
-
-@torch.no_grad()
-def atss_match(
-    anchors: Anchors, gt_boxes: Tensor, gt_valid: Tensor, *, topk: int = 9, anchor_scale: float = 8.0
-) -> ATSSMatch:
-    """ATSS assignment of a batch (Alg. 1). gt_boxes ``Tensor[B, G, 4]`` xyxy; gt_valid ``Tensor[B, G]``.
-
-    Dense over ``[B, A, G]`` (centre distances, then the IoU matrix of the positives), like the
-    released code; the only Python loop is over the FPN levels.
-    """
-    if topk < 1:
-        raise ValueError(f"topk must be >= 1, got {topk}")
-    b, g = gt_valid.shape
-    a, device = len(anchors), gt_boxes.device
-    if g == 0 or a == 0:
-        empty = torch.zeros(b, 0, g, dtype=torch.long, device=device)
-        return ATSSMatch(
-            torch.full((b, a), -1, dtype=torch.long, device=device),
-            torch.zeros(b, g, device=device), empty, empty.float(),
-        )  # fmt: skip
-    boxes = anchor_boxes(anchors, anchor_scale)  # [A, 4]
-    centres = box_centers(gt_boxes)  # [B, G, 2]
-    dist = (anchors.points[None, :, None, :] - centres[:, None, :, :]).pow(2).sum(-1)  # [B, A, G]
-    # Alg. 1, lines 3-6: the k nearest anchors of every level
-    candidates, start = [], 0
-    for size in anchors.level_sizes:
-        k = min(topk, size)
-        if k > 0:
-            nearest = dist[:, start : start + size].topk(k, dim=1, largest=False).indices  # [B, k, G]
-            candidates.append(nearest + start)
-        start += size
-    cand = torch.cat(candidates, dim=1)  # [B, K, G]
-    num_cand = cand.shape[1]
-    # line 7: IoU of the candidates' anchor boxes with g
-    cand_iou = aligned_iou(
-        boxes[cand.reshape(-1)], gt_boxes[:, None].expand(b, num_cand, g, 4).reshape(-1, 4)
-    ).reshape(b, num_cand, g)
-    # lines 8-10: t_g = m_g + v_g
-    std = cand_iou.std(dim=1) if num_cand > 1 else torch.zeros_like(cand_iou[:, 0])
-    threshold = cand_iou.mean(dim=1) + std  # [B, G]
-    # line 11: IoU >= t_g and centre inside g
-    inside = points_inside(anchors.points[cand], gt_boxes[:, None])  # [B, K, G]
-    pos = (cand_iou >= threshold[:, None]) & inside & gt_valid[:, None]
-    # several GTs: the highest IoU wins (a candidate appears once per GT column)
-    overlap = torch.full((b, a, g), -1.0, device=device)
-    overlap.scatter_(1, cand, torch.where(pos, cand_iou, torch.full_like(cand_iou, -1.0)))
-    best, idx = overlap.max(-1)
-    matched = torch.where(best >= 0, idx, torch.full_like(idx, -1))
-    return ATSSMatch(matched, threshold, cand, cand_iou)
+from dwlab.models.outputs import HeadOutputs
 
 
 class ATSSAssigner:

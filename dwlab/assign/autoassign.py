@@ -36,13 +36,12 @@ import torch
 from torch import Tensor
 
 from dwlab.assign.bags import candidate_prior
-from dwlab.assign.common import check_outputs, focus_maps, level_maps
-from dwlab.assign.dw import entry_minima, focal_neg_weights, log1m_joint_score, log_joint_score
-from dwlab.assign.fcos import pad_targets
+from dwlab.assign.common import check_outputs, concat_targets, entry_minima, focus_maps, level_maps, pad_targets
 from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import AutoAssignAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
+from dwlab.losses import focal_neg_weights, log1m_joint_score, log_joint_score
 from dwlab.models.outputs import HeadOutputs
 
 EPS = 1e-12  # the released code's EPS
@@ -115,10 +114,7 @@ class AutoAssignAssigner:
         check_outputs(outputs, targets, self.num_classes)
         b, a, c = outputs.cls_logits.shape
         device = outputs.cls_logits.device
-        gt_boxes = torch.cat([t.boxes.reshape(-1, 4) for t in targets]).to(device, torch.float32)
-        gt_labels = torch.cat([t.labels.reshape(-1) for t in targets]).to(device, torch.long)
-        counts = torch.tensor([len(t.labels) for t in targets], device=device)
-        gt_image = torch.repeat_interleave(torch.arange(b, device=device), counts)
+        gt_boxes, gt_labels, gt_image = concat_targets(targets, device)
         anchors = outputs.anchors
         anchor, gt, prior = candidate_prior(
             anchors.points, anchors.strides, anchors.levels, gt_boxes, kind="soft", sigma=self.prior_sigma

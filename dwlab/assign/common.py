@@ -1,18 +1,25 @@
-"""Pieces shared by the comparison assigners (ATSS, GFL, VFL, TOOD, AutoAssign).
+"""Non-loss pieces shared by the assigners; with ``dwlab.losses``, the only code method modules
+share (no method module imports another).
 
 Notation as in ``dwlab.models.outputs``: B images, A anchor points, C classes, G GTs per image
-(padded to the batch's largest, see ``fcos.pad_targets``). Boxes are xyxy pixels.
+(padded to the batch's largest, see ``pad_targets``). Boxes are xyxy pixels.
 
 - ``check_outputs``: the invariants every assigner asserts at entry.
+- ``pad_targets`` / ``concat_targets``: a batch's GTs padded to ``[B, G]`` or concatenated.
+- ``centerness_target``: FCOS's centerness target (FCOS, ATSS, TOOD's warm-up).
+- ``anchor_boxes`` / ``ATSSMatch`` / ``atss_match``: ATSS's assignment (ATSS, GFL, VFL, TOOD's
+  warm-up).
 - ``Positives`` / ``positives``: the pairs of a hard assignment (``matched`` ``Tensor[B, A]``,
   -1 = background), with the predicted boxes (gradient) and their IoU with the GT (no gradient).
-- ``reduce``: the ``reduction`` argument of the loss functions.
+- ``QualityAssignment``: a hard assignment with a soft target per positive (GFL, VFL, TOOD).
+- ``entry_minima``: the smallest value per (image, anchor, class) entry (DW, AutoAssign).
 - ``focus_maps`` / ``level_maps``: per-anchor score / IoU / pos / neg maps for
   ``dwlab plot weights`` (visualisation only: dense per-image IoU).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -20,11 +27,10 @@ from torch import Tensor
 from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from dwlab.assign.bags import split_levels
-from dwlab.box_ops import aligned_iou
+from dwlab.box_ops import aligned_iou, box_centers
 from dwlab.data.target import Target
 from dwlab.models.outputs import Anchors, HeadOutputs
 
-REDUCTIONS = ("none", "sum", "mean")
 INSIDE_EPS = 0.01  # pixels: "centre inside GT" is min(l, t, r, b) > 0.01 (released ATSS / TOOD code)
 
 
@@ -41,15 +47,37 @@ def check_outputs(outputs: HeadOutputs, targets: list[Target], num_classes: int)
     assert labels.numel() == 0 or (0 <= int(labels.min()) and int(labels.max()) < num_classes), labels
 
 
-def reduce(loss: Tensor, reduction: str) -> Tensor:
-    """Apply ``reduction`` ("none", "sum", "mean"; the mean of an empty tensor is 0)."""
-    if reduction == "none":
-        return loss
-    if reduction == "sum":
-        return loss.sum()
-    if reduction == "mean":
-        return loss.mean() if loss.numel() else loss.sum()
-    raise ValueError(f"unknown reduction {reduction!r} (expected one of {REDUCTIONS})")
+def pad_targets(targets: list[Target], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Stack GTs of a batch, padded to the largest G: boxes ``Tensor[B, G, 4]``,
+    labels ``Tensor[B, G]`` and validity ``Tensor[B, G]`` (bool)."""
+    g = max((len(t.labels) for t in targets), default=0)
+    boxes = torch.zeros(len(targets), g, 4, device=device)
+    labels = torch.zeros(len(targets), g, dtype=torch.long, device=device)
+    valid = torch.zeros(len(targets), g, dtype=torch.bool, device=device)
+    for i, t in enumerate(targets):
+        n = len(t.labels)
+        boxes[i, :n], labels[i, :n], valid[i, :n] = t.boxes, t.labels, True
+    return boxes, labels, valid
+
+
+def concat_targets(targets: list[Target], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """The GTs of a batch, images concatenated: boxes ``Tensor[G, 4]`` float32, labels
+    ``Tensor[G]`` long and the image of each GT ``Tensor[G]`` long (G = all GTs of the batch)."""
+    gt_boxes = torch.cat([t.boxes.reshape(-1, 4) for t in targets]).to(device, torch.float32)
+    gt_labels = torch.cat([t.labels.reshape(-1) for t in targets]).to(device, torch.long)
+    counts = torch.tensor([len(t.labels) for t in targets], device=device)
+    gt_image = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
+    return gt_boxes, gt_labels, gt_image
+
+
+def centerness_target(distances: Tensor) -> Tensor:
+    """FCOS's centerness target (Tian et al., ICCV 2019, Eq. 3): (l, t, r, b) ``Tensor[N, 4]``
+    -> ``Tensor[N]`` = sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))."""
+    lr, tb = distances[:, [0, 2]], distances[:, [1, 3]]
+    ratio = (lr.min(-1).values / lr.max(-1).values.clamp(min=1e-6)) * (
+        tb.min(-1).values / tb.max(-1).values.clamp(min=1e-6)
+    )
+    return ratio.clamp(min=0).sqrt()
 
 
 def points_inside(points: Tensor, boxes: Tensor, eps: float = INSIDE_EPS) -> Tensor:
@@ -58,6 +86,75 @@ def points_inside(points: Tensor, boxes: Tensor, eps: float = INSIDE_EPS) -> Ten
     return (
         (x - boxes[..., 0] > eps) & (y - boxes[..., 1] > eps) & (boxes[..., 2] - x > eps) & (boxes[..., 3] - y > eps)
     )
+
+
+def anchor_boxes(anchors: Anchors, anchor_scale: float) -> Tensor:
+    """One square box of side ``anchor_scale * stride`` per point, ``Tensor[A, 4]`` xyxy pixels."""
+    half = (anchors.strides * anchor_scale / 2)[:, None]
+    return torch.cat([anchors.points - half, anchors.points + half], dim=-1)
+
+
+class ATSSMatch(NamedTuple):
+    """matched ``Tensor[B, A]`` long (-1 = background); threshold ``Tensor[B, G]`` t_g;
+    candidates ``Tensor[B, K, G]`` anchor indices of C_g (K = sum over levels of min(topk, A_l));
+    candidate_iou ``Tensor[B, K, G]``. All without gradient."""
+
+    matched: Tensor
+    threshold: Tensor
+    candidates: Tensor
+    candidate_iou: Tensor
+
+
+@torch.no_grad()
+def atss_match(
+    anchors: Anchors, gt_boxes: Tensor, gt_valid: Tensor, *, topk: int = 9, anchor_scale: float = 8.0
+) -> ATSSMatch:
+    """ATSS assignment of a batch (Zhang et al., "Bridging the Gap Between Anchor-based and
+    Anchor-free Detection via Adaptive Training Sample Selection", CVPR 2020, Alg. 1; steps in
+    ``dwlab.assign.atss``'s docstring). gt_boxes ``Tensor[B, G, 4]`` xyxy; gt_valid ``Tensor[B, G]``.
+
+    Dense over ``[B, A, G]`` (centre distances, then the IoU matrix of the positives), like the
+    released code; the only Python loop is over the FPN levels.
+    """
+    if topk < 1:
+        raise ValueError(f"topk must be >= 1, got {topk}")
+    b, g = gt_valid.shape
+    a, device = len(anchors), gt_boxes.device
+    if g == 0 or a == 0:
+        empty = torch.zeros(b, 0, g, dtype=torch.long, device=device)
+        return ATSSMatch(
+            torch.full((b, a), -1, dtype=torch.long, device=device),
+            torch.zeros(b, g, device=device), empty, empty.float(),
+        )  # fmt: skip
+    boxes = anchor_boxes(anchors, anchor_scale)  # [A, 4]
+    centres = box_centers(gt_boxes)  # [B, G, 2]
+    dist = (anchors.points[None, :, None, :] - centres[:, None, :, :]).pow(2).sum(-1)  # [B, A, G]
+    # Alg. 1, lines 3-6: the k nearest anchors of every level
+    candidates, start = [], 0
+    for size in anchors.level_sizes:
+        k = min(topk, size)
+        if k > 0:
+            nearest = dist[:, start : start + size].topk(k, dim=1, largest=False).indices  # [B, k, G]
+            candidates.append(nearest + start)
+        start += size
+    cand = torch.cat(candidates, dim=1)  # [B, K, G]
+    num_cand = cand.shape[1]
+    # line 7: IoU of the candidates' anchor boxes with g
+    cand_iou = aligned_iou(
+        boxes[cand.reshape(-1)], gt_boxes[:, None].expand(b, num_cand, g, 4).reshape(-1, 4)
+    ).reshape(b, num_cand, g)
+    # lines 8-10: t_g = m_g + v_g
+    std = cand_iou.std(dim=1) if num_cand > 1 else torch.zeros_like(cand_iou[:, 0])
+    threshold = cand_iou.mean(dim=1) + std  # [B, G]
+    # line 11: IoU >= t_g and centre inside g
+    inside = points_inside(anchors.points[cand], gt_boxes[:, None])  # [B, K, G]
+    pos = (cand_iou >= threshold[:, None]) & inside & gt_valid[:, None]
+    # several GTs: the highest IoU wins (a candidate appears once per GT column)
+    overlap = torch.full((b, a, g), -1.0, device=device)
+    overlap.scatter_(1, cand, torch.where(pos, cand_iou, torch.full_like(cand_iou, -1.0)))
+    best, idx = overlap.max(-1)
+    matched = torch.where(best >= 0, idx, torch.full_like(idx, -1))
+    return ATSSMatch(matched, threshold, cand, cand_iou)
 
 
 class Positives(NamedTuple):
@@ -84,7 +181,7 @@ class Positives(NamedTuple):
 
 def positives(outputs: HeadOutputs, matched: Tensor, gt_boxes: Tensor, gt_labels: Tensor) -> Positives:
     """Pairs of ``matched`` ``Tensor[B, A]`` (-1 = background); gt_boxes ``Tensor[B, G, 4]``,
-    gt_labels ``Tensor[B, G]`` as padded by ``fcos.pad_targets``."""
+    gt_labels ``Tensor[B, G]`` as padded by ``pad_targets``."""
     image, anchor = (matched >= 0).nonzero(as_tuple=True)
     gt = matched[image, anchor]
     boxes = gt_boxes[image, gt]
@@ -100,6 +197,28 @@ def class_target(shape: torch.Size, pos: Positives, values: Tensor) -> Tensor:
     target = torch.zeros(shape, device=values.device)
     target[pos.image, pos.anchor, pos.label] = values.detach().float()
     return target
+
+
+@dataclass
+class QualityAssignment:
+    """A hard assignment with a soft target per positive, without gradient (except
+    ``pos.pred_boxes``). match: the ATSS (or task-aligned) match; pos: the positive pairs;
+    quality ``Tensor[P]`` the classification target of each positive; box_weight ``Tensor[P]``."""
+
+    matched: Tensor
+    pos: Positives
+    quality: Tensor
+    box_weight: Tensor
+    match: ATSSMatch | None = None
+
+
+def entry_minima(keys: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """The distinct ``keys`` ``Tensor[E]`` (sorted) of P pairs' ``keys`` ``Tensor[P]`` and, for
+    each ``Tensor[P]`` of ``values``, its smallest over the pairs sharing a key, ``Tensor[E]``."""
+    entry, inverse = torch.unique(keys, return_inverse=True)
+    inf = torch.full((entry.shape[0],), float("inf"), device=keys.device)
+    return entry, [inf.scatter_reduce(0, inverse, v, "amin") for v in values]
+
 
 
 # ----------------------------------------------------------------------------- visualisation

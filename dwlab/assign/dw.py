@@ -32,15 +32,16 @@ from dataclasses import asdict, dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from dwlab.assign.bags import BAG_KINDS, candidate_prior, split_levels
+from dwlab.assign.bags import BAG_KINDS, candidate_prior
+from dwlab.assign.common import check_outputs, concat_targets, entry_minima, level_maps
 from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import DWAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
+from dwlab.losses import focal_neg_weights, weighted_joint_bce
 from dwlab.models.outputs import Anchors, HeadOutputs
 
 NEG_VARIANTS = ("full", "pos_only", "no_pneg", "no_ineg", "one_minus_wpos")
@@ -197,65 +198,6 @@ def dual_weights(
     return w_pos, w_neg
 
 
-# ----------------------------------------------------------------------------- loss pieces
-
-
-def log_joint_score(cls_logits: Tensor, ctr_logits: Tensor) -> Tensor:
-    """``ln s`` for ``s = sigmoid(cls) * sigmoid(ctr)``, stable; broadcasting shapes."""
-    return F.logsigmoid(cls_logits) + F.logsigmoid(ctr_logits)
-
-
-def log1m_joint_score(cls_logits: Tensor, ctr_logits: Tensor) -> Tensor:
-    """``ln(1 - s)`` for ``s = sigmoid(x) * sigmoid(y)``, stable for any logits:
-    ``1 - s = sigmoid(-x) * (1 + exp(x) * sigmoid(-y))``."""
-    return F.logsigmoid(-cls_logits) + F.softplus(cls_logits + F.logsigmoid(-ctr_logits))
-
-
-def focal_neg_weights(
-    cls_logits: Tensor, centerness: Tensor, entry: Tensor, entry_factor: Tensor, gamma: float, plain: bool = False
-) -> Tensor:
-    """``factor * s**gamma`` on every (image, anchor, class), ``Tensor[B, A, C]`` float32, with
-    gradient through ``s**gamma`` (focal loss's modulating factor; Eq. 7) and none through
-    ``factor``: 1, replaced at ``entry`` ``Tensor[E]`` (flat indices into ``B * A * C``) by
-    ``entry_factor`` ``Tensor[E]``. ``plain``: those entries get the factor alone, no ``s**gamma``
-    (Table 5's ``no_ineg``). cls_logits ``Tensor[B, A, C]``, centerness ``Tensor[B, A]`` logits;
-    ``s**gamma = exp(gamma ln s)``, stable for any logits."""
-    cls, ctr = cls_logits.float(), centerness.float().unsqueeze(-1)
-    i_neg = torch.exp(gamma * log_joint_score(cls, ctr)).reshape(-1)  # Eq. 7
-    if plain:
-        i_neg = i_neg.index_fill(0, entry, 1.0)
-    factor = torch.ones_like(i_neg).index_put_((entry,), entry_factor.detach().float())
-    return (factor * i_neg).reshape(cls.shape)
-
-
-def dw_cls_sums(
-    cls_logits: Tensor, centerness: Tensor, pos_entry: Tensor, w_pos: Tensor, w_neg: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Unnormalised classification sums of Eq. 11-12: ``sum w_pos (-ln s)`` over pairs and
-    ``sum w_neg (-ln(1 - s))`` over every (image, anchor, class).
-
-    cls_logits ``Tensor[B, A, C]``; centerness ``Tensor[B, A]`` logits; pos_entry ``Tensor[P]``
-    long, flat index ``(b * A + a) * C + c`` of each pair; w_pos ``Tensor[P]`` (constant);
-    w_neg ``Tensor[B, A, C]``, with whatever gradient it carries (``focal_neg_weights``).
-    Computed in float32.
-    """
-    cls, ctr = cls_logits.float(), centerness.float()
-    num_classes = cls.shape[-1]
-    pos_logits = cls.reshape(-1).index_select(0, pos_entry)
-    pos_ctr = ctr.reshape(-1).index_select(0, torch.div(pos_entry, num_classes, rounding_mode="floor"))
-    pos = -(w_pos * log_joint_score(pos_logits, pos_ctr)).sum()
-    neg = -(w_neg * log1m_joint_score(cls, ctr.unsqueeze(-1))).sum()
-    return pos, neg
-
-
-def entry_minima(keys: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """The distinct ``keys`` ``Tensor[E]`` (sorted) of P pairs' ``keys`` ``Tensor[P]`` and, for
-    each ``Tensor[P]`` of ``values``, its smallest over the pairs sharing a key, ``Tensor[E]``."""
-    entry, inverse = torch.unique(keys, return_inverse=True)
-    inf = torch.full((entry.shape[0],), float("inf"), device=keys.device)
-    return entry, [inf.scatter_reduce(0, inverse, v, "amin") for v in values]
-
-
 # ----------------------------------------------------------------------------- assigner
 
 
@@ -395,21 +337,9 @@ class DWAssigner:
 
     # --------------------------------------------------------------------- pairs and weights
 
-    def _check(self, outputs: HeadOutputs, targets: list[Target]) -> None:
-        b, a, c = outputs.cls_logits.shape
-        assert c == self.num_classes, f"cls_logits has {c} classes, the assigner {self.num_classes}"
-        assert outputs.centerness.shape == (b, a), outputs.centerness.shape
-        assert outputs.distances.shape == (b, a, 4), outputs.distances.shape
-        assert len(outputs.anchors) == a, (len(outputs.anchors), a)
-        assert len(targets) == b, f"{len(targets)} targets for {b} images"
-
     def _pairs(self, anchors: Anchors, targets: list[Target], device: torch.device):
         """Bag pairs of the whole batch: one ``candidate_prior`` call over all GTs."""
-        gt_boxes = torch.cat([t.boxes.reshape(-1, 4) for t in targets]).to(device, torch.float32)
-        gt_labels = torch.cat([t.labels.reshape(-1) for t in targets]).to(device, torch.long)
-        counts = torch.tensor([len(t.labels) for t in targets], device=device)
-        gt_image = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
-        assert gt_labels.numel() == 0 or (0 <= gt_labels.min() and gt_labels.max() < self.num_classes)
+        gt_boxes, gt_labels, gt_image = concat_targets(targets, device)
         anchor, gt, prior = candidate_prior(
             anchors.points, anchors.strides, anchors.levels, gt_boxes,
             kind=self.params.bag, radius=self.params.bag_radius, topk=self.params.bag_topk,
@@ -419,7 +349,7 @@ class DWAssigner:
 
     def _assign(self, outputs: HeadOutputs, targets: list[Target]) -> tuple[Assignment, Tensor]:
         """The assignment, plus the pairs' GIoU loss ``Tensor[P]`` with gradient (Eq. 11)."""
-        self._check(outputs, targets)
+        check_outputs(outputs, targets, self.num_classes)
         b, a, c = outputs.cls_logits.shape
         device = outputs.cls_logits.device
         anchor, gt, prior, gt_image, gt_labels, gt_boxes = self._pairs(outputs.anchors, targets, device)
@@ -470,7 +400,7 @@ class DWAssigner:
         b, a, c = outputs.cls_logits.shape
         w_neg = self.neg_weights(outputs, asg)
         pos_entry = (asg.image * a + asg.anchor) * c + asg.label
-        cls_pos, neg = dw_cls_sums(outputs.cls_logits, outputs.centerness, pos_entry, asg.w_pos, w_neg)
+        cls_pos, neg = weighted_joint_bce(outputs.cls_logits, outputs.centerness, pos_entry, asg.w_pos, w_neg)
         reg = (asg.w_pos * giou_loss).sum()
         device = outputs.cls_logits.device
         num_gts = torch.tensor(float(asg.gt_labels.shape[0]), device=device)
@@ -540,10 +470,4 @@ class DWAssigner:
     ) -> dict[str, dict[str, Tensor]]:
         """``weights`` of one image as ``{"P3": {"score", "iou", "pos", "neg": Tensor[H, W]}, ...}``,
         the input of ``dwlab.plots.plot_weight_maps``."""
-        per_anchor = self.weights(outputs, targets)[image]
-        a = outputs.anchors
-        out: dict[str, dict[str, Tensor]] = {}
-        for key in ("score", "iou", "pos", "neg"):
-            for level, grid in enumerate(split_levels(per_anchor[key], a.points, a.strides, a.levels)):
-                out.setdefault(f"P{level + 3}", {})[key] = grid.cpu()
-        return out
+        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

@@ -18,24 +18,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
+from dwlab.assign.common import centerness_target, check_outputs, pad_targets
 from dwlab.box_ops import boxes_to_distances, box_centers
 from dwlab.config import FCOSAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
 from dwlab.models.outputs import Anchors, HeadOutputs
-
-
-def pad_targets(targets: list[Target], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """Stack GTs of a batch, padded to the largest G: boxes ``Tensor[B, G, 4]``,
-    labels ``Tensor[B, G]`` and validity ``Tensor[B, G]`` (bool)."""
-    g = max((len(t.labels) for t in targets), default=0)
-    boxes = torch.zeros(len(targets), g, 4, device=device)
-    labels = torch.zeros(len(targets), g, dtype=torch.long, device=device)
-    valid = torch.zeros(len(targets), g, dtype=torch.bool, device=device)
-    for i, t in enumerate(targets):
-        n = len(t.labels)
-        boxes[i, :n], labels[i, :n], valid[i, :n] = t.boxes, t.labels, True
-    return boxes, labels, valid
 
 
 @torch.no_grad()
@@ -76,15 +64,6 @@ def fcos_match(
     return torch.where(torch.isinf(min_area), torch.full_like(idx, -1), idx)
 
 
-def centerness_target(distances: Tensor) -> Tensor:
-    """(l, t, r, b) ``Tensor[N, 4]`` -> ``Tensor[N]`` = sqrt(min(l,r)/max(l,r) * min(t,b)/max(t,b))."""
-    lr, tb = distances[:, [0, 2]], distances[:, [1, 3]]
-    ratio = (lr.min(-1).values / lr.max(-1).values.clamp(min=1e-6)) * (
-        tb.min(-1).values / tb.max(-1).values.clamp(min=1e-6)
-    )
-    return ratio.clamp(min=0).sqrt()
-
-
 class FCOSAssigner:
     def __init__(
         self,
@@ -108,6 +87,7 @@ class FCOSAssigner:
         return cls(num_classes, **cfg.model_dump())
 
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
+        check_outputs(outputs, targets, self.num_classes)
         device = outputs.cls_logits.device
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, device)
         matched = fcos_match(

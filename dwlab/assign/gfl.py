@@ -1,8 +1,8 @@
 """GFL (Li, Wang, Wu, Chen, Hu, Li, Tang, Yang, "Generalized Focal Loss: Learning Qualified and
 Distributed Bounding Boxes for Dense Object Detection", NeurIPS 2020): ATSS assignment and the
-Quality Focal Loss.
+Quality Focal Loss (``dwlab.losses.quality_focal_loss``).
 
-- Assignment: ``atss.atss_match`` (top-9 per level, IoU threshold mean + std, centre inside GT),
+- Assignment: ``common.atss_match`` (top-9 per level, IoU threshold mean + std, centre inside GT),
   anchor boxes of side 8 * stride, as GFL's configuration.
 - Classification: QFL (GFL §3, "Quality Focal Loss") with the soft target y = IoU(predicted box,
   GT) on the positive's GT class and y = 0 everywhere else, beta 2:
@@ -24,64 +24,24 @@ b) directly, so only QFL and the GIoU term are implemented.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from dwlab.assign.atss import ATSSMatch, atss_match
-from dwlab.assign.common import Positives, check_outputs, class_target, focus_maps, level_maps, positives, reduce
-from dwlab.assign.dw import log1m_joint_score, log_joint_score
-from dwlab.assign.fcos import pad_targets
-from dwlab.assign.table1 import qfl_weights
+from dwlab.assign.common import (
+    QualityAssignment,
+    atss_match,
+    check_outputs,
+    class_target,
+    focus_maps,
+    level_maps,
+    pad_targets,
+    positives,
+)
 from dwlab.config import GFLAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
+from dwlab.losses import qfl_weights, quality_focal_loss
 from dwlab.models.outputs import HeadOutputs
-
-
-def joint_log_scores(cls_logits: Tensor, ctr_logits: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``(ln s, ln(1 - s))`` in float32, stable: ``s = sigmoid(cls) * sigmoid(ctr)`` with
-    ``ctr_logits`` broadcastable to ``cls_logits`` (e.g. ``Tensor[B, A, 1]``), or
-    ``s = sigmoid(cls)`` when ``ctr_logits`` is None."""
-    cls = cls_logits.float()
-    if ctr_logits is None:
-        return torch.nn.functional.logsigmoid(cls), torch.nn.functional.logsigmoid(-cls)
-    ctr = ctr_logits.float()
-    return log_joint_score(cls, ctr), log1m_joint_score(cls, ctr)
-
-
-def quality_focal_loss(
-    cls_logits: Tensor,
-    ctr_logits: Tensor | None,
-    target: Tensor,
-    *,
-    beta: float = 2.0,
-    reduction: str = "none",
-) -> Tensor:
-    """Quality Focal Loss (GFL §3) of the score s against a soft ``target`` in [0, 1]:
-    ``-|y - s|^beta ((1 - y) ln(1 - s) + y ln s)``, i.e. ``w_pos (-ln s) + w_neg (-ln(1 - s))``
-    with ``table1.qfl_weights``. The modulating factor keeps its gradient, as in the paper.
-
-    cls_logits ``Tensor[..., C]``; ctr_logits broadcastable to it, or None (s = sigmoid(cls));
-    target the shape of cls_logits, no gradient. Computed in float32.
-    """
-    log_s, log1m_s = joint_log_scores(cls_logits, ctr_logits)
-    w_pos, w_neg = qfl_weights(log_s.exp(), target.float(), beta)
-    return reduce(-(w_pos * log_s + w_neg * log1m_s), reduction)
-
-
-@dataclass
-class QualityAssignment:
-    """A hard assignment with a soft target per positive, without gradient (except
-    ``pos.pred_boxes``). match: the ATSS (or task-aligned) match; pos: the positive pairs;
-    quality ``Tensor[P]`` the classification target of each positive; box_weight ``Tensor[P]``."""
-
-    matched: Tensor
-    pos: Positives
-    quality: Tensor
-    box_weight: Tensor
-    match: ATSSMatch | None = None
 
 
 class GFLAssigner:

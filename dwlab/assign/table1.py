@@ -40,19 +40,13 @@ import torch
 from torch import Tensor
 
 from dwlab.assign.dw import p_neg
+from dwlab.losses import qfl_weights
 
 EPS = 1e-12  # the released AutoAssign code's EPS in its min-max normalisation
 
 
 def _tensor(x) -> Tensor:
     return x if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.get_default_dtype())
-
-
-def qfl_weights(s: Tensor, target: Tensor, beta: float = 2.0) -> tuple[Tensor, Tensor]:
-    """Quality Focal Loss as weights: ``|target - s|^beta * target`` on ``-ln s`` and
-    ``|target - s|^beta * (1 - target)`` on ``-ln(1 - s)``; broadcasting shapes."""
-    scale = (target - s).abs().pow(beta)
-    return scale * target, scale * (1.0 - target)
 
 
 def gfl(s: Tensor, iou: Tensor, *, beta: float = 2.0) -> tuple[Tensor, Tensor]:

@@ -13,15 +13,15 @@ part of it: only the assignment and the loss change.
   are tiny, early in training (t_max = 2.6e-7 lowers the best anchor's target by 28%).
 - Classification: the focal-style loss with t_hat as the soft label, exponent 2,
       pos: |t_hat - s|^2 BCE(s, t_hat),   neg: s^2 BCE(s, 0)
-  i.e. ``gfl.quality_focal_loss`` with target t_hat.
+  i.e. ``dwlab.losses.quality_focal_loss`` with target t_hat.
 - Box: GIoU loss weighted by t_hat, weight 2.0.
 - Normalisation (released code): both terms divided by the sum of t_hat over the batch.
 
 - Warm-up (released code, ``initial_epoch=4`` of 12): during the first ``initial_epochs`` epochs
-  the assignment is ATSS's (``atss.atss_match``: top-9 anchors per level, anchor boxes of side
+  the assignment is ATSS's (``common.atss_match``: top-9 anchors per level, anchor boxes of side
   ``anchor_scale * stride``, IoU threshold mean + std, centre inside) and the loss is the ATSS
   head's on the joint score: focal loss with hard targets (alpha 0.25, gamma 2, on s) over the
-  number of positives, and GIoU weighted by the centerness target (``fcos.centerness_target``)
+  number of positives, and GIoU weighted by the centerness target (``common.centerness_target``)
   over the sum of those weights, weight ``box_weight``. The released code's alignment metric in
   those epochs is ATSS's box weight, 1 on every positive: a hard target, not the IoU.
   The training loop tells the assigner its epoch (``set_epoch``); an assigner never told (tests,
@@ -38,22 +38,23 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from dwlab.assign.atss import ATSSAssigner
 from dwlab.assign.common import (
+    QualityAssignment,
+    atss_match,
+    centerness_target,
     check_outputs,
     class_target,
     focus_maps,
     level_maps,
+    pad_targets,
     points_inside,
     positives,
 )
-from dwlab.assign.fcos import centerness_target, pad_targets
-from dwlab.assign.gfl import QualityAssignment, quality_focal_loss
-from dwlab.assign.table1 import qfl_weights
 from dwlab.box_ops import aligned_iou, boxes_to_distances
 from dwlab.config import TOODAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
+from dwlab.losses import qfl_weights, quality_focal_loss
 from dwlab.models.outputs import HeadOutputs
 
 TARGET_EPS = 1e-7  # t_hat = t / (max t + 1e-7) * max u (released code)
@@ -153,10 +154,12 @@ class TOODAssigner:
             raise ValueError(f"topk must be >= 1, got {topk}")
         if initial_epochs < 0:
             raise ValueError(f"initial_epochs must be >= 0, got {initial_epochs}")
+        if initial_topk < 1 or anchor_scale <= 0:
+            raise ValueError(f"need initial_topk >= 1 and anchor_scale > 0, got {initial_topk} and {anchor_scale}")
         self.num_classes, self.topk, self.alpha, self.beta = num_classes, topk, alpha, beta
         self.qfl_beta, self.box_weight = qfl_beta, box_weight
         self.initial_epochs = initial_epochs
-        self.warmup = ATSSAssigner(num_classes, topk=initial_topk, anchor_scale=anchor_scale)  # its match only
+        self.initial_topk, self.anchor_scale = initial_topk, anchor_scale  # the warm-up's ATSS match
         self.epoch: int | None = None  # set by the training loop; None: past the warm-up
         self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
 
@@ -194,7 +197,9 @@ class TOODAssigner:
         return QualityAssignment(m.matched, pos, t_hat, t_hat)
 
     def _warmup_assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
-        m, gt_boxes, gt_labels = self.warmup.match(outputs, targets)
+        check_outputs(outputs, targets, self.num_classes)
+        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
+        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.initial_topk, anchor_scale=self.anchor_scale)
         pos = positives(outputs, m.matched, gt_boxes, gt_labels)
         with torch.no_grad():
             ctr = centerness_target(boxes_to_distances(outputs.anchors.points[pos.anchor], pos.gt_boxes))

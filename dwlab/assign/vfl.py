@@ -1,11 +1,11 @@
 """VarifocalNet's loss (Zhang, Wang, Dayoub, Sünderhauf, "VarifocalNet: An IoU-aware Dense Object
 Detector", CVPR 2021) on ATSS assignment.
 
-- Assignment: ``atss.atss_match`` (top-9 per level, mean + std IoU threshold, centre inside GT),
+- Assignment: ``common.atss_match`` (top-9 per level, mean + std IoU threshold, centre inside GT),
   as VFNet's ATSS configuration.
 - IoU-aware classification target (VFNet §3): q = IoU(predicted box, GT) on a positive's GT
   class, q = 0 on every other (image, anchor, class) entry.
-- Varifocal Loss (VFNet Eq. 2), alpha 0.75, gamma 2:
+- Varifocal Loss (VFNet Eq. 2, ``dwlab.losses.varifocal_loss``), alpha 0.75, gamma 2:
       VFL(s, q) = -q (q ln s + (1 - q) ln(1 - s))   if q > 0
                 = -alpha s^gamma ln(1 - s)           if q = 0
   summed and divided by the number of positives. A positive's IoU is clamped to >= 1e-6 so that
@@ -23,42 +23,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dwlab.assign.atss import atss_match
-from dwlab.assign.common import check_outputs, class_target, focus_maps, level_maps, positives, reduce
-from dwlab.assign.fcos import pad_targets
-from dwlab.assign.gfl import QualityAssignment, joint_log_scores
+from dwlab.assign.common import (
+    QualityAssignment,
+    atss_match,
+    check_outputs,
+    class_target,
+    focus_maps,
+    level_maps,
+    pad_targets,
+    positives,
+)
 from dwlab.assign.table1 import vfl as vfl_weights
 from dwlab.config import VFLAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
+from dwlab.losses import varifocal_loss
 from dwlab.models.outputs import HeadOutputs
 
 MIN_IOU = 1e-6  # positives' IoU target floor (released code), keeps them on the q > 0 branch
-
-
-def varifocal_loss(
-    cls_logits: Tensor,
-    ctr_logits: Tensor | None,
-    target: Tensor,
-    *,
-    alpha: float = 0.75,
-    gamma: float = 2.0,
-    reduction: str = "none",
-) -> Tensor:
-    """Varifocal Loss (VFNet Eq. 2) of the score s against the IoU-aware ``target`` q.
-
-    q > 0: ``q * BCE(s, q)`` = ``q^2 (-ln s) + q (1 - q) (-ln(1 - s))`` (``table1.vfl``);
-    q = 0: ``alpha s^gamma (-ln(1 - s))`` (the modulating factor keeps its gradient).
-    cls_logits ``Tensor[..., C]``; ctr_logits broadcastable to it or None (s = sigmoid(cls));
-    target the shape of cls_logits. Computed in float32.
-    """
-    log_s, log1m_s = joint_log_scores(cls_logits, ctr_logits)
-    q = target.float()
-    w_pos, w_neg = vfl_weights(q, q)  # q^2, q (1 - q): no dependence on s
-    positive = q > 0
-    w_neg = torch.where(positive, w_neg, alpha * log_s.exp().pow(gamma))
-    w_pos = torch.where(positive, w_pos, torch.zeros_like(w_pos))
-    return reduce(-(w_pos * log_s + w_neg * log1m_s), reduction)
 
 
 class VFLAssigner:
