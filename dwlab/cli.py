@@ -13,6 +13,7 @@ from typing import Annotated, Callable, Optional, TypeVar
 
 import typer
 
+from dwlab.assign import WEIGHT_METHODS
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.sweep.tracking import UI_HOST
 
@@ -273,7 +274,10 @@ def plot_weights_cmd(
     image: Annotated[str, typer.Option(help="Val image: COCO id or file name.")],
     out: Annotated[Path, typer.Option(help="PNG file to write.")] = Path("reports/fig5_weights.png"),
     methods: Annotated[
-        str, typer.Option(help="Comma-separated methods whose (pos, neg) weights to draw side by side: atss, autoassign, gfl, vfl, tood, dw.")
+        str,
+        typer.Option(
+            help=f"Comma-separated methods whose (pos, neg) weights to draw side by side: {', '.join(WEIGHT_METHODS)}."
+        ),
     ] = "dw",
 ) -> None:
     """Fig. 5: cls score, IoU, pos weight and neg weight over one image's anchors, per level

@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 
 from dwlab import checkpoint
-from dwlab.assign import build_assigner
-from dwlab.assign.dw import DWAssigner
+from dwlab.assign import WEIGHT_METHODS, build_assigner
 from dwlab.config import validate
 from dwlab.data.coco import SkippedImage, collate
 from dwlab.errors import DwlabError
@@ -34,10 +33,6 @@ def find_image(dataset, image: str | None) -> int:
         if image in (str(image_id), info["file_name"], Path(info["file_name"]).name):
             return index
     raise DwlabError(f"--image {image!r}: no image with that id or file name in {dataset.ann_file}")
-
-
-#: Methods whose assigner draws per-anchor weight maps (``weight_maps``), in Table 6 order.
-WEIGHT_METHODS = ("atss", "autoassign", "gfl", "vfl", "tood", "dw")
 
 
 def parse_methods(text: str) -> list[str]:
@@ -80,13 +75,12 @@ def plot_checkpoint_weights(
     outputs = model(images)
     name = val.coco.imgs[targets[0].image_id]["file_name"]
     title = f"{name}: {len(targets[0].labels)} GTs, {cfg.assigner.name} run, epoch {state.get('epoch')}"
-    if methods == ["dw"]:
-        assigner = DWAssigner.from_config(cfg.assigner.dw, val.num_classes)
-        return plot_weight_maps(assigner.weight_maps(outputs, targets), out_path, title=title)
     per_method = {
         m: build_assigner(cfg.assigner.model_copy(update={"name": m}), val.num_classes).weight_maps(outputs, targets)
         for m in methods
     }
+    if methods == ["dw"]:
+        return plot_weight_maps(per_method["dw"], out_path, title=title)
     first = per_method[methods[0]]
     maps = {
         level: {

@@ -3,11 +3,15 @@ their weights; ``weighted_total`` gives the loss each method trained on before t
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import typing
+
 import pytest
 import torch
 from torchvision.ops import generalized_box_iou_loss
 
-from dwlab.assign import build_assigner
+from dwlab.assign import ASSIGNERS, WEIGHT_METHODS, assigner_class, build_assigner
 from dwlab.assign.base import LOSS_TERMS, weighted_total
 from dwlab.assign.dw import DWAssigner, DWParams
 from dwlab.box_ops import distances_to_boxes
@@ -81,3 +85,26 @@ def test_dw_loss_box_is_the_wpos_weighted_giou_and_beta_is_its_weight(variant, b
     assert float(terms["loss_box"]) == pytest.approx(float((asg.w_pos * giou).sum() / 3), rel=1e-5)
     scale = {"paper": 1.0, "official": 0.25}[variant]
     assert dw.loss_weights == {"loss_cls_pos": scale, "loss_box": scale * beta, "loss_neg": 1.0}
+
+
+def test_the_method_table_the_config_names_and_the_config_sections_agree():
+    """``ASSIGNERS`` is the one list of methods: the config's ``name`` Literal, its sections and
+    the table name the same methods; each row's class builds from its section and has weight
+    maps exactly when the row says so."""
+    literal = set(typing.get_args(AssignerConfig.model_fields["name"].annotation))
+    sections = set(AssignerConfig.model_fields) - {"name"}
+    assert literal == sections == set(ASSIGNERS)
+    assert set(METHODS) == set(ASSIGNERS)
+    for name, method in ASSIGNERS.items():
+        assert method.section in sections
+        cls = assigner_class(name)
+        assert isinstance(build_assigner(AssignerConfig(name=name), C), cls)
+        assert hasattr(cls, "weight_maps") == method.weight_maps == (name in WEIGHT_METHODS)
+    with pytest.raises(ValueError, match="unknown assigner"):
+        assigner_class("retina")
+
+
+def test_the_method_table_is_read_without_importing_torch():
+    """The CLI lists the methods from the table; importing it (and the CLI) stays torch-free."""
+    code = "import sys, dwlab.cli, dwlab.assign; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)
