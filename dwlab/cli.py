@@ -17,7 +17,8 @@ from dwlab.assign import WEIGHT_METHODS
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.sweep.tracking import UI_HOST
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.splitlines()[0])
+DESCRIPTION = "Reproduce the Dual Weighting label-assignment paper (CVPR 2022) on FCOS."  # dwlab --help
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=DESCRIPTION)
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: generate the embedded default.")
 app.add_typer(data_app, name="data")
 plot_app = typer.Typer(no_args_is_help=True, help="Figures of the paper: P_neg curves, weight maps, Table 1.")
@@ -131,7 +132,7 @@ def data_synth(
     typer.echo(f"wrote {path}")
 
 
-# ----------------------------------------------------------------------------- sweep (issue 5)
+# ----------------------------------------------------------------------------- sweep
 
 
 @app.command()
@@ -197,7 +198,7 @@ def ui(
 # ----------------------------------------------------------------------------- end of sweep
 
 
-# ----------------------------------------------------------------------------- report (issue 6)
+# ----------------------------------------------------------------------------- report
 
 
 @app.command()

@@ -227,7 +227,6 @@ class TrainConfig(Strict):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_iters_per_epoch: int | None = Field(None, ge=1)  # cap for quick runs and benchmarks
-    log_every: int = Field(20, ge=1)
     progress: bool = True  # rich progress bar
     save_checkpoints: bool = True
     # test-only fault injection (the fault suite and the sweep's retry tests use these)
@@ -275,6 +274,22 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         return Config.model_validate(raw)
     except ValidationError as err:
         raise DwlabError(_format_validation_error(err, source)) from None
+
+
+#: Keys that configs written by earlier versions hold and that no longer exist, as (section, key):
+#: dropped from a stored config (a checkpoint's), still refused in a config a user writes.
+REMOVED_KEYS = (("train", "log_every"),)
+
+
+def validate_stored(raw: dict[str, Any], source: str) -> Config:
+    """``validate`` for a config dwlab wrote itself (e.g. a checkpoint's), which may hold keys in
+    ``REMOVED_KEYS``; those are dropped, ``raw`` is left as it is."""
+    if isinstance(raw, dict):
+        raw = dict(raw)
+        for section, key in REMOVED_KEYS:
+            if isinstance(raw.get(section), dict) and key in raw[section]:
+                raw[section] = {k: v for k, v in raw[section].items() if k != key}
+    return validate(raw, source)
 
 
 class YamlProblem(ValueError):

@@ -117,7 +117,7 @@ TABLE6: dict[tuple[str], PaperAP] = {
 #: row it reproduces.
 #:
 #: ``autoassign`` maps to "AutoAssign(weight loss)": dwlab implements AutoAssign in the form the
-#: DW paper argues for (issue 4: "weights detached and applied to the loss"), which the paper's
+#: DW paper argues for ("weights detached and applied to the loss"), which the paper's
 #: §4.4 reports as 36.6 AP ("we tried to detach the weights in Autoassign and assigned them to
 #: loss, but only obtained 39.8 and 36.6 AP, respectively"). "AutoAssign(detach)" (39.8) keeps the
 #: detached weights on the score, and "AutoAssign" (40.4) is the original with gradients through

@@ -14,7 +14,7 @@ import torch
 
 from dwlab import checkpoint
 from dwlab.assign import WEIGHT_METHODS, build_assigner
-from dwlab.config import validate
+from dwlab.config import validate_stored
 from dwlab.data.coco import SkippedImage, collate
 from dwlab.errors import DwlabError
 from dwlab.models.detector import build_model
@@ -62,7 +62,7 @@ def plot_checkpoint_weights(
     if unknown or not methods:
         raise DwlabError(f"methods {methods}: expected names among {', '.join(WEIGHT_METHODS)}")
     state = checkpoint.load(checkpoint_path)
-    cfg = validate(state.get("config", {}), f"{checkpoint_path} (its config)")
+    cfg = validate_stored(state.get("config", {}), f"{checkpoint_path} (its config)")
     _, val = build_datasets(cfg)
     model = build_model(cfg.model.model_copy(update={"pretrained": False}), val.num_classes)
     model.load_state_dict(state["model"])

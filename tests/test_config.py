@@ -1,6 +1,6 @@
 import pytest
 
-from dwlab.config import apply_overrides, flatten, load_config, validate
+from dwlab.config import apply_overrides, flatten, load_config, to_dict, validate, validate_stored
 from dwlab.errors import DwlabError
 from tests.conftest import write_yaml
 
@@ -44,6 +44,17 @@ def test_wrong_type_and_unknown_key_name_the_file_and_key(tmp_path):
         load_config(str(path))
     with pytest.raises(DwlabError, match="neither a file nor a preset"):
         load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_a_removed_key_is_dropped_from_a_stored_config_and_refused_in_a_written_one(tmp_path):
+    """Checkpoints written before ``train.log_every`` was removed still load (``plot weights``,
+    the report's Fig. 5); a config a user writes may not name it."""
+    stored = to_dict(load_config("smoke"))
+    stored["train"]["log_every"] = 20
+    assert validate_stored(stored, "ckpt") == load_config("smoke")
+    assert stored["train"]["log_every"] == 20  # the caller's mapping is left as it is
+    with pytest.raises(DwlabError, match="unknown key 'train.log_every'"):
+        validate(stored, "c.yaml")
 
 
 def test_dw_variant_constants_stay_null_in_the_config_and_resolve_in_dwparams():

@@ -16,8 +16,8 @@ gradient flowing through *both* factors of s, exactly like focal loss's modulati
 ``full`` P_neg, ``no_pneg`` 1, ``one_minus_wpos`` (1 - w_pos) clamped at 0, ``pos_only`` 0,
 and ``no_ineg`` P_neg with no ``s**gamma2`` at all (weight P_neg * -ln(1 - s)). Where several
 pairs share one entry the smallest factor wins (s is the same for all of them). ``w_pos``,
-P_neg and the normalisers are detached. An earlier version also detached ``s**gamma2``; its
-gradient on negatives was 0.33-0.48x the released code's (issue 11), so it is gone.
+P_neg and the normalisers are detached; ``s**gamma2`` is not (detaching it too would make the
+gradient on negatives 0.33-0.48x the released code's).
 
 The weighting math exists once, on flat (anchor, GT) pair vectors: ``pair_weights``. The dense
 ``dual_weights`` and the assigner both call it. The assigner never builds a dense

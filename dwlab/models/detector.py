@@ -27,7 +27,7 @@ class FCOS(nn.Module):
     def forward(self, images: Tensor) -> HeadOutputs:
         """images ``Tensor[B, 3, H, W]`` normalised and padded to a multiple of 32."""
         features = list(self.backbone(images).values())
-        cls, ctr, dist, coarse = self.head(features)
+        cls, ctr, dist = self.head(features)
         anchors = Anchors.grid(
             [tuple(f.shape[-2:]) for f in features], list(self.head.strides), self.anchor_offset, images.device
         )
@@ -36,7 +36,6 @@ class FCOS(nn.Module):
             centerness=_flatten_levels(ctr).squeeze(-1),
             distances=_flatten_levels(dist),
             anchors=anchors,
-            coarse_distances=_flatten_levels(coarse) if coarse is not None else None,
         )
 
 

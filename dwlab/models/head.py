@@ -53,11 +53,11 @@ class FCOSHead(nn.Module):
 
             self.refine = BoxRefine(channels, refine_sampler, anchor_offset)
 
-    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor] | None]:
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """features: per level ``Tensor[B, F, H_l, W_l]``. Returns per-level lists of
-        cls ``[B, C, H, W]``, centerness ``[B, 1, H, W]``, distances ``[B, 4, H, W]`` and,
-        with refinement, the coarse distances (else None)."""
-        cls_out, ctr_out, dist_out, coarse_out = [], [], [], []
+        cls ``[B, C, H, W]``, centerness ``[B, 1, H, W]`` and distances ``[B, 4, H, W]`` (the
+        refined ones with refinement)."""
+        cls_out, ctr_out, dist_out = [], [], []
         for level, (feature, stride) in enumerate(zip(features, self.strides)):
             cls_feat = self.cls_tower(feature)
             reg_feat = self.reg_tower(feature)
@@ -65,7 +65,6 @@ class FCOSHead(nn.Module):
             ctr_out.append(self.centerness(reg_feat))
             dist = torch.relu(self.scales[level] * self.bbox_pred(reg_feat)) * stride
             if self.refine is not None:
-                coarse_out.append(dist)
                 dist = self.refine(reg_feat, dist, stride)
             dist_out.append(dist)
-        return cls_out, ctr_out, dist_out, (coarse_out if self.refine is not None else None)
+        return cls_out, ctr_out, dist_out

@@ -61,14 +61,12 @@ class HeadOutputs:
     distances: ``Tensor[B, A, 4]`` (l, t, r, b) in pixels, >= 0; the refined ones when
         box refinement is on (paper Eq. 9-10).
     anchors: the batch's anchor points.
-    coarse_distances: ``Tensor[B, A, 4]`` the distances before refinement, or None.
     """
 
     cls_logits: Tensor
     centerness: Tensor
     distances: Tensor
     anchors: Anchors
-    coarse_distances: Tensor | None = None
 
     def boxes(self) -> Tensor:
         """Decoded boxes ``Tensor[B, A, 4]``, xyxy pixels."""

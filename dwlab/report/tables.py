@@ -39,12 +39,8 @@ PAPER_SCALE_FLOOR = 0.3  # AP; below this a gap is seed noise at paper scale (CO
 # ----------------------------------------------------------------------------- table specs
 
 
-def _f(x: str) -> float:
-    return float(x)
-
-
-def _g(x) -> str:
-    """5.0 -> "5", 1.3 -> "1.3"."""
+def _number(x) -> str:
+    """A number as short as it reads: 5.0 -> "5", 1.3 -> "1.3"; anything else as ``str``."""
     return f"{x:g}" if isinstance(x, (int, float)) else str(x)
 
 
@@ -52,24 +48,27 @@ def _truthy(x: str) -> bool:
     return str(x).strip().lower() in {"true", "1", "yes"}
 
 
-def _key2(p: dict) -> tuple:
-    return (_f(p["assigner.dw.beta"]), _f(p["assigner.dw.mu"]))
+# row keys: a run's resolved params (dotted, strings) -> the paper's key of its table row
 
 
-def _key3(p: dict) -> tuple:
-    return (_f(p["assigner.dw.gamma1"]), _f(p["assigner.dw.gamma2"]))
+def _beta_mu_key(p: dict) -> tuple:
+    return (float(p["assigner.dw.beta"]), float(p["assigner.dw.mu"]))
 
 
-def _key4(p: dict) -> tuple:
+def _gammas_key(p: dict) -> tuple:
+    return (float(p["assigner.dw.gamma1"]), float(p["assigner.dw.gamma2"]))
+
+
+def _bag_key(p: dict) -> tuple:
     bag = p["assigner.dw.bag"]
     if bag == "threshold":
-        return ("threshold", _f(p["assigner.dw.bag_radius"]))
+        return ("threshold", float(p["assigner.dw.bag_radius"]))
     if bag == "topk":
-        return ("topk", _f(p["assigner.dw.bag_topk"]))
+        return ("topk", float(p["assigner.dw.bag_topk"]))
     return (bag, None)
 
 
-def _key5(p: dict) -> tuple:
+def _neg_variant_key(p: dict) -> tuple:
     return (p["assigner.dw.neg_variant"],)
 
 
@@ -79,23 +78,23 @@ def method_name(p: dict) -> str:
     return f"{name}+box_refine" if _truthy(p.get("model.box_refine", "false")) else name
 
 
-def _key6(p: dict) -> tuple:
+def _table6_row_key(p: dict) -> tuple:
     name = method_name(p)
     return (paper.METHOD_TO_TABLE6.get(name, name),)
 
 
-def _label4(k: tuple) -> str:
+def _bag_label(k: tuple) -> str:
     kind, value = k
-    return {"threshold": f"threshold r={_g(value)}", "topk": f"top-k k={_g(value)}"}.get(
-        kind, "soft prior" if kind == "soft" else f"{kind} {_g(value)}"
+    return {"threshold": f"threshold r={_number(value)}", "topk": f"top-k k={_number(value)}"}.get(
+        kind, "soft prior" if kind == "soft" else f"{kind} {_number(value)}"
     )
 
 
-_OURS6 = {v: k for k, v in paper.METHOD_TO_TABLE6.items()}
+_OURS_BY_TABLE6_ROW = {v: k for k, v in paper.METHOD_TO_TABLE6.items()}
 
 
-def _label6(k: tuple) -> str:
-    ours = _OURS6.get(k[0])
+def _table6_row_label(k: tuple) -> str:
+    ours = _OURS_BY_TABLE6_ROW.get(k[0])
     return f"{k[0]} (ours: {ours})" if ours else k[0]
 
 
@@ -105,7 +104,11 @@ def _by_order(order: list[tuple], keys: list[tuple]) -> list[tuple]:
     return order + extra
 
 
-def _blocks2(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+# row blocks: a table's row keys -> its (block title, rows in order) sections
+
+
+def _beta_mu_blocks(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    """Table 2: the mu line at the paper's beta, the beta line at its mu, then any other points."""
     b, m = paper.DEFAULTS["beta"], paper.DEFAULTS["mu"]
     every = set(paper.TABLE2) | set(keys)
     mu_line = sorted(k for k in every if k[0] == b)
@@ -115,7 +118,8 @@ def _blocks2(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
     return blocks + ([("other points", other)] if other else [])
 
 
-def _blocks4(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+def _bag_blocks(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    """Table 4: one block per bag kind, rows by the kind's parameter."""
     every = list(paper.TABLE4) + [k for k in keys if k not in paper.TABLE4]
     titles = {"threshold": "threshold bag (distance / stride < r)", "topk": "top-k bag (k per level)",
               "soft": "soft center prior"}
@@ -126,7 +130,8 @@ def _blocks4(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
     ]
 
 
-def _flat(order: list[tuple]) -> Callable[[list[tuple]], list[tuple[str, list[tuple]]]]:
+def _one_block_in_paper_order(order: list[tuple]) -> Callable[[list[tuple]], list[tuple[str, list[tuple]]]]:
+    """Tables 3, 5, 6: one untitled block, the paper's rows in its order, then the rest sorted."""
     return lambda keys: [("", _by_order(list(order), keys))]
 
 
@@ -144,23 +149,23 @@ class TableSpec:
 SPECS: dict[str, TableSpec] = {
     "table2": TableSpec(
         "table2", "Table 2: beta and mu of the positive weight (Eq. 3-4)", ("beta", "mu"),
-        "beta, mu", _key2, lambda k: f"beta={_g(k[0])}, mu={_g(k[1])}", _blocks2,
+        "beta, mu", _beta_mu_key, lambda k: f"beta={_number(k[0])}, mu={_number(k[1])}", _beta_mu_blocks,
     ),
     "table3": TableSpec(
         "table3", "Table 3: gamma1 (P_neg) and gamma2 (I_neg) of the negative weight (Eq. 5-7)",
-        ("gamma1", "gamma2"), "gamma1, gamma2", _key3,
-        lambda k: f"gamma1={_g(k[0])}, gamma2={_g(k[1])}", _flat(list(paper.TABLE3)),
+        ("gamma1", "gamma2"), "gamma1, gamma2", _gammas_key,
+        lambda k: f"gamma1={_number(k[0])}, gamma2={_number(k[1])}", _one_block_in_paper_order(list(paper.TABLE3)),
     ),
     "table4": TableSpec(
-        "table4", "Table 4: the candidate bag", ("bag", "bag_param"), "bag", _key4, _label4, _blocks4,
+        "table4", "Table 4: the candidate bag", ("bag", "bag_param"), "bag", _bag_key, _bag_label, _bag_blocks,
     ),
     "table5": TableSpec(
-        "table5", "Table 5: the in-bag negative weight", ("neg_variant",), "neg variant", _key5,
-        lambda k: f"{k[0]} (DW)" if k[0] == "full" else k[0], _flat(list(paper.TABLE5)),
+        "table5", "Table 5: the in-bag negative weight", ("neg_variant",), "neg variant", _neg_variant_key,
+        lambda k: f"{k[0]} (DW)" if k[0] == "full" else k[0], _one_block_in_paper_order(list(paper.TABLE5)),
     ),
     "table6": TableSpec(
         "table6", "Table 6: label-assignment methods on the same FCOS detector", ("method",),
-        "method (paper row)", _key6, _label6, _flat(list(paper.TABLE6)),
+        "method (paper row)", _table6_row_key, _table6_row_label, _one_block_in_paper_order(list(paper.TABLE6)),
     ),
 }
 
