@@ -48,7 +48,7 @@ class DataConfig(Strict):
 class PretrainConfig(Strict):
     """The domain-pretrained backbone (``model.pretrained: synth``, see ``dwlab.pretrain``): a
     classifier of object crops cut from generated images of their own seed stream. Every field
-    is part of the cache key."""
+    but ``threads`` is part of the cache key."""
 
     images: int = Field(3000, ge=10)  # generated images to cut crops from
     image_size: int = Field(128, ge=32)  # their longer side
