@@ -187,6 +187,14 @@ def precision(cfg: Config, device: torch.device) -> tuple[torch.amp.GradScaler |
     return (torch.amp.GradScaler("cuda") if use_amp else None), autocast_dtype, memory_format
 
 
+def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
+    """``train.optimizer`` over ``param_groups`` (no weight decay on norms, biases, scales)."""
+    groups = param_groups(model, cfg.train.weight_decay)
+    if cfg.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -292,11 +300,7 @@ def run_training(
     model = build_model(cfg.model, num_classes).to(device)
     assigner = make_assigner(cfg, num_classes)
     resolved = resolved_record(cfg, assigner)
-    groups = param_groups(model, cfg.train.weight_decay)
-    if cfg.train.optimizer == "sgd":
-        optimizer = torch.optim.SGD(groups, lr=cfg.train.lr, momentum=cfg.train.momentum)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.train.lr)
+    optimizer = make_optimizer(model, cfg)
     scaler, autocast_dtype, memory_format = precision(cfg, device)
     model = model.to(memory_format=memory_format)
 

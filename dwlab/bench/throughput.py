@@ -12,9 +12,9 @@ from dwlab.assign import build_assigner
 from dwlab.bench.train_step import synthetic_images
 from dwlab.config import Config
 from dwlab.data.transforms import normalize
-from dwlab.engine import StepState, param_groups, train_one_epoch
+from dwlab.engine import StepState, train_one_epoch
 from dwlab.models.detector import build_model
-from dwlab.runner import precision
+from dwlab.runner import make_optimizer, precision
 
 NUM_CLASSES = 6  # the generated dataset's
 
@@ -27,12 +27,7 @@ def step_fn(cfg: Config, device: torch.device) -> Callable[[], None]:
     scaler, autocast_dtype, memory_format = precision(cfg, device)
     model = model.to(memory_format=memory_format)
     assigner = build_assigner(cfg.assigner, NUM_CLASSES)
-    groups = param_groups(model, cfg.train.weight_decay)
-    optimizer = (
-        torch.optim.SGD(groups, lr=1e-4, momentum=cfg.train.momentum)
-        if cfg.train.optimizer == "sgd"
-        else torch.optim.AdamW(groups, lr=1e-4)
-    )
+    optimizer = make_optimizer(model, cfg)  # its lr is set by the step's lr_fn
     images, targets = synthetic_images(cfg, NUM_CLASSES)
     batch = (normalize(images * 255), torch.tensor([images.shape[-2:]] * len(targets)), targets)
     state = StepState()
