@@ -158,10 +158,11 @@ def sweep(
         return
     from rich.console import Console
 
+    from dwlab.store import default_uri
     from dwlab.sweep.tune_run import run_sweep
 
     outcome = run_sweep(
-        plan, console=Console(), address=address, max_concurrent=max_concurrent, resume=resume
+        plan, default_uri(), console=Console(), address=address, max_concurrent=max_concurrent, resume=resume
     )
     typer.echo(
         f"sweep {plan.name}: {len(outcome.finished)} finished, {len(outcome.skipped)} skipped, "
@@ -184,10 +185,11 @@ def ui(
     """Start the MLflow UI on the default store (./mlruns, or $MLFLOW_TRACKING_URI)."""
     import os
 
-    from dwlab.sweep.tracking import prepare_store, tracking_uri, ui_args
+    from dwlab.store import default_uri, prepare
+    from dwlab.sweep.tracking import ui_args
 
-    uri = tracking_uri()
-    prepare_store(uri)
+    uri = default_uri()
+    prepare(uri)
     args = ui_args(uri, host=host, port=port)
     typer.echo("mlflow " + " ".join(args))
     sys.stdout.flush()

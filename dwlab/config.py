@@ -229,9 +229,6 @@ class TrainConfig(Strict):
     max_iters_per_epoch: int | None = Field(None, ge=1)  # cap for quick runs and benchmarks
     progress: bool = True  # rich progress bar
     save_checkpoints: bool = True
-    # test-only fault injection (the fault suite and the sweep's retry tests use these)
-    inject_nan_at_iter: int | None = None  # make the loss NaN at this global iteration
-    inject_error_at_epoch: int | None = None  # raise RuntimeError when this epoch starts
 
 
 class EvalConfig(Strict):
@@ -278,7 +275,11 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 
 #: Keys that configs written by earlier versions hold and that no longer exist, as (section, key):
 #: dropped from a stored config (a checkpoint's), still refused in a config a user writes.
-REMOVED_KEYS = (("train", "log_every"),)
+REMOVED_KEYS = (
+    ("train", "log_every"),
+    ("train", "inject_nan_at_iter"),  # fault injection moved to dwlab.faults ($DWLAB_FAULTS)
+    ("train", "inject_error_at_epoch"),
+)
 
 
 def validate_stored(raw: dict[str, Any], source: str) -> Config:

@@ -1,4 +1,5 @@
-"""The two loops: ``train_one_epoch`` and ``predict``. They see tensors and callables only.
+"""The two loops, ``train_one_epoch`` (of a ``TrainStep``) and ``predict``. They see tensors,
+modules and callables only.
 
 Both take batches from ``data.coco.collate``: an image that could not be read is not in the
 batch but in its ``skipped`` list; the loops count those (and collect them in ``skipped``
@@ -40,33 +41,73 @@ def lr_at(iteration: int, epoch: int, *, base_lr: float, warmup_iters: int, warm
     return lr
 
 
+@dataclass
+class TrainStep:
+    """One optimizer step on the loss ``weighted_total(assigner(model(images)), assigner.loss_weights)``:
+    the forward pass under ``autocast_dtype`` (None: full precision), the loss scaled by
+    ``scaler`` when given (fp16 on CUDA) and unscaled before the gradient is clipped to
+    ``grad_clip`` (None or 0: no clipping)."""
+
+    model: nn.Module
+    assigner: LabelAssigner
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    scaler: torch.amp.GradScaler | None = None
+    autocast_dtype: torch.dtype | None = None
+    memory_format: torch.memory_format = torch.contiguous_format
+    grad_clip: float | None = None
+
+    def __call__(self, images: Tensor, targets: list, lr: float, iteration: int) -> dict[str, float]:
+        """Step at learning rate ``lr``; returns each raw loss term and ``loss`` (the weighted
+        total). A non-finite total raises ``NonFiniteLoss`` naming ``iteration`` and the terms."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        targets = [t.to(self.device) for t in targets]
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+            outputs = self.model(images)
+        losses = self.assigner(outputs, targets)
+        weights = self.assigner.loss_weights
+        total = weighted_total(losses, weights)
+        if not torch.isfinite(total):
+            terms = ", ".join(f"{k}={v.item():.4g} (x{weights[k]:g})" for k, v in losses.items())
+            raise NonFiniteLoss(f"non-finite loss {total.item()} at iteration {iteration}: {terms}")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(total).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            total.backward()
+        if self.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        return {**{k: v.item() for k, v in losses.items()}, "loss": total.item()}
+
+
 def train_one_epoch(
-    model: nn.Module,
-    assigner: LabelAssigner,
+    step: TrainStep,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
     lr_fn: Callable[[int], float],
     state: StepState,
-    device: torch.device,
     *,
-    scaler: torch.amp.GradScaler | None = None,
-    autocast_dtype: torch.dtype | None = None,
-    memory_format: torch.memory_format = torch.contiguous_format,
-    grad_clip: float | None = None,
     max_iters: int | None = None,
-    nan_at_iter: int | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
     skipped: list | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns the mean of each raw (unweighted) loss term, ``loss``
-    the mean of the total trained on, ``weighted_total(terms, assigner.loss_weights)``, ``lr``
-    at the end, ``iters_per_s``, ``images`` (trained on) and ``skipped_images`` (unreadable,
-    left out; each one appended to ``skipped`` when given). A batch without a readable image
-    takes no step; under data parallelism no worker steps then (each worker must take the same
-    steps)."""
-    model.train()
+    """One pass of ``step`` over ``loader`` (at most ``max_iters`` steps), at ``lr_fn(global
+    iteration)``; returns the mean of each raw (unweighted) loss term, ``loss`` the mean of the
+    total trained on, ``lr`` at the end, ``iters_per_s``, ``images`` (trained on) and
+    ``skipped_images`` (unreadable, left out; each one appended to ``skipped`` when given). A
+    batch without a readable image takes no step; under data parallelism no worker steps then
+    (each worker must take the same steps). ``on_step`` sees each step's terms and ``lr``."""
+    step.model.train()
     sums: dict[str, float] = defaultdict(float)
     count = images_seen = n_skipped = 0
+    lr = step.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for batch in loader:
         if max_iters is not None and count >= max_iters:
@@ -76,52 +117,20 @@ def train_one_epoch(
         n_skipped += len(dropped)
         if skipped is not None:
             skipped.extend(dropped)
-        if not all_workers(len(targets) > 0, device):
+        if not all_workers(len(targets) > 0, step.device):
             continue
         lr = lr_fn(state.iteration)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        images = images.to(device, non_blocking=True, memory_format=memory_format)
-        targets = [t.to(device) for t in targets]
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-            outputs = model(images)
-        losses = assigner(outputs, targets)
-        total = weighted_total(losses, assigner.loss_weights)
-        if nan_at_iter is not None and state.iteration == nan_at_iter:
-            total = total * float("nan")  # test-only fault injection
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g} (x{assigner.loss_weights[k]:g})" for k, v in losses.items())
-            raise NonFiniteLoss(f"non-finite loss {total.item()} at iteration {state.iteration}: {terms}")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(total).backward()
-            scaler.unscale_(optimizer)
-        else:
-            total.backward()
-        if grad_clip:
-            nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
+        step_losses = step(images, targets, lr, state.iteration)
         state.iteration += 1
         count += 1
         images_seen += images.shape[0]
-        step_losses = {k: v.item() for k, v in losses.items()}
-        step_losses["loss"] = total.item()
         for k, v in step_losses.items():
             sums[k] += v
         if on_step is not None:
             on_step({**step_losses, "lr": lr})
     elapsed = time.perf_counter() - start
     means = {k: v / max(count, 1) for k, v in sums.items()}
-    means.update(
-        lr=optimizer.param_groups[0]["lr"],
-        iters_per_s=count / max(elapsed, 1e-9),
-        images=images_seen,
-        skipped_images=n_skipped,
-    )
+    means.update(lr=lr, iters_per_s=count / max(elapsed, 1e-9), images=images_seen, skipped_images=n_skipped)
     if not math.isfinite(means.get("loss", 0.0)):
         raise NonFiniteLoss(f"non-finite mean loss after iteration {state.iteration}")
     return means

@@ -27,13 +27,13 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
-from dwlab import __version__, checkpoint
+from dwlab import __version__, checkpoint, faults
 from dwlab.assign import build_assigner
 from dwlab.assign.base import LabelAssigner
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, SkippedImage, collate
 from dwlab.distributed import is_distributed, mean_over_workers, rank, sum_over_workers, world_size
-from dwlab.engine import StepState, lr_at, param_groups, predict, train_one_epoch
+from dwlab.engine import StepState, TrainStep, lr_at, param_groups, predict, train_one_epoch
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import FCOS, build_model
@@ -155,7 +155,9 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator: torch.Generator | None) -> DataLoader:
+def make_loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator: torch.Generator | None) -> DataLoader:
+    """Batches of ``data.coco.collate``: shuffled by ``generator`` (or a ``DistributedSampler``
+    under data parallelism) when ``train``, in order otherwise."""
     sampler = None
     if train:
         sampler = (
@@ -207,7 +209,7 @@ def seed_everything(seed: int) -> None:
 def evaluate(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:
     """COCO bbox metrics of ``model`` on ``dataset``."""
     # its own generator: evaluating must not advance the global RNG that training draws from
-    loader = _loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
+    loader = make_loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     skipped: list[SkippedImage] = []
     detections, targets = predict(
         model,
@@ -281,6 +283,25 @@ def _progress(enabled: bool, total: int, description: str):
     return progress, task
 
 
+@dataclass
+class _Run:
+    """The parts of one training run (``_build_run``)."""
+
+    cfg: Config
+    out_dir: Path
+    model: FCOS  # the bare model: checkpoints and evaluation
+    step: TrainStep  # its model is the DDP wrapper under data parallelism
+    loader: DataLoader
+    generator: torch.Generator  # shuffles the train split; reseeded each epoch
+    val_set: CocoDetection
+    resolved: dict[str, Any]
+    state: StepState
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+
 def run_training(
     cfg: Config,
     out_dir: Path,
@@ -289,7 +310,39 @@ def run_training(
     on_epoch_end: Callable[[EpochReport], None] | None = None,
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint."""
-    out_dir = Path(out_dir)
+    run = _build_run(cfg, Path(out_dir))
+    start_epoch, history = _resume(run) if resume else (0, [])
+    if rank() == 0:
+        write_run_config(run.out_dir, cfg, run.resolved)
+    if is_distributed():  # after resuming: every rank starts from the same weights
+        device = run.step.device
+        run.step.model = torch.nn.parallel.DistributedDataParallel(
+            run.model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    images_seen = int(history[-1]["images_seen"]) if history else 0
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch, cfg.train.epochs):
+        metrics = _train_epoch(run, epoch)
+        images_seen += int(metrics.pop("images")) * world_size()
+        metrics["images_seen"] = float(images_seen)
+        if epoch + 1 == cfg.train.epochs or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
+            metrics.update(_evaluate_on_main(run.model, run.val_set, cfg, run.step.device))
+        ckpt_path = _record_epoch(run, epoch, metrics, history) if rank() == 0 else None
+        if on_epoch_end is not None:
+            on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path, run.resolved))
+    final = {k: metrics[k] for k in FINAL_METRICS if k in metrics}
+    if not final and history:  # resumed after the last epoch: nothing left to train
+        final = {k: history[-1][k] for k in FINAL_METRICS if k in history[-1]}
+    if rank() == 0 and final:
+        _write_json(run.out_dir / "eval.json", final)
+    return RunResult(run.out_dir, final, max(start_epoch, cfg.train.epochs), run.resolved)
+
+
+FINAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def _build_run(cfg: Config, out_dir: Path) -> _Run:
+    """Seeds, data, model, assigner (wrapped by ``faults`` when asked), optimizer, precision."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     seed_everything(cfg.train.seed)
@@ -300,118 +353,90 @@ def run_training(
     model = build_model(cfg.model, num_classes).to(device)
     assigner = make_assigner(cfg, num_classes)
     resolved = resolved_record(cfg, assigner)
+    assigner = faults.wrap(assigner, out_dir)  # itself unless $DWLAB_FAULTS names this run
     optimizer = make_optimizer(model, cfg)
     scaler, autocast_dtype, memory_format = precision(cfg, device)
     model = model.to(memory_format=memory_format)
-
-    state = StepState()
-    start_epoch = 0
-    history: list[dict] = []
-    ckpt_dir = out_dir / "checkpoints"
-    if resume:
-        saved = checkpoint.load_latest(ckpt_dir, warn=_warn)
-        if saved is None and any(ckpt_dir.glob("*.pt")):
-            raise DwlabError(f"{ckpt_dir}: no loadable checkpoint to resume from")
-        if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            if scaler is not None and "scaler" in saved:
-                scaler.load_state_dict(saved["scaler"])
-            start_epoch, state.iteration = int(saved["epoch"]), int(saved["iteration"])
-            history = _read_history(out_dir / "metrics.jsonl", start_epoch, rewrite=rank() == 0)
-            torch.set_rng_state(saved["rng"])
-    is_main = rank() == 0
-    if is_main:
-        write_run_config(out_dir, cfg, resolved)
-
-    net = model
-    if is_distributed():
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    step = TrainStep(model, assigner, optimizer, device, scaler, autocast_dtype, memory_format, cfg.train.grad_clip)
     generator = torch.Generator()
-    loader = _loader(train_set, cfg.train.batch_size, cfg, train=True, generator=generator)
-    iters_per_epoch = min(len(loader), cfg.train.max_iters_per_epoch or len(loader))
-    lr_kwargs = dict(
-        base_lr=cfg.train.lr,
-        warmup_iters=cfg.train.warmup_iters,
-        warmup_ratio=cfg.train.warmup_ratio,
-        steps=cfg.train.lr_steps,
-        gamma=cfg.train.lr_gamma,
-    )
-    images_seen = int(history[-1]["images_seen"]) if history else 0
-    metrics: dict[str, float] = {}
-    for epoch in range(start_epoch, cfg.train.epochs):
-        if cfg.train.inject_error_at_epoch is not None and epoch + 1 == cfg.train.inject_error_at_epoch:
-            raise RuntimeError(f"injected error at the start of epoch {epoch + 1} (train.inject_error_at_epoch)")
-        generator.manual_seed(cfg.train.seed * 100_003 + epoch)
-        if hasattr(assigner, "set_epoch"):  # e.g. TOOD's ATSS warm-up epochs
-            assigner.set_epoch(epoch)
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        progress, task = _progress(cfg.train.progress and is_main, iters_per_epoch, f"epoch {epoch + 1}/{cfg.train.epochs}")
+    loader = make_loader(train_set, cfg.train.batch_size, cfg, train=True, generator=generator)
+    return _Run(cfg, out_dir, model, step, loader, generator, val_set, resolved, StepState())
 
-        def on_step(step: dict[str, float], progress=progress, task=task) -> None:
-            shown = " ".join(f"{k}={v:.3f}" for k, v in step.items() if k.startswith("loss"))
-            rate = progress.tasks[0].speed or 0.0
-            progress.update(task, advance=1, losses=shown, rate=rate)
 
-        skipped: list[SkippedImage] = []
-        with progress:
-            epoch_metrics = train_one_epoch(
-                net,
-                assigner,
-                loader,
-                optimizer,
-                lambda it, e=epoch: lr_at(it, e, **lr_kwargs),
-                state,
-                device,
-                scaler=scaler,
-                autocast_dtype=autocast_dtype,
-                memory_format=memory_format,
-                grad_clip=cfg.train.grad_clip,
-                max_iters=cfg.train.max_iters_per_epoch,
-                nan_at_iter=cfg.train.inject_nan_at_iter,
-                on_step=on_step,
-                skipped=skipped,
-            )
-        epoch_metrics = mean_over_workers(epoch_metrics, device)
-        epoch_metrics["skipped_images"] = sum_over_workers(epoch_metrics["skipped_images"], device)
-        _report_skipped(epoch + 1, cfg.train.epochs, skipped, epoch_metrics)
-        images_seen += int(epoch_metrics.pop("images")) * world_size()
-        metrics = {**epoch_metrics, "images_seen": float(images_seen)}
-        last = epoch + 1 == cfg.train.epochs
-        if last or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
-            metrics.update(_evaluate_on_main(model, val_set, cfg, device))
-        ckpt_path = None
-        if is_main:
-            if cfg.train.save_checkpoints:
-                ckpt_path = checkpoint.save_atomic(
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-                        "epoch": epoch + 1,
-                        "iteration": state.iteration,
-                        "rng": torch.get_rng_state(),
-                        "config": to_dict(cfg),
-                        "resolved": resolved,
-                        "dwlab_version": __version__,
-                    },
-                    ckpt_dir,
-                )
-            history.append({"epoch": epoch + 1, **metrics})
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
-        if on_epoch_end is not None:
-            on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path, resolved))
+def _resume(run: _Run) -> tuple[int, list[dict]]:
+    """Load the run directory's latest loadable checkpoint into ``run``; returns (epochs done,
+    their ``metrics.jsonl`` rows). (0, []) when there is no checkpoint yet; a ``DwlabError``
+    when there are checkpoints and none of them loads."""
+    saved = checkpoint.load_latest(run.ckpt_dir, warn=_warn)
+    if saved is None:
+        if any(run.ckpt_dir.glob("*.pt")):
+            raise DwlabError(f"{run.ckpt_dir}: no loadable checkpoint to resume from")
+        return 0, []
+    run.model.load_state_dict(saved["model"])
+    run.step.optimizer.load_state_dict(saved["optimizer"])
+    if run.step.scaler is not None and "scaler" in saved:
+        run.step.scaler.load_state_dict(saved["scaler"])
+    start_epoch, run.state.iteration = int(saved["epoch"]), int(saved["iteration"])
+    history = _read_history(run.out_dir / "metrics.jsonl", start_epoch, rewrite=rank() == 0)
+    torch.set_rng_state(saved["rng"])
+    return start_epoch, history
 
-    final = {k: metrics[k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in metrics}
-    if not final and history:  # resumed after the last epoch: nothing left to train
-        final = {k: history[-1][k] for k in ("AP", "AP50", "AP75", "APs", "APm", "APl") if k in history[-1]}
-    if is_main and final:
-        _write_json(out_dir / "eval.json", final)
-    return RunResult(out_dir, final, max(start_epoch, cfg.train.epochs), resolved)
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """Epoch ``epoch`` (0-based): the metrics of ``train_one_epoch`` averaged over workers, with
+    this worker's ``images`` and every worker's ``skipped_images``."""
+    cfg = run.cfg
+    run.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+    if hasattr(run.step.assigner, "set_epoch"):  # e.g. TOOD's ATSS warm-up epochs
+        run.step.assigner.set_epoch(epoch)
+    if isinstance(run.loader.sampler, DistributedSampler):
+        run.loader.sampler.set_epoch(epoch)
+    iters = min(len(run.loader), cfg.train.max_iters_per_epoch or len(run.loader))
+    progress, task = _progress(cfg.train.progress and rank() == 0, iters, f"epoch {epoch + 1}/{cfg.train.epochs}")
+
+    def on_step(step: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={v:.3f}" for k, v in step.items() if k.startswith("loss"))
+        progress.update(task, advance=1, losses=shown, rate=progress.tasks[0].speed or 0.0)
+
+    lr_kwargs = dict(base_lr=cfg.train.lr, warmup_iters=cfg.train.warmup_iters, warmup_ratio=cfg.train.warmup_ratio,
+                     steps=cfg.train.lr_steps, gamma=cfg.train.lr_gamma)  # fmt: skip
+    skipped: list[SkippedImage] = []
+    with progress:
+        metrics = train_one_epoch(
+            run.step, run.loader, lambda it: lr_at(it, epoch, **lr_kwargs), run.state,
+            max_iters=cfg.train.max_iters_per_epoch, on_step=on_step, skipped=skipped,
+        )  # fmt: skip
+    device = run.step.device
+    metrics = mean_over_workers(metrics, device)
+    metrics["skipped_images"] = sum_over_workers(metrics["skipped_images"], device)
+    _report_skipped(epoch + 1, cfg.train.epochs, skipped, metrics)
+    return metrics
+
+
+def _record_epoch(run: _Run, epoch: int, metrics: dict[str, float], history: list[dict]) -> Path | None:
+    """Rank 0: the checkpoint of epoch ``epoch`` (0-based; when ``train.save_checkpoints``) and
+    its ``metrics.jsonl`` line; returns the checkpoint's path."""
+    ckpt_path = None
+    if run.cfg.train.save_checkpoints:
+        scaler = run.step.scaler
+        ckpt_path = checkpoint.save_atomic(
+            {
+                "model": run.model.state_dict(),
+                "optimizer": run.step.optimizer.state_dict(),
+                **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+                "epoch": epoch + 1,
+                "iteration": run.state.iteration,
+                "rng": torch.get_rng_state(),
+                "config": to_dict(run.cfg),
+                "resolved": run.resolved,
+                "dwlab_version": __version__,
+            },
+            run.ckpt_dir,
+        )
+    history.append({"epoch": epoch + 1, **metrics})
+    with open(run.out_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+    return ckpt_path
 
 
 def _report_skipped(epoch: int, epochs: int, skipped: list[SkippedImage], metrics: dict[str, float]) -> None:

@@ -20,7 +20,7 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from dwlab import checkpoint
+from dwlab import checkpoint, faults
 from dwlab.cli import app
 from dwlab.config import load_config
 from dwlab.sweep.spec import load_plan
@@ -132,6 +132,7 @@ def test_tiny_sweep_four_finished_runs_then_idempotent(in_store):
         assert float(params["train.lr"]) == trial.config.train.lr
         assert params["train.seed"] == str(trial.seed) and params["assigner.name"] == "fcos"
         assert params["train.threads"] == "1" and len(params) > 60
+        assert not any("inject" in k for k in params)  # faults are not config ($DWLAB_FAULTS)
         assert steps(in_store, run.info.run_id, "loss") == [1, 2]
         assert steps(in_store, run.info.run_id, "AP") == [2]
         assert {"loss", "loss_cls", "loss_box", "lr", "images_seen", "AP", "AP50", "APl"} <= set(run.data.metrics)
@@ -149,12 +150,14 @@ def test_tiny_sweep_four_finished_runs_then_idempotent(in_store):
     print(f"4-trial sweep {first_s:.1f} s; no-op re-run {time.monotonic() - t0:.1f} s")
 
 
-def test_failing_trial_is_retried_then_failed_while_others_finish(in_store):
+def test_failing_trial_is_retried_then_failed_while_others_finish(in_store, monkeypatch):
     points = [
         {"train.lr": 0.01},
-        {"id": "boom", "train.lr": 0.02, "train.inject_error_at_epoch": 2},
-        {"id": "nan", "train.lr": 0.02, "train.inject_nan_at_iter": 1},
+        {"id": "boom", "train.lr": 0.02},
+        {"id": "nan", "train.lr": 0.02},
     ]
+    # set after the module's Ray started: the driver hands it to the trials
+    monkeypatch.setenv(faults.ENV, "error_at_epoch=2@boom,nan_at_iter=1@nan")
     f = sweep_file(in_store, "fails", points, max_retries=1)
     result = run_cli(str(f))
     assert result.exit_code == 1, result.output
@@ -267,11 +270,12 @@ def test_killed_trial_worker_is_retried_from_its_last_checkpoint(in_store, ray_a
 
 def test_without_resume_an_interrupted_run_is_closed_killed(in_store):
     """A run left RUNNING by a killed driver, re-run without --resume: KILLED + a fresh run."""
+    from dwlab.store import default_uri
     from dwlab.sweep.tracking import SweepTracker
 
     f = sweep_file(in_store, "stale", [{"train.lr": 0.01}], epochs=1)
     plan = load_plan(f)
-    tracker = SweepTracker(plan)
+    tracker = SweepTracker(plan, default_uri())
     tracker.reconcile(resume=False)
     tracker.start_parent(None, 1, 0)
     stale_id = tracker.open_trial(plan.trials[0], None)

@@ -3,16 +3,17 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from dwlab import checkpoint
+from dwlab import checkpoint, faults
 from dwlab.cli import app
 from dwlab.config import validate
 from dwlab.data.synth import generate
-from dwlab.errors import NonFiniteLoss
+from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.runner import run_training
 from tests.conftest import tiny_config, write_json, write_yaml
 
@@ -68,10 +69,19 @@ def test_resume_falls_back_to_previous_checkpoint_when_last_is_corrupt(tmp_path,
     assert len(lines) == 1 and lines[0].startswith(f"warning: {ckpt / 'last.pt'}: corrupt or unreadable checkpoint (")
 
 
-def test_nan_loss_stops_with_the_iteration_and_terms(tmp_path, synth_root):
-    raw = tiny_config(synth_root, train={"inject_nan_at_iter": 1})
+def test_nan_loss_stops_with_the_iteration_and_terms(tmp_path, synth_root, monkeypatch):
+    monkeypatch.setenv(faults.ENV, "nan_at_iter=1")
     with pytest.raises(NonFiniteLoss, match=r"at iteration 1: loss_cls=.*loss_box=.*loss_ctr="):
-        run_training(validate(raw, "t"), tmp_path / "nan")
+        run_training(validate(tiny_config(synth_root), "t"), tmp_path / "nan")
+
+
+def test_faults_apply_to_the_named_runs_only_and_bad_entries_are_one_line():
+    assert faults.parse("", Path("runs/t/a/seed0")) == faults.Faults()
+    spec = "error_at_epoch=2@boom, nan_at_iter=0"
+    assert faults.parse(spec, Path("runs/t/boom/seed0")) == faults.Faults(error_at_epoch=2, nan_at_iter=0)
+    assert faults.parse(spec, Path("runs/t/boomer/seed0")) == faults.Faults(nan_at_iter=0)
+    with pytest.raises(DwlabError, match=r"^\$DWLAB_FAULTS: bad entry 'nan_at=1' \(expected FAULT=N\[@NAME\]"):
+        faults.parse("nan_at=1", Path("r"))
 
 
 def test_cli_train_and_eval(tmp_path, synth_root):
@@ -86,7 +96,7 @@ def test_cli_train_and_eval(tmp_path, synth_root):
 
 
 def _bad_inputs(tmp_path, synth_root):
-    not_coco = write_json(tmp_path / "notcoco.json", {"hello": 1})
+    write_json(tmp_path / "notcoco.json", {"hello": 1})
     broken = generate(tmp_path / "broken", n_train=2, n_val=1, seed=0, image_size=64)
     for png in (broken / "train").glob("*.png"):  # one unreadable image is skipped; all: nothing to train on
         png.write_bytes(b"\x89PNG\r\n\x1a\n garbage")

@@ -81,78 +81,61 @@ class PairWeights(NamedTuple):
 
 @torch.no_grad()
 def pair_weights(
-    scores: Tensor,
-    ious: Tensor,
-    prior: Tensor,
-    gt_idx: Tensor,
-    num_gts: int,
-    *,
-    beta: float,
-    mu: float,
-    gamma1: float,
-    gamma2: float,
-    neg_variant: str = "full",
-    loc_score: str = "iou_pow",
+    scores: Tensor, ious: Tensor, prior: Tensor, gt_idx: Tensor, num_gts: int, params: DWParams,
     giou_loss: Tensor | None = None,
-    mu_norm: float | None = None,
-    pneg_low: float = 0.5,
-    pneg_high: float = 0.95,
-    pneg_bag_minmax: bool = False,
 ) -> PairWeights:
-    """Dual weights of flat pairs; the one implementation of Eq. 3-8.
+    """Dual weights of flat pairs; the one implementation of Eq. 3-8, with the constants of
+    ``params``.
 
     scores ``Tensor[P]`` s of the anchor on the GT's class; ious ``Tensor[P]`` IoU of the
     anchor's predicted box with the GT; prior ``Tensor[P]`` bag prior; gt_idx ``Tensor[P]`` long
     in ``[0, num_gts)`` (the bag a pair belongs to); giou_loss ``Tensor[P]`` 1 - GIoU, needed for
     ``loc_score="exp_giou"``. Every pair given is a bag member, whatever its prior.
     """
-    if neg_variant not in NEG_VARIANTS:
-        raise ValueError(f"unknown neg_variant {neg_variant!r} (expected one of {NEG_VARIANTS})")
-    if loc_score not in LOC_SCORES:
-        raise ValueError(f"unknown loc_score {loc_score!r} (expected one of {LOC_SCORES})")
     assert scores.shape == ious.shape == prior.shape == gt_idx.shape and scores.dim() == 1
-    mu_norm = mu if mu_norm is None else mu_norm
+    p = params
     s, iou, prior = scores.float(), ious.float(), prior.float()
-
-    # positive weight
-    if loc_score == "iou_pow":
-        t = s * iou**beta  # Eq. 3
+    if p.loc_score == "iou_pow":
+        t = s * iou**p.beta  # Eq. 3
     else:  # released code: the IoU term as exp(-beta * GIoU loss)
         if giou_loss is None:
             raise ValueError("loc_score='exp_giou' needs giou_loss")
-        t = s * torch.exp(-beta * giou_loss.float())
-    numer = torch.exp(mu * t) * t * prior  # Eq. 4
-    denom = _bag_sum(torch.exp(mu_norm * t) * t * prior, gt_idx, num_gts)[gt_idx]
-    # a bag whose every t is 0 (all IoUs 0) would get no weight at all; it falls back to the
-    # prior alone so that each GT still weighs 1 (interpretation; released code: 0)
-    prior_sum = _bag_sum(prior, gt_idx, num_gts)[gt_idx]
-    w_pos = torch.where(
-        denom > 0, numer / denom.clamp(min=torch.finfo(denom.dtype).tiny), prior / prior_sum.clamp(min=EPS)
-    )
-
-    # probability of being a negative
-    if pneg_bag_minmax:  # released code: curve through (low, 1), (high, 0), min-max per bag
-        curve = _pneg_curve(iou, gamma1, pneg_low, pneg_high)
+        t = s * torch.exp(-p.beta * giou_loss.float())
+    w_pos = _positive_weights(t, prior, gt_idx, num_gts, p.mu, p.mu_norm)
+    if p.pneg_bag_minmax:  # released code: curve through (low, 1), (high, 0), min-max per bag
+        curve = _pneg_curve(iou, p.gamma1, p.pneg_low, p.pneg_high)
         inf = torch.full((num_gts,), float("inf"), device=s.device)
         lo = inf.scatter_reduce(0, gt_idx, curve, "amin")[gt_idx]  # at the bag's best IoU
         hi = (-inf).scatter_reduce(0, gt_idx, curve, "amax").clamp(max=1.0)[gt_idx]
         pn = (curve - lo + EPS) / (hi - lo + EPS)
-        pn = torch.where(iou < pneg_low, torch.ones_like(pn), pn)
+        pn = torch.where(iou < p.pneg_low, torch.ones_like(pn), pn)
     else:
-        pn = p_neg(iou, gamma1, pneg_low, pneg_high)  # Eq. 5-6
-    i_neg = s**gamma2  # Eq. 7
-
+        pn = p_neg(iou, p.gamma1, p.pneg_low, p.pneg_high)  # Eq. 5-6
+    i_neg = s**p.gamma2  # Eq. 7
     # in-bag negative weight on the GT's class channel, factor * I_neg (Eq. 8; Table 5 variants)
-    if neg_variant in ("full", "no_ineg"):
+    if p.neg_variant in ("full", "no_ineg"):
         factor = pn  # Eq. 8
-    elif neg_variant == "pos_only":
+    elif p.neg_variant == "pos_only":
         factor = torch.zeros_like(s)
-    elif neg_variant == "no_pneg":
+    elif p.neg_variant == "no_pneg":
         factor = torch.ones_like(s)
     else:  # one_minus_wpos; clamped because official w_pos (exp(5t)/sum exp(3t)) can exceed 1
         factor = (1.0 - w_pos).clamp(min=0.0)
-    w_neg = factor if neg_variant == "no_ineg" else factor * i_neg
+    w_neg = factor if p.neg_variant == "no_ineg" else factor * i_neg
     return PairWeights(w_pos, w_neg, pn, factor)
+
+
+def _positive_weights(t: Tensor, prior: Tensor, gt_idx: Tensor, num_gts: int, mu: float, mu_norm: float) -> Tensor:
+    """Eq. 4: ``exp(mu t) t prior`` over the bag's sum of ``exp(mu_norm t) t prior`` (mu_norm = mu
+    in the paper: each GT's weights sum to 1), ``Tensor[P]``."""
+    numer = torch.exp(mu * t) * t * prior
+    denom = _bag_sum(torch.exp(mu_norm * t) * t * prior, gt_idx, num_gts)[gt_idx]
+    # a bag whose every t is 0 (all IoUs 0) would get no weight at all; it falls back to the
+    # prior alone so that each GT still weighs 1 (interpretation; released code: 0)
+    prior_sum = _bag_sum(prior, gt_idx, num_gts)[gt_idx]
+    return torch.where(
+        denom > 0, numer / denom.clamp(min=torch.finfo(denom.dtype).tiny), prior / prior_sum.clamp(min=EPS)
+    )
 
 
 def _bag_sum(values: Tensor, gt_idx: Tensor, num_gts: int) -> Tensor:
@@ -179,17 +162,17 @@ def dual_weights(
     scores[a, g] the score of anchor a on GT g's class; ious[a, g]; prior[a, g] the bag prior,
     0 outside the bag (or pass ``in_bag`` ``Tensor[A, G]`` bool to give membership explicitly);
     giou_loss[a, g] for ``loc_score="exp_giou"``. ``released_code_constants``: ``loc_score``,
-    ``mu_norm``, ``pneg_low``, ``pneg_high``, ``pneg_bag_minmax`` (see ``pair_weights``).
+    ``mu_norm``, ``pneg_low``, ``pneg_high``, ``pneg_bag_minmax`` (see ``DWParams``).
     Returns ``(w_pos, w_neg)``, ``Tensor[A, G]``: w_pos 0 outside bags; w_neg the in-bag weight
     on g's class channel, and ``scores ** gamma2`` outside the bag.
     """
     assert scores.shape == ious.shape == prior.shape and scores.dim() == 2
     in_bag = prior > 0 if in_bag is None else in_bag
     a, g = in_bag.nonzero(as_tuple=True)
+    params = DWParams(beta=beta, mu=mu, gamma1=gamma1, gamma2=gamma2, neg_variant=neg_variant, **released_code_constants)
     pw = pair_weights(
-        scores[a, g], ious[a, g], prior[a, g], g, scores.shape[1],
-        beta=beta, mu=mu, gamma1=gamma1, gamma2=gamma2, neg_variant=neg_variant,
-        giou_loss=None if giou_loss is None else giou_loss[a, g], **released_code_constants,
+        scores[a, g], ious[a, g], prior[a, g], g, scores.shape[1], params,
+        None if giou_loss is None else giou_loss[a, g],
     )  # fmt: skip
     w_pos = torch.zeros_like(scores, dtype=torch.float32)
     w_pos[a, g] = pw.w_pos
@@ -327,14 +310,6 @@ class DWAssigner:
         """Every constant this assigner runs with (the run records it beside its config)."""
         return asdict(self.params)
 
-    def _weight_kwargs(self) -> dict:
-        p = self.params
-        return dict(
-            beta=p.beta, mu=p.mu, gamma1=p.gamma1, gamma2=p.gamma2, neg_variant=p.neg_variant,
-            loc_score=p.loc_score, mu_norm=p.mu_norm, pneg_low=p.pneg_low, pneg_high=p.pneg_high,
-            pneg_bag_minmax=p.pneg_bag_minmax,
-        )  # fmt: skip
-
     # --------------------------------------------------------------------- pairs and weights
 
     def _pairs(self, anchors: Anchors, targets: list[Target], device: torch.device):
@@ -366,10 +341,7 @@ class DWAssigner:
             score = torch.sigmoid(cls.index_select(0, flat * c + label))
             score = score * torch.sigmoid(ctr.index_select(0, flat))  # s of the GT's class
             iou = aligned_iou(pred.detach(), pair_gt_boxes)
-            pw = pair_weights(
-                score, iou, prior, gt, gt_boxes.shape[0],
-                giou_loss=giou_loss.detach(), **self._weight_kwargs(),
-            )  # fmt: skip
+            pw = pair_weights(score, iou, prior, gt, gt_boxes.shape[0], self.params, giou_loss.detach())
             # several pairs on one (image, anchor, class) entry: the smallest factor / P_neg wins
             entry, (entry_neg_factor, entry_p_neg) = entry_minima(flat * c + label, pw.neg_factor, pw.p_neg)
         assignment = Assignment(

@@ -12,7 +12,7 @@ from dwlab.data.coco import CocoDetection
 from dwlab.engine import predict
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import build_model
-from dwlab.runner import _loader, build_datasets
+from dwlab.runner import build_datasets, make_loader
 
 
 def generated_datasets(cfg: Config, n_train: int, n_val: int) -> tuple[Config, CocoDetection, CocoDetection]:
@@ -32,7 +32,7 @@ def bench_eval(cfg: Config, val: CocoDetection, device: torch.device) -> dict[st
     """
     torch.manual_seed(0)
     model = build_model(cfg.model.model_copy(update={"pretrained": False}), val.num_classes).to(device)
-    loader = _loader(val, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
+    loader = make_loader(val, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
     detections, targets = predict(
         model, loader, device, score_thresh=0.0, pre_nms_topk=cfg.eval.pre_nms_topk,
@@ -49,7 +49,7 @@ def bench_eval(cfg: Config, val: CocoDetection, device: torch.device) -> dict[st
 def bench_loading(cfg: Config, train: CocoDetection, batches: int) -> dict[str, float]:
     """Images per second of the training loader alone (``data.num_workers`` workers, decode,
     resize, flip, collate), after one warm-up batch that also starts the workers."""
-    loader = _loader(train, cfg.train.batch_size, cfg, train=True, generator=torch.Generator().manual_seed(0))
+    loader = make_loader(train, cfg.train.batch_size, cfg, train=True, generator=torch.Generator().manual_seed(0))
     it = iter(loader)
     next(it)
     images, start = 0, time.perf_counter()

@@ -24,23 +24,23 @@ def _sweep_walls(root: Path, trials: int, max_concurrent: int, trial_set: dict) 
     from rich.console import Console
 
     from dwlab.sweep.spec import load_plan
-    from dwlab.sweep.tune_run import _env, _init_ray, run_sweep
+    from dwlab.sweep.tune_run import init_ray, run_sweep
 
     name = f"bench-k{max_concurrent}"
     spec = root / f"{name}.yaml"
     spec.write_text(yaml.safe_dump({"name": name, "base": "smoke", "seeds": trials, "set": trial_set,
                                     "points": [{"id": "dw"}], "resources": {"smoke": {"cpus_per_trial": 1}}}))  # fmt: skip
     plan = load_plan(spec, runs_dir=root / "runs")
-    with _env(MLFLOW_TRACKING_URI=f"sqlite:///{root / f'{name}.db'}"):
+    start = time.perf_counter()
+    init_ray(None)
+    ray_s = time.perf_counter() - start
+    try:
         start = time.perf_counter()
-        _init_ray(None)
-        ray_s = time.perf_counter() - start
-        try:
-            start = time.perf_counter()
-            outcome = run_sweep(plan, console=Console(file=io.StringIO()), max_concurrent=max_concurrent)
-            wall = time.perf_counter() - start
-        finally:
-            ray.shutdown()
+        uri = f"sqlite:///{root / f'{name}.db'}"
+        outcome = run_sweep(plan, uri, console=Console(file=io.StringIO()), max_concurrent=max_concurrent)
+        wall = time.perf_counter() - start
+    finally:
+        ray.shutdown()
     if not outcome.ok or len(outcome.finished) != trials:
         raise RuntimeError(f"benchmark sweep {name} did not finish: {outcome}")
     return ray_s, wall

@@ -12,7 +12,7 @@ from dwlab.assign import build_assigner
 from dwlab.bench.train_step import synthetic_images
 from dwlab.config import Config
 from dwlab.data.transforms import normalize
-from dwlab.engine import StepState, train_one_epoch
+from dwlab.engine import StepState, TrainStep, train_one_epoch
 from dwlab.models.detector import build_model
 from dwlab.runner import make_optimizer, precision
 
@@ -30,13 +30,10 @@ def step_fn(cfg: Config, device: torch.device) -> Callable[[], None]:
     optimizer = make_optimizer(model, cfg)  # its lr is set by the step's lr_fn
     images, targets = synthetic_images(cfg, NUM_CLASSES)
     batch = (normalize(images * 255), torch.tensor([images.shape[-2:]] * len(targets)), targets)
+    train_step = TrainStep(model, assigner, optimizer, device, scaler, autocast_dtype, memory_format, cfg.train.grad_clip)
     state = StepState()
 
     def step() -> None:
-        train_one_epoch(
-            model, assigner, [batch], optimizer, lambda _: 1e-4, state, device,
-            scaler=scaler, autocast_dtype=autocast_dtype, memory_format=memory_format,
-            grad_clip=cfg.train.grad_clip,
-        )  # fmt: skip
+        train_one_epoch(train_step, [batch], lambda _: 1e-4, state)
 
     return step

@@ -11,6 +11,7 @@ import pandas as pd
 
 from dwlab import paper
 from dwlab.errors import DwlabError
+from dwlab.store import Tag, column
 from dwlab.report import figures, load
 from dwlab.report.tables import SPECS, TableResult, aggregate, build_table, csv_frame, run_labels
 
@@ -25,7 +26,7 @@ class Report:
     skipped: list[str] = field(default_factory=list)  # what was not produced, and why
 
 
-def _f(x: float, fmt: str = ".1f") -> str:
+def _number_or_na(x: float, fmt: str = ".1f") -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, fmt)
 
 
@@ -37,9 +38,9 @@ def table_reading(t: TableResult) -> str:
     text = (f"{done} of {len(ran)} points run have a finished seed "
             f"({t.header['scale']} scale, {t.header['dataset']}; runs: {t.header['runs']})")
     if agr["best"] is not None:
-        text += (f"; best here {agr['best']} at {_f(agr['best_ap'])} AP, paper's best "
+        text += (f"; best here {agr['best']} at {_number_or_na(agr['best_ap'])} AP, paper's best "
                  f"{' / '.join(agr['paper_best'])} at {agr['paper_best_ap']:.1f}")
-        text += f"; Kendall tau {_f(agr['tau'], '.2f')} over {agr['n_tau']} points"
+        text += f"; Kendall tau {_number_or_na(agr['tau'], '.2f')} over {agr['n_tau']} points"
         text += f"; {len(agr['within_noise'])} point(s) within seed noise of the best"
     return text + "."
 
@@ -92,20 +93,20 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
     store when None) and write every table found, its figures, and the README index."""
     out = Path(out)
     uri, client, runs = load.read(tracking_uri, experiments)
-    found = list(dict.fromkeys(runs.get("tags.dwlab.table", pd.Series(dtype=str)).dropna()))
+    found = list(dict.fromkeys(runs.get(column(Tag.TABLE), pd.Series(dtype=str)).dropna()))
     known = [t for t in SPECS if t in found]
     if not known:
         raise DwlabError(
             f"{len(runs)} trial run(s) at {uri}, but none tagged with a table this report knows "
-            f"({', '.join(SPECS)}); dwlab.table tags found: {', '.join(map(str, found)) or 'none'}"
+            f"({', '.join(SPECS)}); {Tag.TABLE} tags found: {', '.join(map(str, found)) or 'none'}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(runs[runs["tags.dwlab.table"].isin(known)])
+    agg = aggregate(runs[runs[column(Tag.TABLE)].isin(known)])
     report = Report(out, uri, {})
     for tag in found:
         if tag not in SPECS:
-            n = int((runs["tags.dwlab.table"] == tag).sum())
-            why = "their sweep names no table" if tag == "" else f"tagged dwlab.table={tag!r}, not a paper table"
+            n = int((runs[column(Tag.TABLE)] == tag).sum())
+            why = "their sweep names no table" if tag == "" else f"tagged {Tag.TABLE}={tag!r}, not a paper table"
             report.skipped.append(f"{n} trial run(s) in no table: {why}")
     for name in known:
         t = build_table(SPECS[name], agg, runs)
@@ -147,13 +148,13 @@ def _weight_map_figure(name: str, runs: pd.DataFrame, client, out: Path, report:
     MLflow artifact) on the val image with the most objects."""
     from dwlab.visualize import plot_checkpoint_weights
 
-    done = runs[(runs["tags.dwlab.table"] == name) & (runs["status"] == "FINISHED")]
+    done = runs[(runs[column(Tag.TABLE)] == name) & (runs["status"] == "FINISHED")]
     if "metrics.AP" not in done or done["metrics.AP"].isna().all():
         report.skipped.append(f"Fig. 5 for {name}: no finished run with an AP")
         return
     best = done.loc[done["metrics.AP"].idxmax()]
-    label = f"{best.get('tags.dwlab.point')}, seed {best.get('tags.dwlab.seed')}"
-    ckpt = Path(str(best.get("tags.dwlab.run_dir", ""))) / "checkpoints" / "last.pt"
+    label = f"{best.get(column(Tag.POINT))}, seed {best.get(column(Tag.SEED))}"
+    ckpt = Path(str(best.get(column(Tag.RUN_DIR), ""))) / "checkpoints" / "last.pt"
     with tempfile.TemporaryDirectory() as tmp:
         if not ckpt.is_file():
             try:

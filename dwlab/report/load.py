@@ -1,6 +1,6 @@
 """Read the sweep's trial runs from MLflow into pandas (read-only: never creates a store).
 
-One row per trial run (tag ``dwlab.kind = trial``), in MLflow's own column convention:
+One row per trial run (``dwlab.store.TRIAL_FILTER``), in MLflow's own column convention:
 ``run_id``, ``experiment``, ``status``, ``params.<dotted key>`` (strings, as logged),
 ``metrics.<key>`` (the last step's value), ``tags.<key>``. Metric histories are read on demand
 by :func:`load_histories`.
@@ -10,28 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Iterator
-from urllib.parse import urlparse
 
 import pandas as pd
 
 from dwlab.errors import DwlabError
+from dwlab.store import TRIAL_FILTER, default_uri, sqlite_path
 
-TRIAL_FILTER = "tags.`dwlab.kind` = 'trial'"
 PAGE = 1000
-
-
-def default_tracking_uri() -> str:
-    """The sweep's store: ``MLFLOW_TRACKING_URI`` if set, else ``sqlite:///<cwd>/mlruns/mlflow.db``.
-
-    Same rule as ``dwlab.sweep.tracking.tracking_uri``, which is used once it exists.
-    """
-    try:
-        from dwlab.sweep.tracking import tracking_uri
-    except ImportError:
-        return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / 'mlruns' / 'mlflow.db'}"
-    return tracking_uri()
 
 
 @contextlib.contextmanager
@@ -63,12 +49,9 @@ def open_store(uri: str):
     """
     from mlflow.tracking import MlflowClient
 
-    parsed = urlparse(uri)
-    if parsed.scheme == "sqlite":
-        # sqlite:///rel/path is relative to the cwd, sqlite:////abs/path absolute (SQLAlchemy)
-        path = uri[len("sqlite:///"):].split("?")[0] if uri.startswith("sqlite:///") else ""
-        if path and path != ":memory:" and not Path(path).is_file():
-            raise DwlabError(f"cannot reach the MLflow store {uri}: no such database file")
+    path = sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise DwlabError(f"cannot reach the MLflow store {uri}: no such database file")
     client = MlflowClient(tracking_uri=uri)
     try:
         with _fail_fast_http():
@@ -141,7 +124,7 @@ def load_histories(client, run_ids: list[str], keys: tuple[str, ...] = ("AP", "l
 
 def read(uri: str | None, experiments: list[str] | None) -> tuple[str, object, pd.DataFrame]:
     """``(uri, client, runs)``: open the store and load the trial runs of ``experiments``."""
-    uri = uri or default_tracking_uri()
+    uri = uri or default_uri()
     client = open_store(uri)
     exps = find_experiments(client, uri, experiments)
     return uri, client, load_runs(client, uri, exps)

@@ -26,6 +26,7 @@ from scipy.stats import kendalltau
 
 from dwlab import paper
 from dwlab.report.markdown import render_table
+from dwlab.store import Tag, column
 
 METRICS = ("AP", "AP50", "AP75")
 SIZE_METRICS = ("APs", "APm", "APl")
@@ -176,7 +177,7 @@ SPECS: dict[str, TableSpec] = {
 def _params(run: pd.Series) -> dict:
     """The run's resolved config as ``{dotted: str}``: its params, else its point overrides."""
     out = {}
-    raw = run.get("tags.dwlab.point_overrides")
+    raw = run.get(column(Tag.POINT_OVERRIDES))
     if isinstance(raw, str) and raw:
         try:
             out.update({k: str(v) for k, v in json.loads(raw).items()})
@@ -203,11 +204,11 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per ``(table, point)``: run counts and, over the FINISHED seeds, mean / std / n
     of every AP metric (percent) and the mean images seen. ``key`` is the paper key."""
     runs = runs.copy()
-    if "tags.dwlab.point" not in runs:
-        runs["tags.dwlab.point"] = None
-    runs["tags.dwlab.point"] = runs["tags.dwlab.point"].fillna(runs["run_id"])
+    if column(Tag.POINT) not in runs:
+        runs[column(Tag.POINT)] = None
+    runs[column(Tag.POINT)] = runs[column(Tag.POINT)].fillna(runs["run_id"])
     rows = []
-    for (table, point), group in runs.groupby(["tags.dwlab.table", "tags.dwlab.point"], sort=False):
+    for (table, point), group in runs.groupby([column(Tag.TABLE), column(Tag.POINT)], sort=False):
         spec = SPECS.get(table)
         key = run_key(spec, group.iloc[0]) if spec else None
         done = group[group["status"].isin(FINISHED)]
@@ -216,7 +217,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             "n_runs": len(group), "n_finished": len(done),
             "n_running": int(group["status"].isin(RUNNING).sum()),
             "n_failed": int(group["status"].isin(FAILED).sum()),
-            "seeds": ",".join(sorted(str(s) for s in group.get("tags.dwlab.seed", pd.Series()).dropna())),
+            "seeds": ",".join(sorted(str(s) for s in group.get(column(Tag.SEED), pd.Series()).dropna())),
         }
         for m in METRICS + SIZE_METRICS:
             col = done.get(f"metrics.{m}", pd.Series(dtype=float))
@@ -276,11 +277,11 @@ def _initialisation(pretrained) -> str:
 def header_info(runs: pd.DataFrame) -> dict[str, str]:
     """What the table was measured on, from its runs' tags, params and metrics."""
     get = runs.get
-    backbone = get("tags.dwlab.backbone")
+    backbone = get(column(Tag.BACKBONE))
     if backbone is None:
         backbone = get("params.model.backbone")
     epochs = _values(get("params.train.epochs"))
-    batch, workers = _values(get("params.train.batch_size")), _values(get("tags.dwlab.world_size"))
+    batch, workers = _values(get("params.train.batch_size")), _values(get(column(Tag.WORLD_SIZE)))
     seen = runs.loc[runs["status"].isin(FINISHED)].get("metrics.images_seen", pd.Series(dtype=float)).dropna()
     if len(seen) == 0:
         images = "unknown (no finished run logged images_seen)"
@@ -291,14 +292,14 @@ def header_info(runs: pd.DataFrame) -> dict[str, str]:
     counts = runs["status"]
     parts = [f"{int(counts.isin(s).sum())} {w}" for s, w in ((FINISHED, "finished"), (RUNNING, "running"), (FAILED, "failed"))]
     return {
-        "dataset": _values(get("tags.dwlab.dataset")),
-        "scale": _values(get("tags.dwlab.scale")),
+        "dataset": _values(get(column(Tag.DATASET))),
+        "scale": _values(get(column(Tag.SCALE))),
         "backbone": _values(backbone),
         "initialisation": _values(get("params.model.pretrained"), _initialisation),
         "schedule": f"{epochs} epochs, batch {batch} x {workers} worker(s)",
         "images seen": images,
         "runs": f"{len(runs)} ({', '.join(parts)})",
-        "dwlab": f"{_values(get('tags.dwlab.version'))} at commit {_values(get('tags.dwlab.git_commit'), lambda c: str(c)[:10])}",
+        "dwlab": f"{_values(get(column(Tag.VERSION)))} at commit {_values(get(column(Tag.GIT_COMMIT)), lambda c: str(c)[:10])}",
         "experiments": _values(runs["experiment"]),
     }
 
@@ -394,7 +395,7 @@ def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
 
 def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> TableResult:
     """One table: layout, header, gaps, agreement and its markdown."""
-    runs = runs[runs["tags.dwlab.table"] == spec.name]
+    runs = runs[runs[column(Tag.TABLE)] == spec.name]
     header = header_info(runs)
     rows, ibest = _mark_gaps(layout(spec, agg), header["scale"] == "paper")
     result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest))
@@ -430,6 +431,6 @@ def csv_frame(result: TableResult) -> pd.DataFrame:
 def run_labels(result: TableResult, runs: pd.DataFrame, statuses: set[str] = FINISHED) -> dict[str, str]:
     """run_id -> the label of its table line, for the table's runs with one of ``statuses``."""
     by_point = dict(zip(result.rows["point"], result.rows["label"]))
-    part = runs[(runs["tags.dwlab.table"] == result.name) & runs["status"].isin(statuses)]
-    points = part["tags.dwlab.point"] if "tags.dwlab.point" in part else part["run_id"]
+    part = runs[(runs[column(Tag.TABLE)] == result.name) & runs["status"].isin(statuses)]
+    points = part[column(Tag.POINT)] if column(Tag.POINT) in part else part["run_id"]
     return {rid: by_point.get(p, str(p)) for rid, p in zip(part["run_id"], points.fillna(part["run_id"]))}

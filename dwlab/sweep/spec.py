@@ -32,7 +32,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -324,24 +324,13 @@ def load_plan(
 def _load_plan(
     file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path, all_points: bool
 ) -> Plan:
-    raw = read_yaml(file)
-    if not isinstance(raw, dict):
-        raise DwlabError(f"expected a mapping with 'points', got {type(raw).__name__}")
-    bad_keys = [k for k in raw if not isinstance(k, str)]
-    if bad_keys:
-        raise DwlabError(f"unknown key {bad_keys[0]!r}")
-    try:
-        spec = SweepFile.model_validate(raw)
-    except ValidationError as err:
-        raise DwlabError(_format_pydantic(err, "")) from None
+    spec = _read_spec(file)
     if scale is not None and scale not in SCALES:
         raise DwlabError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
     if seeds is not None and seeds < 1:
         raise DwlabError(f"--seeds: expected at least 1, got {seeds}")
     scale = scale or spec.scale
     n_seeds = seeds or _seeds_at(spec.seeds, scale)
-    if not spec.points:
-        raise DwlabError("points: empty list (give at least one point or grid)")
     file_set = _per_scale(spec.set, scale, "set")
     _check_override_keys(file_set, "set")
     cli_set = {}
@@ -361,7 +350,51 @@ def _load_plan(
     base_config = resolve({}, "base")
     resolve(dict(file_set), "set")
     resolve({**file_set, **cli_set}, "--set")
+    points = _expand_points(spec, lambda overrides, where: resolve({**file_set, **overrides, **cli_set}, where))
+    n_points = len(points)
+    if not all_points and scale in spec.only:
+        points = _only(points, spec.only[scale], scale)
+    runs_dir = runs_dir.resolve()
+    trials = []
+    for point in points:
+        user = {**file_set, **point.overrides, **cli_set}
+        extra = {"train.progress": False}  # runtime: a trial has no terminal
+        if "train.threads" not in user:
+            extra["train.threads"] = resources.threads
+        for seed in range(n_seeds):
+            cfg = resolve({**user, **extra, "train.seed": seed}, f"point {point.id} seed {seed}")
+            trials.append(Trial(point, seed, cfg, config_hash(cfg), runs_dir / name / point.id / f"seed{seed}"))
+    plan = Plan(
+        file=file, name=name, table=spec.table, scale=scale, base=base, base_config=base_config,
+        overrides={**file_set, **cli_set}, points=points, seeds=list(range(n_seeds)), trials=trials,
+        resources=resources, max_retries=spec.max_retries, checkpoint_artifact=spec.checkpoint_artifact,
+        runs_dir=runs_dir, left_out=n_points - len(points),
+    )  # fmt: skip
+    plan.warnings.extend(_warnings(plan, cli_set))
+    return plan
 
+
+def _read_spec(file: Path) -> SweepFile:
+    """The sweep file, parsed and validated (at least one point)."""
+    raw = read_yaml(file)
+    if not isinstance(raw, dict):
+        raise DwlabError(f"expected a mapping with 'points', got {type(raw).__name__}")
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise DwlabError(f"unknown key {bad_keys[0]!r}")
+    try:
+        spec = SweepFile.model_validate(raw)
+    except ValidationError as err:
+        raise DwlabError(_format_pydantic(err, "")) from None
+    if not spec.points:
+        raise DwlabError("points: empty list (give at least one point or grid)")
+    return spec
+
+
+def _expand_points(spec: SweepFile, resolve: Callable[[dict[str, Any], str], Config]) -> list[Point]:
+    """The file's points and grids as distinct points, in order; ``resolve(overrides, where)``
+    is the point's config. A config met twice (e.g. the centre of a cross) is one point; two
+    different points with one id are an error."""
     points: list[Point] = []
     seen_hashes: dict[str, str] = {}
     seen_ids: dict[str, str] = {}
@@ -369,53 +402,16 @@ def _load_plan(
         for overrides, explicit, label in _expand_item(item, index):
             pid = explicit or point_id(overrides)
             where = f"points[{index}] ({pid})"
-            cfg = resolve({**file_set, **overrides, **cli_set}, where)
+            cfg = resolve(overrides, where)
             _check_assigner(cfg, where)
             digest = config_hash(cfg)
-            if digest in seen_hashes:  # the same config twice (e.g. the centre of a cross)
+            if digest in seen_hashes:
                 continue
             if pid in seen_ids:
                 raise DwlabError(f"{where}: id '{pid}' names two different points; give them distinct 'id's")
             seen_hashes[digest] = seen_ids[pid] = pid
             points.append(Point(pid, overrides, label))
-
-    n_points = len(points)
-    if not all_points and scale in spec.only:
-        points = _only(points, spec.only[scale], scale)
-
-    runs_dir = runs_dir.resolve()
-    runtime = {"train.progress": False}
-    trials = []
-    for point in points:
-        user = {**file_set, **point.overrides, **cli_set}
-        extra = dict(runtime)
-        if "train.threads" not in user:
-            extra["train.threads"] = resources.threads
-        for seed in range(n_seeds):
-            cfg = resolve({**user, **extra, "train.seed": seed}, f"point {point.id} seed {seed}")
-            trials.append(
-                Trial(point, seed, cfg, config_hash(cfg), runs_dir / name / point.id / f"seed{seed}")
-            )
-
-    plan = Plan(
-        file=file,
-        name=name,
-        table=spec.table,
-        scale=scale,
-        base=base,
-        base_config=base_config,
-        overrides={**file_set, **cli_set},
-        points=points,
-        seeds=list(range(n_seeds)),
-        trials=trials,
-        resources=resources,
-        max_retries=spec.max_retries,
-        checkpoint_artifact=spec.checkpoint_artifact,
-        runs_dir=runs_dir,
-        left_out=n_points - len(points),
-    )
-    plan.warnings.extend(_warnings(plan, cli_set))
-    return plan
+    return points
 
 
 def _check_assigner(cfg: Config, where: str) -> None:

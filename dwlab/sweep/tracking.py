@@ -1,6 +1,6 @@
 """MLflow bookkeeping of sweeps: one writer (the sweep driver), one experiment per sweep.
 
-Layout of the store:
+Layout of the store (tag names and the store's URI rules: ``dwlab.store``):
 
 - experiment ``<sweep name>`` (``<name>-paper`` at the paper scale), tag ``dwlab.table``;
 - one parent run per ``dwlab sweep`` invocation (tag ``dwlab.kind=sweep``);
@@ -19,43 +19,24 @@ or closed as KILLED.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 from dwlab import __version__
 from dwlab.config import flatten
 from dwlab.errors import DwlabError
+from dwlab.store import SWEEP, TRIAL, Tag, artifact_location, default_uri, kind_filter, prepare
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
     from dwlab.sweep.spec import Plan, Trial
 
-DEFAULT_STORE_DIR = Path("mlruns")
 FINAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 UNFINISHED = ("RUNNING", "SCHEDULED")
-
-
-def tracking_uri() -> str:
-    """``MLFLOW_TRACKING_URI`` if set, else the sqlite database ``./mlruns/mlflow.db`` as an
-    absolute path. Creates nothing (see ``prepare_store``)."""
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    if env:
-        return env
-    return f"sqlite:///{DEFAULT_STORE_DIR.resolve() / 'mlflow.db'}"
-
-
-def prepare_store(uri: str) -> None:
-    """Create the directory of a sqlite store (MLflow creates the database file itself)."""
-    if urlparse(uri).scheme == "sqlite" and uri.startswith("sqlite:///"):
-        path = unquote(uri[len("sqlite:///") :].split("?")[0])
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
 UI_HOST = "127.0.0.1"  # the MLflow UI has no authentication: this machine only, unless asked
@@ -68,17 +49,7 @@ def ui_args(uri: str, *, host: str = UI_HOST, port: int = 5000) -> list[str]:
 
 def ui_command(uri: str | None = None) -> str:
     """The command that shows the store in a browser (bound to 127.0.0.1)."""
-    return "mlflow " + " ".join(ui_args(uri or tracking_uri()))
-
-
-def artifact_location(uri: str, experiment: str) -> str | None:
-    """Artifacts of a sqlite store live beside the database (``<db dir>/artifacts/<name>``);
-    other stores (a tracking server) choose for themselves."""
-    parsed = urlparse(uri)
-    if parsed.scheme != "sqlite":
-        return None
-    db_path = Path(unquote(uri[len("sqlite:///") :].split("?")[0]))
-    return (db_path.parent.resolve() / "artifacts" / experiment).as_uri()
+    return "mlflow " + " ".join(ui_args(uri or default_uri()))
 
 
 def git_commit() -> str:
@@ -128,12 +99,12 @@ class Existing:
 class SweepTracker:
     """The driver's MLflow writer for one sweep invocation."""
 
-    def __init__(self, plan: Plan, uri: str | None = None):
+    def __init__(self, plan: Plan, uri: str):
         from mlflow import MlflowClient
 
         self.plan = plan
-        self.uri = uri or tracking_uri()
-        prepare_store(self.uri)
+        self.uri = uri
+        prepare(self.uri)
         self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
         self.parent_id: str | None = None
         self.run_ids: dict[str, str] = {}  # trial key -> run id
@@ -159,7 +130,7 @@ class SweepTracker:
                     f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or rename the sweep"
                 )
             return exp.experiment_id
-        tags = {"dwlab.table": self.plan.table or "", "dwlab.scale": self.plan.scale}
+        tags = {Tag.TABLE: self.plan.table or "", Tag.SCALE: self.plan.scale}
         return self.client.create_experiment(
             name, artifact_location=artifact_location(self.uri, name), tags=tags
         )
@@ -185,33 +156,33 @@ class SweepTracker:
         and closed as KILLED otherwise, as are those of points no longer in the sweep file
         and dangling parent runs: nothing is left RUNNING.
         """
-        trial_runs = self._search("tags.`dwlab.kind` = 'trial'")
+        trial_runs = self._search(kind_filter(TRIAL))
         by_key: dict[tuple[str, str], list] = {}
         for run in trial_runs:
             tags = run.data.tags
-            by_key.setdefault((tags.get("dwlab.point", ""), tags.get("dwlab.seed", "")), []).append(run)
+            by_key.setdefault((tags.get(Tag.POINT, ""), tags.get(Tag.SEED, "")), []).append(run)
         out: dict[str, Existing] = {}
         for trial in self.plan.trials:
             runs = by_key.get((trial.point.id, str(trial.seed)), [])
-            same = [r for r in runs if r.data.tags.get("dwlab.config_hash") == trial.config_hash]
+            same = [r for r in runs if r.data.tags.get(Tag.CONFIG_HASH) == trial.config_hash]
             state = Existing(finished=any(r.info.status == "FINISHED" for r in same))
             candidates = [r for r in same if r.info.status in UNFINISHED]
             if resume and not state.finished and candidates:
                 state.reopen = candidates[-1].info.run_id  # runs are sorted by start time
-                state.parent = candidates[-1].data.tags.get("mlflow.parentRunId")
+                state.parent = candidates[-1].data.tags.get(Tag.PARENT)
             out[trial.key] = state
         reopened = {s.reopen for s in out.values() if s.reopen}
         kept_parents = {s.parent for s in out.values() if s.reopen and s.parent}
         for run in trial_runs:
             if run.info.status in UNFINISHED and run.info.run_id not in reopened:
                 self.close(run.info.run_id, "KILLED", "left unfinished by an interrupted sweep")
-        for run in self._search("tags.`dwlab.kind` = 'sweep'"):
+        for run in self._search(kind_filter(SWEEP)):
             if run.info.status in UNFINISHED and run.info.run_id not in kept_parents:
                 self.close(run.info.run_id, "KILLED", "sweep driver was interrupted")
         return out
 
     def close(self, run_id: str, status: str, reason: str) -> None:
-        self.client.set_tag(run_id, "dwlab.closed_reason", reason)
+        self.client.set_tag(run_id, Tag.CLOSED_REASON, reason)
         self.client.set_terminated(run_id, status, _now_ms())
 
     # ------------------------------------------------------------------ runs
@@ -219,22 +190,22 @@ class SweepTracker:
     def common_tags(self) -> dict[str, str]:
         plan = self.plan
         return {
-            "dwlab.sweep": plan.name,
-            "dwlab.table": plan.table or "",
-            "dwlab.scale": plan.scale,
-            "dwlab.sweep_file": str(plan.file),
-            "dwlab.git_commit": git_commit(),
-            "dwlab.version": __version__,
+            Tag.SWEEP: plan.name,
+            Tag.TABLE: plan.table or "",
+            Tag.SCALE: plan.scale,
+            Tag.SWEEP_FILE: str(plan.file),
+            Tag.GIT_COMMIT: git_commit(),
+            Tag.VERSION: __version__,
         }
 
     def start_parent(self, reuse: str | None, n_trials: int, n_skipped: int) -> str:
         tags = {
             **self.common_tags(),
-            "dwlab.kind": "sweep",
-            "dwlab.host": socket.gethostname(),
-            "dwlab.trials": str(n_trials),
-            "dwlab.skipped": str(n_skipped),
-            "dwlab.warnings": " | ".join(self.plan.warnings),
+            Tag.KIND: SWEEP,
+            Tag.HOST: socket.gethostname(),
+            Tag.TRIALS: str(n_trials),
+            Tag.SKIPPED: str(n_skipped),
+            Tag.WARNINGS: " | ".join(self.plan.warnings),
         }
         if reuse is not None:
             self.client.update_run(reuse, status="RUNNING")
@@ -254,25 +225,25 @@ class SweepTracker:
         world = plan.world_size
         tags = {
             **self.common_tags(),
-            "mlflow.parentRunId": self.parent_id or "",
-            "dwlab.kind": "trial",
-            "dwlab.point": trial.point.id,
-            "dwlab.point_overrides": json.dumps(trial.point.overrides, sort_keys=True, default=str),
-            "dwlab.seed": str(trial.seed),
-            "dwlab.config_hash": trial.config_hash,
-            "dwlab.host": socket.gethostname(),  # replaced by the trial's host on its first report
-            "dwlab.device": "cuda" if plan.resources.gpus_per_trial else "cpu",
-            "dwlab.dataset": dataset_tag(cfg),
-            "dwlab.backbone": cfg.model.backbone,
-            "dwlab.assigner": cfg.assigner.name,
-            "dwlab.world_size": str(world),
-            "dwlab.batch_per_worker": str(cfg.train.batch_size),
-            "dwlab.global_batch": str(world * cfg.train.batch_size),
-            "dwlab.lr": str(cfg.train.lr),
-            "dwlab.run_dir": str(trial.run_dir),
+            Tag.PARENT: self.parent_id or "",
+            Tag.KIND: TRIAL,
+            Tag.POINT: trial.point.id,
+            Tag.POINT_OVERRIDES: json.dumps(trial.point.overrides, sort_keys=True, default=str),
+            Tag.SEED: str(trial.seed),
+            Tag.CONFIG_HASH: trial.config_hash,
+            Tag.HOST: socket.gethostname(),  # replaced by the trial's host on its first report
+            Tag.DEVICE: "cuda" if plan.resources.gpus_per_trial else "cpu",
+            Tag.DATASET: dataset_tag(cfg),
+            Tag.BACKBONE: cfg.model.backbone,
+            Tag.ASSIGNER: cfg.assigner.name,
+            Tag.WORLD_SIZE: str(world),
+            Tag.BATCH_PER_WORKER: str(cfg.train.batch_size),
+            Tag.GLOBAL_BATCH: str(world * cfg.train.batch_size),
+            Tag.LR: str(cfg.train.lr),
+            Tag.RUN_DIR: str(trial.run_dir),
         }
         if trial.point.label:
-            tags["dwlab.point_label"] = trial.point.label
+            tags[Tag.POINT_LABEL] = trial.point.label
         return tags
 
     def open_trial(self, trial: Trial, reopen: str | None) -> str:
@@ -281,7 +252,7 @@ class SweepTracker:
         if reopen is not None:
             run_id = reopen
             self.client.update_run(run_id, status="SCHEDULED")
-            self.client.log_batch(run_id, tags=_tags({**tags, "dwlab.resumed": "true"}))
+            self.client.log_batch(run_id, tags=_tags({**tags, Tag.RESUMED: "true"}))
         else:
             run = self.client.create_run(self.experiment_id, tags=tags, run_name=trial.key)
             run_id = run.info.run_id
@@ -298,7 +269,7 @@ class SweepTracker:
         run_id = self.run_ids[key]
         self.client.update_run(run_id, status="RUNNING")
         if attempt:
-            self.client.set_tag(run_id, "dwlab.retries", str(attempt))
+            self.client.set_tag(run_id, Tag.RETRIES, str(attempt))
 
     def log_result(self, key: str, result: dict[str, Any]) -> None:
         """One trial report: per-epoch metrics at ``step=epoch``; host and device tags and the
@@ -307,7 +278,7 @@ class SweepTracker:
 
         run_id = self.run_ids[key]
         step = int(result.get("epoch", 0))
-        where = {"dwlab.host": result.get("host"), "dwlab.device": result.get("device"), "dwlab.worker_pid": result.get("pid")}
+        where = {Tag.HOST: result.get("host"), Tag.DEVICE: result.get("device"), Tag.WORKER_PID: result.get("pid")}
         if result.get("host") and self._where.get(key) != where:  # once per attempt
             self.client.log_batch(run_id, tags=_tags(where))
             self._where[key] = where
@@ -358,7 +329,7 @@ class SweepTracker:
 
     def fail(self, key: str, error: str) -> None:
         run_id = self.run_ids[key]
-        self.client.set_tag(run_id, "dwlab.error", error[:5000])
+        self.client.set_tag(run_id, Tag.ERROR, error[:5000])
         self.client.set_terminated(run_id, "FAILED", _now_ms())
 
     def kill(self, key: str, reason: str) -> None:

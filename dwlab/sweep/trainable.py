@@ -34,9 +34,14 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
     """``run_training`` with a report per epoch and a final one (also when the run was already
     complete on disk, e.g. a driver killed between the last epoch and its record); each report
     carries the run's ``resolved`` record (``runner.resolved_record``)."""
+    from dwlab import faults
     from dwlab.config import Config
     from dwlab.runner import run_training
 
+    if spec.get("faults"):  # the driver's $DWLAB_FAULTS (test-only), whatever this worker inherited
+        os.environ[faults.ENV] = spec["faults"]
+    else:
+        os.environ.pop(faults.ENV, None)
     cfg = Config.model_validate(spec["config"])
     info = {"host": socket.gethostname(), "pid": os.getpid(), "device": _device_name(cfg.train.device)}
 

@@ -21,10 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 from ray import tune
 
+from dwlab import faults
 from dwlab.errors import DwlabError
 from dwlab.sweep.progress import SweepProgress
 from dwlab.sweep.spec import Plan, Trial
-from dwlab.sweep.tracking import SweepTracker, tracking_uri, ui_command
+from dwlab.store import Tag
+from dwlab.sweep.tracking import SweepTracker, ui_command
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -78,7 +80,7 @@ class DriverCallback(tune.Callback):
     def on_trial_recover(self, iteration, trials, trial, **info):
         key = self._key(trial)
         error = error_text(trial)
-        self.tracker.client.set_tag(self.tracker.run_ids[key], "dwlab.last_error", error[:5000])
+        self.tracker.client.set_tag(self.tracker.run_ids[key], Tag.LAST_ERROR, error[:5000])
         self.progress.retrying(key, trial.num_failures, error)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
@@ -168,7 +170,7 @@ def _prepare_run_dir(trial: Trial, run_id: str, resume: bool) -> bool:
     return keep and (trial.run_dir / "checkpoints").is_dir()
 
 
-def _init_ray(address: str | None) -> bool:
+def init_ray(address: str | None) -> bool:
     """Join ``address`` / ``RAY_ADDRESS``, reuse an initialised Ray, or start a local one;
     returns True when this call started it (and should shut it down)."""
     import ray
@@ -223,24 +225,26 @@ def _payload(plan: Plan, trial: Trial) -> dict[str, Any]:
         "cpus_per_worker": res.cpus_per_worker,
         "gpus_per_worker": res.gpus_per_worker,
         "train_storage": str(plan.runs_dir / "_ray" / plan.name / "_train"),
+        "faults": os.environ.get(faults.ENV, ""),  # test-only; workers may predate the variable
     }
 
 
 def run_sweep(
     plan: Plan,
+    uri: str,
     *,
     console: Console,
     address: str | None = None,
     max_concurrent: int | None = None,
     resume: bool = False,
 ) -> Outcome:
-    """Run the plan's trials that are not already FINISHED in MLflow; see the module doc."""
+    """Run the plan's trials that are not already FINISHED in the MLflow store ``uri``; see
+    the module doc."""
     started = time.monotonic()
     outcome = Outcome()
     lock = _lock(plan)
     owns_ray = False
     try:
-        uri = tracking_uri()
         console.print(f"MLflow store: {uri}", soft_wrap=True)
         console.print(f"  view it with: {ui_command(uri)}", soft_wrap=True)
         for warning in plan.warnings:
@@ -256,7 +260,7 @@ def run_sweep(
             outcome.wall_s = time.monotonic() - started
             return outcome
         _prepare(todo, console)
-        owns_ray = _init_ray(address)  # before any run is opened: a bad --address writes nothing
+        owns_ray = init_ray(address)  # before any run is opened: a bad --address writes nothing
         parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
         reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
         for parent in parents - {reuse}:
@@ -310,43 +314,14 @@ def _run_tuner(
     by_key = {t.key: t for t in todo}
     callback = DriverCallback(tracker, by_key, progress, outcome)
     try:
-        resumed = 0
-        for trial in todo:
-            run_id = tracker.open_trial(trial, reopen[trial.key])
-            if _prepare_run_dir(trial, run_id, resume):
-                resumed += 1
-                tracker.backfill(trial.key, trial.run_dir / "metrics.jsonl")
-        if resume:
-            console.print(f"resuming {resumed} trial(s) from their checkpoints")
+        _open_trials(todo, reopen, tracker, resume, console)
         limit = concurrency(plan, len(todo), max_concurrent, console)
         res = plan.resources
-        if res.workers > 1:
-            # the trial only coordinates: its Train workers hold the CPUs and GPUs (a CPU here
-            # would be counted twice); Ray needs some resource, so a little memory
-            trainable = tune.with_resources(_trial_fn_ref(), {"cpu": 0, "memory": COORDINATOR_MEMORY})
-        else:
-            trainable = tune.with_resources(_trial_fn_ref(), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
         console.print(
             f"sweep {plan.name}: {len(todo)} trial(s), {limit} at a time, "
             f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each"
         )
-        tuner = tune.Tuner(
-            trainable,
-            param_space={"trial": tune.grid_search([_payload(plan, t) for t in todo])},
-            tune_config=tune.TuneConfig(
-                max_concurrent_trials=limit,
-                reuse_actors=res.workers == 1,
-                trial_name_creator=lambda tr: tr.config["trial"]["dirname"],
-                trial_dirname_creator=lambda tr: tr.config["trial"]["dirname"],
-            ),
-            run_config=tune.RunConfig(
-                name=plan.name,
-                storage_path=str(plan.runs_dir / "_ray"),
-                failure_config=tune.FailureConfig(max_failures=plan.max_retries),
-                callbacks=[callback],
-                verbose=0,
-            ),
-        )
+        tuner = _tuner(plan, todo, limit, callback)
         with progress.live(), _env(RAY_AIR_NEW_OUTPUT="0"):  # Tune's own tables off: ours is live
             tuner.fit()
         status = "FAILED" if outcome.failed else "FINISHED"
@@ -359,6 +334,49 @@ def _run_tuner(
             status if not outcome.killed else "KILLED",
             {"finished": len(outcome.finished), "failed": len(outcome.failed), "killed": len(outcome.killed)},
         )
+
+
+def _open_trials(
+    todo: list[Trial], reopen: dict[str, str | None], tracker: SweepTracker, resume: bool, console: Console
+) -> None:
+    """Each trial's MLflow run (new, or ``reopen``'s) and run directory; a kept directory's
+    epochs that the run lacks are logged from its ``metrics.jsonl``."""
+    resumed = 0
+    for trial in todo:
+        run_id = tracker.open_trial(trial, reopen[trial.key])
+        if _prepare_run_dir(trial, run_id, resume):
+            resumed += 1
+            tracker.backfill(trial.key, trial.run_dir / "metrics.jsonl")
+    if resume:
+        console.print(f"resuming {resumed} trial(s) from their checkpoints")
+
+
+def _tuner(plan: Plan, todo: list[Trial], limit: int, callback: DriverCallback) -> tune.Tuner:
+    """One grid-search trial per payload, ``limit`` at a time, ``plan.max_retries`` retries each."""
+    res = plan.resources
+    if res.workers > 1:
+        # the trial only coordinates: its Train workers hold the CPUs and GPUs (a CPU here
+        # would be counted twice); Ray needs some resource, so a little memory
+        trainable = tune.with_resources(_trial_fn_ref(), {"cpu": 0, "memory": COORDINATOR_MEMORY})
+    else:
+        trainable = tune.with_resources(_trial_fn_ref(), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+    return tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search([_payload(plan, t) for t in todo])},
+        tune_config=tune.TuneConfig(
+            max_concurrent_trials=limit,
+            reuse_actors=res.workers == 1,
+            trial_name_creator=lambda tr: tr.config["trial"]["dirname"],
+            trial_dirname_creator=lambda tr: tr.config["trial"]["dirname"],
+        ),
+        run_config=tune.RunConfig(
+            name=plan.name,
+            storage_path=str(plan.runs_dir / "_ray"),
+            failure_config=tune.FailureConfig(max_failures=plan.max_retries),
+            callbacks=[callback],
+            verbose=0,
+        ),
+    )
 
 
 @contextlib.contextmanager
