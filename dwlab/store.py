@@ -11,7 +11,9 @@ column ``column(t)`` (MLflow's ``tags.<name>`` convention).
 from __future__ import annotations
 
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
+from unittest import mock
 from urllib.parse import unquote, urlparse
 
 DEFAULT_DIR = Path("mlruns")  # relative to the working directory, like ``mlflow ui``'s default
@@ -106,3 +108,12 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     if path is None:
         return None
     return (path.parent.resolve() / "artifacts" / experiment).as_uri()
+
+
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+
+
+def fail_fast_http() -> AbstractContextManager:
+    """A context in which MLflow's HTTP client gives up on a tracking server that does not
+    answer after few retries and a short timeout (``FAIL_FAST_HTTP``; values the user set win)."""
+    return mock.patch.dict(os.environ, {k: os.environ.get(k, v) for k, v in FAIL_FAST_HTTP.items()})

@@ -8,32 +8,12 @@ by :func:`load_histories`.
 
 from __future__ import annotations
 
-import contextlib
-import os
-from typing import Iterator
-
 import pandas as pd
 
 from dwlab.errors import DwlabError
-from dwlab.store import TRIAL_FILTER, default_uri, sqlite_path
+from dwlab.store import TRIAL_FILTER, default_uri, fail_fast_http, sqlite_path
 
 PAGE = 1000
-
-
-@contextlib.contextmanager
-def _fail_fast_http() -> Iterator[None]:
-    """Few retries and a short timeout while probing an HTTP store (user's env wins)."""
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "15")
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _one_line(err: Exception) -> str:
@@ -54,7 +34,7 @@ def open_store(uri: str):
         raise DwlabError(f"cannot reach the MLflow store {uri}: no such database file")
     client = MlflowClient(tracking_uri=uri)
     try:
-        with _fail_fast_http():
+        with fail_fast_http():
             client.search_experiments(max_results=1)
     except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
         raise DwlabError(f"cannot reach the MLflow store {uri}: {_one_line(err)}") from None

@@ -9,7 +9,6 @@ whatever is still open, summarise.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import math
@@ -18,14 +17,15 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 from ray import tune
 
 from dwlab import faults
 from dwlab.errors import DwlabError
+from dwlab.store import Tag
 from dwlab.sweep.progress import SweepProgress
 from dwlab.sweep.spec import Plan, Trial
-from dwlab.store import Tag
 from dwlab.sweep.tracking import SweepTracker, ui_command
 
 if TYPE_CHECKING:
@@ -322,7 +322,7 @@ def _run_tuner(
             f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each"
         )
         tuner = _tuner(plan, todo, limit, callback)
-        with progress.live(), _env(RAY_AIR_NEW_OUTPUT="0"):  # Tune's own tables off: ours is live
+        with progress.live(), mock.patch.dict(os.environ, RAY_AIR_NEW_OUTPUT="0"):  # Tune's tables off: ours is live
             tuner.fit()
         status = "FAILED" if outcome.failed else "FINISHED"
     finally:
@@ -377,20 +377,6 @@ def _tuner(plan: Plan, todo: list[Trial], limit: int, callback: DriverCallback) 
             verbose=0,
         ),
     )
-
-
-@contextlib.contextmanager
-def _env(**values: str):
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _trial_fn_ref():
