@@ -152,6 +152,8 @@ def sweep(
     """Run a sweep file's trials (one per point and seed) on Ray Tune, tracked in MLflow."""
     from dwlab.sweep.spec import describe, load_plan
 
+    if max_concurrent is not None and max_concurrent < 1:
+        raise DwlabError(f"--max-concurrent: expected at least 1, got {max_concurrent}")
     plan = load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points)
     if dry_run:
         typer.echo("\n".join(describe(plan)))
@@ -185,19 +187,19 @@ def ui(
     """Start the MLflow UI on the default store (./mlruns, or $MLFLOW_TRACKING_URI)."""
     import os
 
-    from dwlab.store import default_uri, prepare
+    from dwlab.store import default_uri, is_local, prepare
     from dwlab.sweep.tracking import ui_args
 
     uri = default_uri()
+    if not is_local(uri):  # a tracking server serves its own UI
+        typer.echo(f"{uri} is an MLflow tracking server: its UI is at {uri} (open it in a browser)")
+        return
     prepare(uri)
     args = ui_args(uri, host=host, port=port)
     typer.echo("mlflow " + " ".join(args))
     sys.stdout.flush()
     # replace this process, so that signals (Ctrl-C, SIGTERM) reach the server directly
     os.execv(sys.executable, [sys.executable, "-m", "mlflow", *args])
-
-
-# ----------------------------------------------------------------------------- end of sweep
 
 
 # ----------------------------------------------------------------------------- report

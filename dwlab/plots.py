@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from dwlab.assign.dw import p_neg
 
@@ -59,42 +60,64 @@ def plot_weight_maps(
     *,
     columns: Sequence[str] = WEIGHT_MAP_COLUMNS,
     title: str | None = None,
+    image: object | None = None,
+    boxes: object | None = None,
 ) -> Path:
-    """Fig. 5: one image's maps as heatmaps, rows = FPN levels, columns = ``columns``.
+    """Fig. 5: one image's maps as heatmaps, one row per map in ``columns`` (the names of the
+    maps, kept from the per-level layout), one column per FPN level.
 
     per_level_maps: ``{"P3": {"score": [H, W], "iou": [H, W], "pos": [H, W], "neg": [H, W]}, ...}``
-    (tensors or arrays; ``DWAssigner.weight_maps`` builds it). Scores and IoU share the [0, 1]
-    colour range; each weight map gets its own range (pos weights are small and sum to 1 per
-    GT). Writes a PNG; returns its path.
+    (tensors or arrays; ``DWAssigner.weight_maps`` builds it). Each row has one colour scale and
+    one colour bar: [0, 1] for scores and IoU, [0, the row's largest value] for a weight, so a
+    level whose weights are near zero looks near zero. ``image`` ``[H, W, 3]`` in [0, 1] (with
+    its GT ``boxes`` ``[G, 4]`` xyxy pixels) is drawn first, in a column of its own. Writes a
+    PNG; returns its path.
     """
     if not per_level_maps:
         raise ValueError("per_level_maps is empty")
     out_path = Path(out_path)
     levels = list(per_level_maps)
-    fig = Figure(figsize=(3.0 * len(columns), 2.6 * len(levels)))
+    for level in levels:
+        missing = [k for k in columns if k not in per_level_maps[level]]
+        if missing:
+            raise ValueError(f"level {level!r} has no {missing[0]!r} map (has {sorted(per_level_maps[level])})")
+    first = 1 if image is not None else 0
+    fig = Figure(figsize=(2.4 * (len(levels) + first) + 0.8, 2.3 * len(columns)))
     FigureCanvasAgg(fig)
-    axes = fig.subplots(len(levels), len(columns), squeeze=False)
-    for r, level in enumerate(levels):
-        for c, key in enumerate(columns):
-            if key not in per_level_maps[level]:
-                raise ValueError(f"level {level!r} has no {key!r} map (has {sorted(per_level_maps[level])})")
-            arr = _as_array(per_level_maps[level][key])
-            vmin, vmax = (0.0, 1.0) if key in ("score", "iou") else (0.0, max(float(arr.max()), 1e-12))
-            ax = axes[r][c]
-            im = ax.imshow(arr, cmap="viridis", vmin=vmin, vmax=vmax, interpolation="nearest")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    axes = fig.subplots(len(columns), len(levels) + first, squeeze=False)
+    if image is not None:
+        _draw_input(axes[:, 0], _as_array(image), None if boxes is None else _as_array(boxes))
+    for r, key in enumerate(columns):
+        arrays = [_as_array(per_level_maps[level][key]) for level in levels]
+        vmax = 1.0 if key in ("score", "iou") else max(max(float(a.max()) for a in arrays), 1e-12)
+        for c, (level, arr) in enumerate(zip(levels, arrays)):
+            ax = axes[r][c + first]
+            im = ax.imshow(arr, cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(_COLUMN_TITLES.get(key, key))
+                ax.set_title(f"{level} ({arr.shape[1]}x{arr.shape[0]})")
             if c == 0:
-                ax.set_ylabel(level)
+                ax.set_ylabel(_COLUMN_TITLES.get(key, key))
+        fig.colorbar(im, ax=list(axes[r][first:]), fraction=0.02, pad=0.01)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120)
+    fig.savefig(out_path, dpi=120, bbox_inches="tight")
     return out_path
+
+
+def _draw_input(column_axes, image: np.ndarray, boxes: np.ndarray | None) -> None:
+    """The input image with its GT boxes in the top axis of ``column_axes``; the rest blank."""
+    top = column_axes[0]
+    top.imshow(np.clip(image, 0.0, 1.0), interpolation="nearest")
+    for x0, y0, x1, y1 in [] if boxes is None else boxes.tolist():
+        top.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1))
+    top.set_title("input, GT boxes")
+    top.set_xticks([])
+    top.set_yticks([])
+    for ax in column_axes[1:]:
+        ax.axis("off")
 
 
 def plot_table1(

@@ -3,7 +3,8 @@
 A run directory holds ``config.yaml`` (the config as given, fields left null stay null),
 ``resolved.yaml`` (what the run resolved beyond it: the assigner's constants and loss weights,
 see ``resolved_record``), ``metrics.jsonl`` (one line per epoch), ``checkpoints/last.pt``
-(+ ``prev.pt``) and ``eval.json`` (final COCO metrics).
+(+ ``prev.pt``), ``eval.json`` (final COCO metrics) and ``detections.json`` (the val set's
+detections at the latest evaluation, COCO results format).
 Under torch.distributed (e.g. a Ray Train worker) it trains data-parallel; rank 0 writes files.
 
 Images that cannot be decoded are skipped, not fatal (see ``data.coco``): each epoch's
@@ -39,6 +40,9 @@ from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import FCOS, build_model
 
 __all__ = ["EpochReport", "RunResult", "NonFiniteLoss", "run_training", "run_evaluation"]
+
+FINAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+DETECTIONS = "detections.json"  # beside eval.json: the val detections of the latest evaluation
 
 
 @dataclass
@@ -206,8 +210,12 @@ def seed_everything(seed: int) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:
-    """COCO bbox metrics of ``model`` on ``dataset``."""
+def evaluate(
+    model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device, detections_path: Path | None = None
+) -> dict[str, float]:
+    """COCO bbox metrics of ``model`` on ``dataset``; with ``detections_path``, its detections
+    are written there too (COCO results json: image_id, category_id, bbox xywh in the image's
+    pixels, score), to re-score or visualise without running inference again."""
     # its own generator: evaluating must not advance the global RNG that training draws from
     loader = make_loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     skipped: list[SkippedImage] = []
@@ -227,6 +235,8 @@ def evaluate(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.dev
     if skipped:
         _warn(f"warning: evaluation on {dataset.ann_file}: {_skipped_line(skipped)}, left out of the metrics")
     results = to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids)
+    if detections_path is not None:
+        _write_json(detections_path, results)
     return coco_evaluate(dataset.coco, results, image_ids if skipped else dataset.image_ids)
 
 
@@ -240,7 +250,8 @@ def _skipped_line(skipped: list[SkippedImage], shown: int = 5) -> str:
 
 
 def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = None) -> dict[str, float]:
-    """Evaluate a checkpoint on the config's val set; writes ``out_path`` (json) if given."""
+    """Evaluate a checkpoint on the config's val set; writes ``out_path`` (json) and, beside
+    it, the detections (``detections.json``) if given."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     state = checkpoint.load(Path(checkpoint_path))
@@ -251,7 +262,8 @@ def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = N
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:
         raise DwlabError(f"{checkpoint_path}: does not match the config's model ({str(err).splitlines()[0]})") from None
-    metrics = evaluate(model.to(device), val, cfg, device)
+    detections = None if out_path is None else Path(out_path).with_name(DETECTIONS)
+    metrics = evaluate(model.to(device), val, cfg, device, detections)
     if out_path is not None:
         _write_json(Path(out_path), metrics)
     return metrics
@@ -326,7 +338,7 @@ def run_training(
         images_seen += int(metrics.pop("images")) * world_size()
         metrics["images_seen"] = float(images_seen)
         if epoch + 1 == cfg.train.epochs or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
-            metrics.update(_evaluate_on_main(run.model, run.val_set, cfg, run.step.device))
+            metrics.update(_evaluate_on_main(run.model, run.val_set, cfg, run.step.device, run.out_dir / DETECTIONS))
         ckpt_path = _record_epoch(run, epoch, metrics, history) if rank() == 0 else None
         if on_epoch_end is not None:
             on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path, run.resolved))
@@ -338,7 +350,6 @@ def run_training(
     return RunResult(run.out_dir, final, max(start_epoch, cfg.train.epochs), run.resolved)
 
 
-FINAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def _build_run(cfg: Config, out_dir: Path) -> _Run:
@@ -373,7 +384,14 @@ def _resume(run: _Run) -> tuple[int, list[dict]]:
             raise DwlabError(f"{run.ckpt_dir}: no loadable checkpoint to resume from")
         return 0, []
     run.model.load_state_dict(saved["model"])
-    run.step.optimizer.load_state_dict(saved["optimizer"])
+    if "optimizer" not in saved:  # checkpoint.keep_weights_only: a finished run's
+        if int(saved["epoch"]) < run.cfg.train.epochs:
+            raise DwlabError(
+                f"{run.ckpt_dir}: holds the weights of epoch {saved['epoch']} only, without the optimizer "
+                f"state needed to train to epoch {run.cfg.train.epochs}"
+            )
+    else:
+        run.step.optimizer.load_state_dict(saved["optimizer"])
     if run.step.scaler is not None and "scaler" in saved:
         run.step.scaler.load_state_dict(saved["scaler"])
     start_epoch, run.state.iteration = int(saved["epoch"]), int(saved["iteration"])
@@ -454,9 +472,11 @@ def _report_skipped(epoch: int, epochs: int, skipped: list[SkippedImage], metric
         _warn(f"warning: epoch {epoch}/{epochs}{where}: {detail}, left out of training")
 
 
-def _evaluate_on_main(model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device) -> dict[str, float]:
-    """Evaluate on rank 0 and share the metrics with every rank."""
-    result = [evaluate(model, dataset, cfg, device) if rank() == 0 else None]
+def _evaluate_on_main(
+    model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device, detections_path: Path
+) -> dict[str, float]:
+    """Evaluate on rank 0 (which writes ``detections_path``) and share the metrics with every rank."""
+    result = [evaluate(model, dataset, cfg, device, detections_path) if rank() == 0 else None]
     if is_distributed():
         dist.broadcast_object_list(result, src=0)
     return result[0]

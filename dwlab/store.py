@@ -10,11 +10,14 @@ column ``column(t)`` (MLflow's ``tags.<name>`` convention).
 
 from __future__ import annotations
 
+import fcntl
 import os
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from unittest import mock
 from urllib.parse import unquote, urlparse
+
+from dwlab.errors import DwlabError
 
 DEFAULT_DIR = Path("mlruns")  # relative to the working directory, like ``mlflow ui``'s default
 
@@ -32,6 +35,7 @@ class Tag:
     GIT_COMMIT = "dwlab.git_commit"
     VERSION = "dwlab.version"
     HOST = "dwlab.host"
+    NODE = "dwlab.node"  # the Ray node that ran the trial's (last) attempt: "<ip> <node id>"
     TRIALS = "dwlab.trials"
     SKIPPED = "dwlab.skipped"
     WARNINGS = "dwlab.warnings"
@@ -57,6 +61,10 @@ class Tag:
     LAST_ERROR = "dwlab.last_error"
     CLOSED_REASON = "dwlab.closed_reason"
 
+
+#: MLflow 3 opens an experiment on the view its kind names (the GenAI "Traces" page when unset)
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # the "Model training" view: runs, metrics, compare
 
 TRIAL = "trial"  # values of Tag.KIND
 SWEEP = "sweep"
@@ -94,6 +102,11 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(path) if path and path != ":memory:" else None
 
 
+def is_local(uri: str) -> bool:
+    """A store this process opens itself (a database or a directory), not a tracking server."""
+    return urlparse(uri).scheme not in ("http", "https", "databricks")
+
+
 def prepare(uri: str) -> None:
     """Create the directory of a sqlite store (MLflow creates the database file itself)."""
     path = sqlite_path(uri)
@@ -110,10 +123,42 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (path.parent.resolve() / "artifacts" / experiment).as_uri()
 
 
-FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def fail_fast_http() -> AbstractContextManager:
     """A context in which MLflow's HTTP client gives up on a tracking server that does not
     answer after few retries and a short timeout (``FAIL_FAST_HTTP``; values the user set win)."""
     return mock.patch.dict(os.environ, {k: os.environ.get(k, v) for k, v in FAIL_FAST_HTTP.items()})
+
+
+def connect(uri: str, *, create: bool = False):
+    """An ``MlflowClient`` on ``uri`` once the store has answered one request (within about
+    25 s for a tracking server that is down: ``fail_fast_http``); else a one-line
+    ``DwlabError`` naming ``uri``. With ``create``, a sqlite store is made if missing, under a
+    lock file beside it: MLflow builds (or migrates) the database on its first request, and
+    two sweeps started at once must not both do that."""
+    from mlflow import MlflowClient
+
+    path = sqlite_path(uri) if create else None
+    try:
+        with _creation_lock(path), fail_fast_http():
+            client = MlflowClient(tracking_uri=uri)  # may build the database already
+            client.search_experiments(max_results=1)
+    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
+        lines = str(err).strip().splitlines()
+        raise DwlabError(f"cannot reach the MLflow store {uri}: {(lines[0] if lines else type(err).__name__)[:200]}") from None
+    return client
+
+
+@contextmanager
+def _creation_lock(db: Path | None):
+    """Hold ``<db>.lock`` (an exclusive ``flock``, released by the OS even on SIGKILL); no-op
+    for None."""
+    if db is None:
+        yield
+        return
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield

@@ -16,6 +16,7 @@ from dwlab import checkpoint
 from dwlab.assign import WEIGHT_METHODS, build_assigner
 from dwlab.config import validate_stored
 from dwlab.data.coco import SkippedImage, collate
+from dwlab.data.transforms import denormalize
 from dwlab.errors import DwlabError
 from dwlab.models.detector import build_model
 from dwlab.plots import plot_weight_maps
@@ -49,10 +50,11 @@ def parse_methods(text: str) -> list[str]:
 
 @torch.no_grad()
 def plot_checkpoint_weights(
-    checkpoint_path: Path, image: str, out_path: Path, methods: Sequence[str] = ("dw",)
+    checkpoint_path: Path, image: str, out_path: Path, methods: Sequence[str] = ("dw",), label: str | None = None
 ) -> Path:
     """Draw the weight maps of one val image under each of ``methods`` (with the checkpoint's
-    settings for each method's section).
+    settings for each method's section), beside the image and its GT boxes. ``label`` names the
+    run in the title (e.g. its sweep point and seed).
 
     ``("dw",)``: DW's score, IoU, pos and neg maps (Fig. 5). Several methods: the score and IoU
     columns of the first method, then a (pos, neg) pair of columns per method.
@@ -74,13 +76,15 @@ def plot_checkpoint_weights(
     images, _sizes, targets = collate([item], cfg.data.size_divisor)
     outputs = model(images)
     name = val.coco.imgs[targets[0].image_id]["file_name"]
-    title = f"{name}: {len(targets[0].labels)} GTs, {cfg.assigner.name} run, epoch {state.get('epoch')}"
+    run = f"{label} ({cfg.assigner.name})" if label else f"{cfg.assigner.name} run"
+    title = f"{name}: {len(targets[0].labels)} GTs; {run}, epoch {state.get('epoch')}"
+    shown = dict(image=denormalize(images[0]).permute(1, 2, 0), boxes=targets[0].boxes)
     per_method = {
         m: build_assigner(cfg.assigner.model_copy(update={"name": m}), val.num_classes).weight_maps(outputs, targets)
         for m in methods
     }
     if methods == ["dw"]:
-        return plot_weight_maps(per_method["dw"], out_path, title=title)
+        return plot_weight_maps(per_method["dw"], out_path, title=title, **shown)
     first = per_method[methods[0]]
     maps = {
         level: {
@@ -91,4 +95,4 @@ def plot_checkpoint_weights(
         for level in first
     }
     columns = ["score", "iou", *(f"{m} {k}" for m in methods for k in ("pos", "neg"))]
-    return plot_weight_maps(maps, out_path, columns=columns, title=f"{title}; weights of {', '.join(methods)}")
+    return plot_weight_maps(maps, out_path, columns=columns, title=f"{title}; weights of {', '.join(methods)}", **shown)

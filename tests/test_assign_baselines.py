@@ -417,7 +417,7 @@ def test_trains_with_falling_loss_and_evaluates(tmp_path, synth_root, method):
     losses = []
     result = run_training(validate(raw, "t"), tmp_path / "run", on_epoch_end=lambda r: losses.append(r.metrics["loss"]))
     assert losses[-1] < losses[0], losses
-    assert set(result.metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(result.metrics) == {"AP", "AP50", "AP75", "APs", "APm"}  # no GT over 96² px: no APl
     assert all(math.isfinite(v) for v in result.metrics.values())
 
 

@@ -24,7 +24,18 @@ def test_ground_truth_as_detections_gives_ap_1(synth_root):
 def test_no_detections_gives_zero_without_error(synth_root):
     coco = load_coco(synth_root / "instances_val.json")
     metrics = coco_evaluate(coco, [], sorted(coco.imgs))
-    assert metrics == {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm", "APl")}
+    assert metrics == {k: 0.0 for k in ("AP", "AP50", "AP75", "APs", "APm")}  # no GT over 96² px
+
+
+def test_a_size_without_gt_has_no_ap_rather_than_minus_one(synth_root):
+    """pycocotools reports -1 for a size range with no GT; that is left out, not passed on."""
+    coco = load_coco(synth_root / "instances_val.json")
+    anns = coco.dataset["annotations"]
+    assert anns and max(a["area"] for a in anns) < 96**2  # the generated 128 px set has no large GT
+    results = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
+               for a in anns]  # fmt: skip
+    metrics = coco_evaluate(coco, results, sorted(coco.imgs))
+    assert metrics["AP"] == 1.0 and "APl" not in metrics and all(v >= 0 for v in metrics.values())
 
 
 def test_wrong_label_mapping_would_be_caught(synth_root):

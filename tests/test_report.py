@@ -31,17 +31,17 @@ TABLE2 = [
     # mean 32.0, sample std 2.00 on each metric; paper 41.5 / 59.8 / 45.0
     ("beta=5,mu=5", {"assigner.dw.beta": 5, "assigner.dw.mu": 5},
      [(0, "FINISHED", 0.30, 0.50, 0.28), (1, "FINISHED", 0.32, 0.52, 0.30), (2, "FINISHED", 0.34, 0.54, 0.32)]),
-    # mean 35.5 ± 0.71 (n=2), one failed seed; paper 41.5 / 60.1 / 44.6
+    # mean 35.5 ± 0.7 (n=2), one failed seed; paper 41.5 / 60.1 / 44.6
     ("beta=5,mu=6", {"assigner.dw.beta": 5, "assigner.dw.mu": 6},
      [(0, "FINISHED", 0.35, 0.55, 0.33), (1, "FINISHED", 0.36, 0.56, 0.34), (2, "FAILED", None, None, None)]),
-    # 34.5 ± 0.71 (n=2): 1.0 below the best, threshold 2*sqrt((0.5+0.5)/2) = 1.41 -> noise
+    # 34.5 ± 0.7 (n=2): 1.0 below the best, threshold 2*sqrt((0.5+0.5)/2) = 1.41 -> noise
     ("beta=5,mu=7", {"assigner.dw.beta": 5, "assigner.dw.mu": 7},
      [(0, "FINISHED", 0.34, 0.54, 0.32), (1, "FINISHED", 0.35, 0.55, 0.33)]),
     # one seed: 33.0 (n=1)
     ("beta=4,mu=5", {"assigner.dw.beta": 4, "assigner.dw.mu": 5}, [(0, "FINISHED", 0.33, 0.53, 0.31)]),
     # no finished seed: a dash and the counts
     ("beta=5,mu=3", {"assigner.dw.beta": 5, "assigner.dw.mu": 3}, [(0, "RUNNING", None, None, None), (1, "FAILED", None, None, None)]),
-    # not in the paper: 21.0 ± 1.41 (n=2)
+    # not in the paper: 21.0 ± 1.4 (n=2)
     ("beta=2,mu=5", {"assigner.dw.beta": 2, "assigner.dw.mu": 5},
      [(0, "FINISHED", 0.20, 0.40, 0.18), (1, "FINISHED", 0.22, 0.42, 0.20)]),
 ]
@@ -69,9 +69,9 @@ TABLE6 = [
 SWEEPS = {"table2": TABLE2, "table3": TABLE3, "table4": TABLE4, "table5": TABLE5, "table6": TABLE6}
 
 
-def _trial(client, exp_id, parent, table, point, overrides, seed, status, final):
+def _trial(client, exp_id, parent, table, point, overrides, seed, status, final, epochs=EPOCHS):
     known = {k: v for k, v in overrides.items() if k != "assigner.name" or v in ("fcos", "dw")}
-    params = flatten(load_config("smoke", {**known, "train.epochs": EPOCHS, "train.seed": seed}))
+    params = flatten(load_config("smoke", {**known, "train.epochs": epochs, "train.seed": seed}))
     params.update(overrides)
     tags = {
         "mlflow.parentRunId": parent, "dwlab.kind": "trial", "dwlab.sweep": table, "dwlab.table": table,
@@ -133,20 +133,20 @@ def test_table2_cells_seed_aggregation_and_dash(report):
     md = (report.out / "table2.md").read_text()
     # label | AP ours | AP paper | dAP | AP50 ours | paper | d | AP75 ours | paper | d | gap | runs
     assert _line(md, "beta=5, mu=5") == [
-        "beta=5, mu=5", "32.0 ± 2.00 (n=3)", "41.5", "-9.5", "52.0 ± 2.00 (n=3)", "59.8", "-7.8",
-        "30.0 ± 2.00 (n=3)", "45.0", "-15.0", "-3.5 (sig.)", "3 finished",
+        "beta=5, mu=5", "32.0 ± 2.0 (n=3)", "41.5", "-9.5", "52.0 ± 2.0 (n=3)", "59.8", "-7.8",
+        "30.0 ± 2.0 (n=3)", "45.0", "-15.0", "-3.5 (sig.)", "3 finished",
     ]  # best is 35.5; threshold 2*sqrt((4 + 0.5)/2) = 3.0 < 3.5
     assert _line(md, "beta=5, mu=6") == [
-        "beta=5, mu=6", "35.5 ± 0.71 (n=2)", "41.5", "-6.0", "55.5 ± 0.71 (n=2)", "60.1", "-4.6",
-        "33.5 ± 0.71 (n=2)", "44.6", "-11.1", "best", "2 finished, 1 failed",
+        "beta=5, mu=6", "35.5 ± 0.7 (n=2)", "41.5", "-6.0", "55.5 ± 0.7 (n=2)", "60.1", "-4.6",
+        "33.5 ± 0.7 (n=2)", "44.6", "-11.1", "best", "2 finished, 1 failed",
     ]
     assert _line(md, "beta=5, mu=7")[1:4] + _line(md, "beta=5, mu=7")[-2:] == [
-        "34.5 ± 0.71 (n=2)", "41.4", "-6.9", "-1.0 (noise)", "2 finished"]
+        "34.5 ± 0.7 (n=2)", "41.4", "-6.9", "-1.0 (noise)", "2 finished"]
     assert _line(md, "beta=4, mu=5")[1:4] + [_line(md, "beta=4, mu=5")[-2]] == ["33.0 (n=1)", "41.3", "-8.3", "-2.5 (n<2)"]
     assert _line(md, "beta=5, mu=3")[:4] == ["beta=5, mu=3", "— (1 running, 1 failed)", "40.8", ""]
     assert _line(md, "beta=5, mu=3")[4] == "—" and _line(md, "beta=5, mu=3")[-1] == "1 running, 1 failed"
     assert _line(md, "beta=5, mu=4")[:3] == ["beta=5, mu=4", "not run", "41.2"]
-    assert _line(md, "beta=2, mu=5")[:4] == ["beta=2, mu=5", "21.0 ± 1.41 (n=2)", "—", ""]
+    assert _line(md, "beta=2, mu=5")[:4] == ["beta=2, mu=5", "21.0 ± 1.4 (n=2)", "—", ""]
     # the cross: (5, 5) heads no block twice but sits in both the mu line and the beta line
     assert _line(md, "beta=5, mu=5", 1) == _line(md, "beta=5, mu=5", 0)
     assert md.index("**beta = 5, mu varied**") < md.index("**mu = 5, beta varied**")
@@ -184,17 +184,17 @@ def test_csv_has_the_same_numbers(report):
 
 def test_other_tables_layouts(report):
     t3 = (report.out / "table3.md").read_text()
-    assert _line(t3, "gamma1=1, gamma2=1")[1:4] == ["38.0 ± 0.00 (n=2)", "41.0", "-3.0"]
+    assert _line(t3, "gamma1=1, gamma2=1")[1:4] == ["38.0 ± 0.0 (n=2)", "41.0", "-3.0"]
     assert _line(t3, "gamma1=3, gamma2=2")[1:3] == ["not run", "41.3"]
     t4 = (report.out / "table4.md").read_text()
     assert _line(t4, "threshold r=1.3")[1:4] == ["37.0 (n=1)", "41.3", "-4.3"]
     assert _line(t4, "top-k k=9")[1:4] == ["36.0 (n=1)", "41.2", "-5.2"]
     assert _line(t4, "soft prior")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]
     t5 = (report.out / "table5.md").read_text()
-    assert _line(t5, "full (DW)")[1:4] == ["40.5 ± 0.71 (n=2)", "41.5", "-1.0"]
+    assert _line(t5, "full (DW)")[1:4] == ["40.5 ± 0.7 (n=2)", "41.5", "-1.0"]
     assert _line(t5, "pos_only")[1:4] == ["30.0 (n=1)", "39.5", "-9.5"]
     t6 = (report.out / "table6.md").read_text()
-    assert _line(t6, "FCOS (ours: fcos)")[1:4] == ["30.5 ± 0.71 (n=2)", "38.6", "-8.1"]
+    assert _line(t6, "FCOS (ours: fcos)")[1:4] == ["30.5 ± 0.7 (n=2)", "38.6", "-8.1"]
     assert _line(t6, "DW + box refine (ours: dw+box_refine)")[1:4] == ["42.0 (n=1)", "42.2", "-0.2"]
     assert _line(t6, "AutoAssign(weight loss) (ours: autoassign)")[1:3] == ["— (1 failed)", "36.6"]
     assert _line(t6, "PAA")[1:3] == ["not run", "40.4"]
@@ -296,3 +296,20 @@ def test_fig5_is_drawn_from_the_best_runs_checkpoint(tmp_path, synth_root, repor
         assert img.size[0] > 500 and img.size[1] > 500
     assert "fig5_table2.png" in (tmp_path / "out" / "README.md").read_text() and not rep.skipped
     assert any("Fig. 5 for table6: no checkpoint" in s for s in report.skipped)
+
+
+def test_nothing_learnt_names_no_best_point_and_one_epoch_is_singular(tmp_path):
+    """All AP 0 (a run too short to learn): no "best" point, no gaps called noise."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    exp_id = client.create_experiment("table3", tags={"dwlab.table": "table3"})
+    parent = client.create_run(exp_id, tags={"dwlab.kind": "sweep"}).info.run_id
+    for point, overrides in (("gamma1=1,gamma2=1", {"assigner.dw.gamma1": 1.0, "assigner.dw.gamma2": 1.0}),
+                             ("gamma1=2,gamma2=2", {})):  # fmt: skip
+        for seed in (0, 1):
+            _trial(client, exp_id, parent, "table3", point, overrides, seed, "FINISHED", (0.0, 0.0, 0.0), epochs=1)
+    build_report(None, tmp_path / "out", tracking_uri=uri)
+    md = (tmp_path / "out" / "table3.md").read_text()
+    assert "- Best here: none (no finished run with AP above 0)." in md
+    assert "best" not in _line(md, "gamma1=2, gamma2=2") and "(noise)" not in md
+    assert "**schedule**: 1 epoch, batch" in md

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -117,6 +118,15 @@ def test_tiny_sweep_four_finished_runs_then_idempotent(in_store):
     parents = runs_of(in_store, "four", "sweep")
     trials = runs_of(in_store, "four")
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert re.fullmatch(r"four \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", parents[0].info.run_name)  # one name per invocation
+    experiment = client(in_store).get_experiment_by_name("four")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
+    # 4 trials, 2 at a time: a trial's run starts when the trial does, not when the sweep did
+    by_start = sorted(trials, key=lambda r: r.info.start_time)
+    assert by_start[2].info.start_time >= min(r.info.end_time for r in by_start[:2])
+    import ray
+
+    nodes = {n["NodeID"] for n in ray.nodes()}
     assert len(trials) == 4 and {r.info.status for r in trials} == {"FINISHED"}
     expected = {(t.point.id, str(t.seed)): t for t in plan.trials}
     assert set(by_point_seed(trials)) == set(expected)
@@ -133,11 +143,15 @@ def test_tiny_sweep_four_finished_runs_then_idempotent(in_store):
         assert params["train.seed"] == str(trial.seed) and params["assigner.name"] == "fcos"
         assert params["train.threads"] == "1" and len(params) > 60
         assert not any("inject" in k for k in params)  # faults are not config ($DWLAB_FAULTS)
+        assert tags["dwlab.node"].split()[1] in nodes  # "<ip> <node id>" of the node that ran it
         assert steps(in_store, run.info.run_id, "loss") == [1, 2]
         assert steps(in_store, run.info.run_id, "AP") == [2]
-        assert {"loss", "loss_cls", "loss_box", "lr", "images_seen", "AP", "AP50", "APl"} <= set(run.data.metrics)
+        assert {"loss", "loss_cls", "loss_box", "lr", "images_seen", "AP", "AP50", "APs"} <= set(run.data.metrics)
+        assert "APl" not in run.data.metrics  # no GT over 96² px: pycocotools' -1 is not a measurement
         arts = {a.path for a in client(in_store).list_artifacts(run.info.run_id)}
-        assert {"config.yaml", "resolved.yaml", "eval.json", "metrics.jsonl", "checkpoints"} <= arts
+        assert {"config.yaml", "resolved.yaml", "eval.json", "metrics.jsonl", "detections.json", "checkpoints"} <= arts
+        assert "optimizer" not in checkpoint.load(trial.run_dir / "checkpoints" / "last.pt")  # weights only
+        assert not (trial.run_dir / "checkpoints" / "prev.pt").exists()
         assert params["resolved.loss_weights.loss_box"] == "1.0"  # FCOS: every weight 1
         assert (trial.run_dir / "checkpoints" / "last.pt").is_file()
 
@@ -154,7 +168,7 @@ def test_failing_trial_is_retried_then_failed_while_others_finish(in_store, monk
     points = [
         {"train.lr": 0.01},
         {"id": "boom", "train.lr": 0.02},
-        {"id": "nan", "train.lr": 0.02},
+        {"id": "nan", "train.lr": 0.03},  # its own config: points with one config are one point
     ]
     # set after the module's Ray started: the driver hands it to the trials
     monkeypatch.setenv(faults.ENV, "error_at_epoch=2@boom,nan_at_iter=1@nan")
@@ -164,6 +178,9 @@ def test_failing_trial_is_retried_then_failed_while_others_finish(in_store, monk
     assert "1 finished, 0 skipped, 2 failed" in result.stdout
     assert "FAILED boom/seed0: RuntimeError: injected error at the start of epoch 2" in result.stderr
     assert "FAILED nan/seed0: NonFiniteLoss: non-finite loss" in result.stderr
+    boom_log = load_plan(f).trials[1].run_dir / "trial.log"  # named by the failure line, traceback inside
+    assert f"(traceback: {boom_log})" in result.stderr and "Traceback (most recent call last)" in boom_log.read_text()
+    assert "Traceback" not in result.stdout  # the progress lines stay one line per event
 
     runs = by_point_seed(runs_of(in_store, "fails"))
     ok, = runs[("lr=0.01", "0")]
@@ -223,8 +240,9 @@ def test_killed_driver_then_resume_finishes_each_trial_once(in_store, ray_addres
         assert sorted(set(logged)) == [1, 2, 3, 4]
         epochs = [json.loads(line)["epoch"] for line in (trial.run_dir / "metrics.jsonl").read_text().splitlines()]
         assert epochs == [1, 2, 3, 4]  # each epoch trained once: resumed, not restarted
-        for name in ("last.pt", "prev.pt"):  # no checkpoint corrupted by the kill
-            assert checkpoint.load(trial.run_dir / "checkpoints" / name)["epoch"] == {"last.pt": 4, "prev.pt": 3}[name]
+        # no checkpoint corrupted by the kill; once finished, the weights alone are kept
+        assert checkpoint.load(trial.run_dir / "checkpoints" / "last.pt")["epoch"] == 4
+        assert not (trial.run_dir / "checkpoints" / "prev.pt").exists()
     statuses = [r.info.status for r in runs_of(in_store, "killed", None)]
     assert "RUNNING" not in statuses and "SCHEDULED" not in statuses
     assert len(runs_of(in_store, "killed", "sweep")) == 1  # the interrupted parent was reopened
@@ -278,8 +296,7 @@ def test_without_resume_an_interrupted_run_is_closed_killed(in_store):
     tracker = SweepTracker(plan, default_uri())
     tracker.reconcile(resume=False)
     tracker.start_parent(None, 1, 0)
-    stale_id = tracker.open_trial(plan.trials[0], None)
-    tracker.started(plan.trials[0].key, 0)  # ... and the driver dies here
+    stale_id = tracker.started(plan.trials[0], 0)  # ... and the driver dies here
     (plan.trials[0].run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     (plan.trials[0].run_dir / "checkpoints" / "junk.pt").write_text("not a checkpoint")
 

@@ -40,3 +40,10 @@ def normalize(image: Tensor) -> Tensor:
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1) * 255
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1) * 255
     return (image - mean) / std
+
+
+def denormalize(image: Tensor) -> Tensor:
+    """``normalize``'s inverse, scaled to [0, 1]: ``Tensor[3, H, W]`` for display."""
+    mean = torch.tensor(IMAGENET_MEAN, device=image.device).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=image.device).view(3, 1, 1)
+    return image * std + mean

@@ -162,7 +162,7 @@ def _weight_map_figure(name: str, runs: pd.DataFrame, client, out: Path, report:
             except Exception as err:  # no artifact logged, or an artifact store out of reach
                 report.skipped.append(f"Fig. 5 for {name}: no checkpoint of run {label} ({type(err).__name__})")
                 return
-        fig = plot_checkpoint_weights(ckpt, None, out / f"fig5_{name}.png")
+        fig = plot_checkpoint_weights(ckpt, None, out / f"fig5_{name}.png", label=label)
     report.files.append(fig)
     report.index.append((fig.name, (
         f"Fig. 5 style maps of the best {name} run ({label}, AP {100 * best['metrics.AP']:.1f}): cls score, "

@@ -127,7 +127,10 @@ def curves_figure(history: pd.DataFrame, labels: dict[str, str], title: str, pat
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if len(steps):
             ax.set_xlim(steps.min() - 0.5, steps.max() + 0.5)
-    ax_ap.set(xlabel="epoch", ylabel="AP (%)", title=f"{title}: AP per epoch")
+    evals = data[data["key"] == "AP"].groupby("run_id")["step"].nunique()
+    once = len(evals) > 0 and evals.max() < 2  # a dot per run, not a curve: say why
+    ax_ap.set(xlabel="epoch", ylabel="AP (%)",
+              title=f"{title}: AP per epoch" + ("\n(evaluated at the end only; eval.every=N for a curve)" if once else ""))
     ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: training loss")
     if ax_loss.get_legend_handles_labels()[0]:
         fig.legend(loc="outside right upper", fontsize=7)

@@ -11,14 +11,9 @@ from __future__ import annotations
 import pandas as pd
 
 from dwlab.errors import DwlabError
-from dwlab.store import TRIAL_FILTER, default_uri, fail_fast_http, sqlite_path
+from dwlab.store import TRIAL_FILTER, connect, default_uri, sqlite_path
 
 PAGE = 1000
-
-
-def _one_line(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
 
 
 def open_store(uri: str):
@@ -27,18 +22,10 @@ def open_store(uri: str):
     A sqlite URI whose file does not exist is refused rather than created (MLflow would
     create an empty store, and the report would then say "no runs" about a mistyped path).
     """
-    from mlflow.tracking import MlflowClient
-
     path = sqlite_path(uri)
     if path is not None and not path.is_file():
         raise DwlabError(f"cannot reach the MLflow store {uri}: no such database file")
-    client = MlflowClient(tracking_uri=uri)
-    try:
-        with fail_fast_http():
-            client.search_experiments(max_results=1)
-    except Exception as err:  # noqa: BLE001 - any failure here means the store is unusable
-        raise DwlabError(f"cannot reach the MLflow store {uri}: {_one_line(err)}") from None
-    return client
+    return connect(uri)
 
 
 def find_experiments(client, uri: str, names: list[str] | None) -> list:

@@ -1,6 +1,6 @@
 """Markdown for one table (header, blocks of lines, agreement) and the cells' formats.
 
-Cells: ours ``"41.5 ± 0.12 (n=3)"`` (``"41.5 (n=1)"`` with one seed), ``"— (1 running, 2 failed)"``
+Cells: ours ``"41.5 ± 0.1 (n=3)"`` (``"41.5 (n=1)"`` with one seed), ``"— (1 running, 2 failed)"``
 for a point with no finished run, ``"not run"`` for a paper row nobody ran; the paper's value
 ``"41.5"``; the difference ours - paper ``"+0.3"``.
 """
@@ -33,7 +33,7 @@ def ours_cell(row, metric: str) -> str:
     if n == 0:
         return f"{DASH} {counts_text(row)}" if metric == "AP" and row["n_finished"] == 0 else DASH
     mean, std = row[f"{metric}_mean"], row[f"{metric}_std"]
-    return f"{mean:.1f} (n=1)" if n == 1 else f"{mean:.1f} ± {std:.2f} (n={n})"
+    return f"{mean:.1f} (n=1)" if n == 1 else f"{mean:.1f} ± {std:.1f} (n={n})"
 
 
 def paper_cell(row, metric: str) -> str:
@@ -92,7 +92,7 @@ def agreement_lines(agr: dict, paper_scale: bool) -> list[str]:
     out = ["**Agreement with the paper**", "", f"- Kendall tau, our AP ordering vs the paper's: {tau}."]
     pbest = f"{' and '.join(agr['paper_best'])} at {agr['paper_best_ap']:.1f} AP"
     if agr["best"] is None:
-        out.append(f"- Best here: none (no finished run). Paper's best: {pbest}.")
+        out.append(f"- Best here: none (no finished run with AP above 0). Paper's best: {pbest}.")
     else:
         here = "".join(
             f"; here {label} is {mean:.1f} ({gap:+.1f}, "

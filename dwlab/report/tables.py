@@ -296,7 +296,7 @@ def header_info(runs: pd.DataFrame) -> dict[str, str]:
         "scale": _values(get(column(Tag.SCALE))),
         "backbone": _values(backbone),
         "initialisation": _values(get("params.model.pretrained"), _initialisation),
-        "schedule": f"{epochs} epochs, batch {batch} x {workers} worker(s)",
+        "schedule": f"{epochs} epoch{'' if epochs == '1' else 's'}, batch {batch} x {workers} worker(s)",
         "images seen": images,
         "runs": f"{len(runs)} ({', '.join(parts)})",
         "dwlab": f"{_values(get(column(Tag.VERSION)))} at commit {_values(get(column(Tag.GIT_COMMIT)), lambda c: str(c)[:10])}",
@@ -347,7 +347,7 @@ def _mark_gaps(rows: pd.DataFrame, paper_scale: bool) -> tuple[pd.DataFrame, int
     rows["gap_to_best"], rows["gap_threshold"], rows["significant"] = math.nan, math.nan, None
     rows["is_best"] = False
     have = rows[rows["AP_n"] > 0]
-    if have.empty:
+    if have.empty or not (have["AP_mean"] > 0).any():  # nothing learnt: no point is best
         return rows, None
     ibest = int(have["AP_mean"].idxmax())
     best = rows.loc[ibest]

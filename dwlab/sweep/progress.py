@@ -1,4 +1,8 @@
-"""The live view of a sweep: one row per trial (status, epoch, loss, AP, time) and the ETA."""
+"""The view of a running sweep. In a terminal: a live table, one row per trial (status, epoch,
+loss, AP, time) and the ETA. Elsewhere (a log file, a pipe, CI): one line per event, e.g.
+
+    [0:07:12] beta=5,mu=5/seed0 epoch 3/15 loss 2.9001 AP 8.9 | 0/4 finished, 2 running | ETA 0:21:40
+"""
 
 from __future__ import annotations
 
@@ -35,12 +39,19 @@ class SweepProgress:
         self.console = console
         self.rows = {t.key: Row(epochs=t.config.train.epochs) for t in trials}
         self.t0 = time.monotonic()
+        self.lines = not console.is_terminal  # one line per event instead of the live table
+
+    def _line(self, key: str, event: str) -> None:
+        if self.lines:
+            self.console.print(f"[{_hms(time.monotonic() - self.t0)}] {key} {event} | {self.summary()}",
+                               soft_wrap=True, highlight=False, markup=False)  # fmt: skip
 
     # ------------------------------------------------------------------ events
 
     def started(self, key: str) -> None:
         row = self.rows[key]
         row.status, row.started, row.last_report = "RUNNING", time.monotonic(), time.monotonic()
+        self._line(key, "started")
 
     def result(self, key: str, result: dict[str, Any]) -> None:
         row, now = self.rows[key], time.monotonic()
@@ -57,18 +68,25 @@ class SweepProgress:
             row.loss = metrics["loss"]
         if "AP" in metrics:
             row.ap = metrics["AP"]
+        if not result.get("final"):
+            ap = f" AP {100 * metrics['AP']:.1f}" if "AP" in metrics else ""
+            self._line(key, f"epoch {epoch}/{row.epochs} loss {row.loss:.4f}{ap}" if row.loss is not None else f"epoch {epoch}")
 
     def retrying(self, key: str, failures: int, error: str) -> None:
         row = self.rows[key]
         row.status, row.note = "RETRYING", f"retry {failures}: {error[:60]}"
+        self._line(key, f"retrying ({failures} failed): {error}")
 
     def finished(self, key: str) -> None:
         row = self.rows[key]
         row.status, row.ended, row.epoch = "FINISHED", time.monotonic(), row.epochs
+        ap = f", AP {100 * row.ap:.1f}" if row.ap is not None else ""
+        self._line(key, f"FINISHED in {_hms(row.ended - row.started) if row.started else '?'}{ap}")
 
     def failed(self, key: str, error: str) -> None:
         row = self.rows[key]
         row.status, row.ended, row.note = "FAILED", time.monotonic(), error[:80]
+        self._line(key, f"FAILED: {error}")
 
     # ------------------------------------------------------------------ view
 
@@ -82,17 +100,20 @@ class SweepProgress:
         running = sum(r.status == "RUNNING" for r in self.rows.values())
         return left * per_epoch / max(running, 1)
 
+    def summary(self) -> str:
+        """``"1/4 finished, 2 running, 0 failed | ETA 0:12:00"``"""
+        counts = {s: sum(r.status == s for r in self.rows.values()) for s in _STYLE}
+        eta = self.eta_s()
+        return (
+            f"{counts['FINISHED']}/{len(self.rows)} finished, {counts['RUNNING']} running, "
+            f"{counts['FAILED']} failed | ETA " + (_hms(eta) if eta is not None else "?")
+        )
+
     def render(self):
         from rich.table import Table
 
         now = time.monotonic()
-        counts = {s: sum(r.status == s for r in self.rows.values()) for s in _STYLE}
-        eta = self.eta_s()
-        caption = (
-            f"{counts['FINISHED']}/{len(self.rows)} finished, {counts['RUNNING']} running, "
-            f"{counts['FAILED']} failed | elapsed {_hms(now - self.t0)} | ETA "
-            + (_hms(eta) if eta is not None else "?")
-        )
+        caption = f"{self.summary()} | elapsed {_hms(now - self.t0)}"
         table = Table(title="sweep", caption=caption, expand=False)
         table.add_column("trial", overflow="fold")
         for name in ("status", "epoch", "loss", "AP", "time"):
@@ -113,6 +134,10 @@ class SweepProgress:
 
     @contextlib.contextmanager
     def live(self):
+        """The live table while the block runs (in a terminal; elsewhere the lines suffice)."""
+        if self.lines:
+            yield
+            return
         from rich.live import Live
 
         with Live(get_renderable=self.render, console=self.console, refresh_per_second=2):

@@ -28,7 +28,18 @@ from typing import TYPE_CHECKING, Any
 from dwlab import __version__
 from dwlab.config import flatten
 from dwlab.errors import DwlabError
-from dwlab.store import SWEEP, TRIAL, Tag, artifact_location, default_uri, kind_filter, prepare
+from dwlab.store import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    SWEEP,
+    TRIAL,
+    Tag,
+    artifact_location,
+    connect,
+    default_uri,
+    is_local,
+    kind_filter,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -48,8 +59,12 @@ def ui_args(uri: str, *, host: str = UI_HOST, port: int = 5000) -> list[str]:
 
 
 def ui_command(uri: str | None = None) -> str:
-    """The command that shows the store in a browser (bound to 127.0.0.1)."""
-    return "mlflow " + " ".join(ui_args(uri or default_uri()))
+    """How to see the store in a browser: the command that serves a local store (bound to
+    127.0.0.1), or the tracking server's own address."""
+    uri = uri or default_uri()
+    if not is_local(uri):
+        return f"open {uri} in a browser (the tracking server's UI)"
+    return "mlflow " + " ".join(ui_args(uri))
 
 
 def git_commit() -> str:
@@ -100,12 +115,9 @@ class SweepTracker:
     """The driver's MLflow writer for one sweep invocation."""
 
     def __init__(self, plan: Plan, uri: str):
-        from mlflow import MlflowClient
-
         self.plan = plan
         self.uri = uri
-        prepare(self.uri)
-        self.client: MlflowClient = MlflowClient(tracking_uri=self.uri)
+        self.client: MlflowClient = connect(self.uri, create=True)
         self.parent_id: str | None = None
         self.run_ids: dict[str, str] = {}  # trial key -> run id
         self._logged_steps: dict[str, int] = {}
@@ -129,8 +141,10 @@ class SweepTracker:
                     f"MLflow experiment '{name}' is deleted in {self.uri}: restore it "
                     f"(mlflow experiments restore --experiment-id {exp.experiment_id}) or rename the sweep"
                 )
+            if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:  # made by an older dwlab
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
             return exp.experiment_id
-        tags = {Tag.TABLE: self.plan.table or "", Tag.SCALE: self.plan.scale}
+        tags = {Tag.TABLE: self.plan.table or "", Tag.SCALE: self.plan.scale, EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
         return self.client.create_experiment(
             name, artifact_location=artifact_location(self.uri, name), tags=tags
         )
@@ -212,7 +226,9 @@ class SweepTracker:
             self.parent_id = reuse
             self.client.log_batch(reuse, tags=_tags(tags))
         else:
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=self.plan.name)
+            # one name per invocation: the sweep's, and when it started
+            run_name = f"{self.plan.name} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+            run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
             self.parent_id = run.info.run_id
             try:
                 self.client.log_text(self.parent_id, Path(self.plan.file).read_text(), "sweep.yaml")
@@ -231,7 +247,7 @@ class SweepTracker:
             Tag.POINT_OVERRIDES: json.dumps(trial.point.overrides, sort_keys=True, default=str),
             Tag.SEED: str(trial.seed),
             Tag.CONFIG_HASH: trial.config_hash,
-            Tag.HOST: socket.gethostname(),  # replaced by the trial's host on its first report
+            Tag.HOST: socket.gethostname(),  # the driver's, replaced by the trial's on its first report
             Tag.DEVICE: "cuda" if plan.resources.gpus_per_trial else "cpu",
             Tag.DATASET: dataset_tag(cfg),
             Tag.BACKBONE: cfg.model.backbone,
@@ -246,30 +262,31 @@ class SweepTracker:
             tags[Tag.POINT_LABEL] = trial.point.label
         return tags
 
-    def open_trial(self, trial: Trial, reopen: str | None) -> str:
-        """Create the trial's run (status SCHEDULED) or take over ``reopen``; returns its id."""
-        tags = self.trial_tags(trial)
-        if reopen is not None:
-            run_id = reopen
-            self.client.update_run(run_id, status="SCHEDULED")
-            self.client.log_batch(run_id, tags=_tags({**tags, Tag.RESUMED: "true"}))
-        else:
-            run = self.client.create_run(self.experiment_id, tags=tags, run_name=trial.key)
-            run_id = run.info.run_id
-            self.client.update_run(run_id, status="SCHEDULED")
-            params = [(k, _param(v)) for k, v in flatten(trial.config).items()]
-            from mlflow.entities import Param
-
-            for i in range(0, len(params), 100):
-                self.client.log_batch(run_id, params=[Param(k, v) for k, v in params[i : i + 100]])
+    def reopen_trial(self, trial: Trial, run_id: str) -> None:
+        """Take over ``run_id``, the trial's unfinished run of an interrupted sweep (status
+        SCHEDULED until the trial starts again)."""
+        self.client.update_run(run_id, status="SCHEDULED")
+        self.client.log_batch(run_id, tags=_tags({**self.trial_tags(trial), Tag.RESUMED: "true"}))
         self.run_ids[trial.key] = run_id
-        return run_id
 
-    def started(self, key: str, attempt: int) -> None:
-        run_id = self.run_ids[key]
-        self.client.update_run(run_id, status="RUNNING")
+    def started(self, trial: Trial, attempt: int) -> str:
+        """The trial's run, RUNNING from now: created here on the first start (so that its
+        start time and duration leave out the time it queued), reopened or retried otherwise.
+        Returns its id."""
+        from mlflow.entities import Param
+
+        run_id = self.run_ids.get(trial.key)
+        if run_id is None:
+            run = self.client.create_run(self.experiment_id, tags=self.trial_tags(trial), run_name=trial.key)
+            run_id = self.run_ids[trial.key] = run.info.run_id
+            params = [Param(k, _param(v)) for k, v in flatten(trial.config).items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i : i + 100])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
         if attempt:
             self.client.set_tag(run_id, Tag.RETRIES, str(attempt))
+        return run_id
 
     def log_result(self, key: str, result: dict[str, Any]) -> None:
         """One trial report: per-epoch metrics at ``step=epoch``; host and device tags and the
@@ -278,7 +295,8 @@ class SweepTracker:
 
         run_id = self.run_ids[key]
         step = int(result.get("epoch", 0))
-        where = {Tag.HOST: result.get("host"), Tag.DEVICE: result.get("device"), Tag.WORKER_PID: result.get("pid")}
+        where = {Tag.HOST: result.get("host"), Tag.NODE: result.get("node"), Tag.DEVICE: result.get("device"),
+                 Tag.WORKER_PID: result.get("pid")}  # fmt: skip
         if result.get("host") and self._where.get(key) != where:  # once per attempt
             self.client.log_batch(run_id, tags=_tags(where))
             self._where[key] = where
@@ -357,8 +375,9 @@ class SweepTracker:
             self.client.log_dict(run_id, final_metrics, "eval.json")
         if (run_dir / "resolved.yaml").is_file():
             self.client.log_artifact(run_id, str(run_dir / "resolved.yaml"))
-        if (run_dir / "metrics.jsonl").is_file():
-            self.client.log_artifact(run_id, str(run_dir / "metrics.jsonl"))
+        for name in ("metrics.jsonl", "detections.json"):
+            if (run_dir / name).is_file():
+                self.client.log_artifact(run_id, str(run_dir / name))
         ckpt = run_dir / "checkpoints" / "last.pt"
         if self.plan.checkpoint_artifact and ckpt.is_file():
             self.client.log_artifact(run_id, str(ckpt), "checkpoints")

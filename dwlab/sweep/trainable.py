@@ -13,29 +13,45 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 
+LOG = "trial.log"  # in the run directory: the traceback of each failed attempt
+
+
 def trial_fn(config: dict[str, Any]) -> None:
-    """The Tune function trainable; ``config["trial"]`` is the payload built by the driver."""
+    """The Tune function trainable; ``config["trial"]`` is the payload built by the driver. A
+    failure's traceback is appended to the run directory's ``trial.log`` (the driver shows the
+    error in one line and names that file)."""
     spec = config["trial"]
     if os.path.isdir(spec["cwd"]):  # Tune may chdir into its trial dir; configs use the user's cwd
         os.chdir(spec["cwd"])
-    if spec["workers"] > 1:
-        _fit_data_parallel(spec)
-    else:
-        from ray import tune
+    try:
+        if spec["workers"] > 1:
+            _fit_data_parallel(spec)
+        else:
+            from ray import tune
 
-        train(spec, tune.report)
+            train(spec, tune.report)
+    except BaseException:
+        log = Path(spec["run_dir"]) / LOG
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {spec['key']} on {socket.gethostname()}\n")
+            f.write(traceback.format_exc())
+        raise
 
 
 def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
     """``run_training`` with a report per epoch and a final one (also when the run was already
     complete on disk, e.g. a driver killed between the last epoch and its record); each report
     carries the run's ``resolved`` record (``runner.resolved_record``)."""
-    from dwlab import faults
+    from dwlab import checkpoint, faults
     from dwlab.config import Config
+    from dwlab.distributed import rank
     from dwlab.runner import run_training
 
     if spec.get("faults"):  # the driver's $DWLAB_FAULTS (test-only), whatever this worker inherited
@@ -43,7 +59,7 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
     else:
         os.environ.pop(faults.ENV, None)
     cfg = Config.model_validate(spec["config"])
-    info = {"host": socket.gethostname(), "pid": os.getpid(), "device": _device_name(cfg.train.device)}
+    info = {"host": socket.gethostname(), "node": _ray_node(), "pid": os.getpid(), "device": _device_name(cfg.train.device)}
 
     def on_epoch_end(rep) -> None:
         report(
@@ -58,6 +74,8 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
         )
 
     result = run_training(cfg, Path(spec["run_dir"]), resume=True, on_epoch_end=on_epoch_end)
+    if rank() == 0:  # a finished trial keeps its weights, not the state to train on (disk)
+        checkpoint.keep_weights_only(Path(spec["run_dir"]) / "checkpoints")
     report(
         {
             "epoch": result.epochs_done,
@@ -68,6 +86,13 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
             **info,
         }
     )
+
+
+def _ray_node() -> str:
+    """``"<node ip> <node id>"`` of the Ray node this runs on (two nodes may share a hostname)."""
+    import ray
+
+    return f"{ray.util.get_node_ip_address()} {ray.get_runtime_context().get_node_id()}"
 
 
 def _device_name(setting: str) -> str:

@@ -9,13 +9,18 @@ whatever is still open, summarise.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
+import logging
 import math
 import os
 import shutil
+import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from unittest import mock
 
@@ -27,6 +32,7 @@ from dwlab.store import Tag
 from dwlab.sweep.progress import SweepProgress
 from dwlab.sweep.spec import Plan, Trial
 from dwlab.sweep.tracking import SweepTracker, ui_command
+from dwlab.sweep.trainable import LOG
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -69,7 +75,8 @@ class DriverCallback(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         key = self._key(trial)
-        self.tracker.started(key, trial.num_failures)
+        run_id = self.tracker.started(self.trials[key], trial.num_failures)
+        write_marker(self.trials[key], run_id)
         self.progress.started(key)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -79,7 +86,7 @@ class DriverCallback(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         key = self._key(trial)
-        error = error_text(trial)
+        error = f"{error_text(trial)} (traceback: {self.trials[key].run_dir / LOG})"
         self.tracker.client.set_tag(self.tracker.run_ids[key], Tag.LAST_ERROR, error[:5000])
         self.progress.retrying(key, trial.num_failures, error)
 
@@ -94,7 +101,7 @@ class DriverCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key = self._key(trial)
-        error = error_text(trial)
+        error = f"{error_text(trial)} (traceback: {self.trials[key].run_dir / LOG})"
         self.tracker.fail(key, error)
         self.closed.add(key)
         self.outcome.failed[key] = error
@@ -146,8 +153,9 @@ def _lock(plan: Plan):
     return handle
 
 
-def _prepare_run_dir(trial: Trial, run_id: str, resume: bool) -> bool:
-    """Write the marker; returns True when the directory's checkpoint will be resumed.
+def _prepare_run_dir(trial: Trial, run_id: str | None, resume: bool) -> bool:
+    """Write the marker (``run_id``: the reopened run, None until a new one starts); returns
+    True when the directory's checkpoint will be resumed.
 
     A directory is kept only with ``resume`` and when its marker has the same config hash;
     otherwise it is cleared so the trial starts fresh (a stale checkpoint of another config
@@ -163,29 +171,79 @@ def _prepare_run_dir(trial: Trial, run_id: str, resume: bool) -> bool:
     if not keep and trial.run_dir.exists():
         shutil.rmtree(trial.run_dir)
     trial.run_dir.mkdir(parents=True, exist_ok=True)
+    write_marker(trial, run_id)
+    return keep and (trial.run_dir / "checkpoints").is_dir()
+
+
+def write_marker(trial: Trial, run_id: str | None) -> None:
+    """``trial.json`` in the run directory: point, seed, config hash, MLflow run id."""
     payload = {"point": trial.point.id, "seed": trial.seed, "config_hash": trial.config_hash, "mlflow_run_id": run_id}
+    marker = trial.run_dir / MARKER
+    marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2) + "\n")
     tmp.replace(marker)
-    return keep and (trial.run_dir / "checkpoints").is_dir()
+
+
+AUTH_HELP = (
+    "the cluster uses Ray's token authentication: set RAY_AUTH_MODE=token and the head's token here "
+    "(RAY_AUTH_TOKEN=<output of 'ray get-auth-token' on the head>, or that token in ~/.ray/auth_token)"
+)
 
 
 def init_ray(address: str | None) -> bool:
     """Join ``address`` / ``RAY_ADDRESS``, reuse an initialised Ray, or start a local one;
-    returns True when this call started it (and should shut it down)."""
+    returns True when this call started it (and should shut it down).
+
+    Joining uses Ray's token authentication unless ``RAY_AUTH_MODE`` says otherwise: Ray >= 2.59
+    starts ``ray start --head`` clusters with it, and a client in token mode also joins a cluster
+    without it. A join the cluster refuses is one line that names authentication and the fix."""
     import ray
 
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": True}
-    try:
-        if address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=address or os.environ["RAY_ADDRESS"], **kwargs)
-        else:
+    # trials' own output stays in Ray's logs on their node (/tmp/ray/session_latest/logs): the
+    # driver shows each trial's events and, for a failure, its error in one line
+    kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        try:
             ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
-    except (ConnectionError, RuntimeError, ValueError) as err:
-        raise DwlabError(f"cannot start or join Ray ({' '.join(str(err).split())[:300]})") from None
-    return True
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            raise DwlabError(f"cannot start Ray ({' '.join(str(err).split())[:300]})") from None
+        return True
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # for the whole driver: later calls authenticate too
+    with _stderr_captured() as captured:  # Ray's core retries a refused join with a warning a second
+        try:
+            ray.init(address=address, **kwargs)
+            error = None
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            error = " ".join(str(err).split())[:300]
+        logged = captured.read_text(errors="replace")
+    if error is None:
+        sys.stderr.write(logged)
+        return True
+    if "InvalidAuthToken" in logged or "token" in error.lower():
+        raise DwlabError(f"cannot join the Ray cluster at {address}: authentication refused; {AUTH_HELP}")
+    raise DwlabError(f"cannot join the Ray cluster at {address} ({error})")
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """File descriptor 2 (where Ray's C++ core logs) goes to a temporary file while the block
+    runs; yields that file's path."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "stderr"
+        sys.stderr.flush()
+        saved = os.dup(2)
+        try:
+            with open(path, "wb") as sink:
+                os.dup2(sink.fileno(), 2)
+                yield path
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def concurrency(plan: Plan, n_trials: int, requested: int | None, console: Console) -> int:
@@ -322,13 +380,16 @@ def _run_tuner(
             f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each"
         )
         tuner = _tuner(plan, todo, limit, callback)
-        with progress.live(), mock.patch.dict(os.environ, RAY_AIR_NEW_OUTPUT="0"):  # Tune's tables off: ours is live
+        quiet = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # ours instead
+        with progress.live(), mock.patch.dict(os.environ, quiet), _quiet_tune_logger():
             tuner.fit()
         status = "FAILED" if outcome.failed else "FINISHED"
     finally:
         for key in by_key:
             if key in tracker.run_ids and key not in callback.closed:
                 tracker.kill(key, "sweep driver stopped before the trial ended")
+                outcome.killed.append(key)
+            elif key not in callback.closed and status == "KILLED":  # never started: no run
                 outcome.killed.append(key)
         tracker.end_parent(
             status if not outcome.killed else "KILLED",
@@ -339,14 +400,18 @@ def _run_tuner(
 def _open_trials(
     todo: list[Trial], reopen: dict[str, str | None], tracker: SweepTracker, resume: bool, console: Console
 ) -> None:
-    """Each trial's MLflow run (new, or ``reopen``'s) and run directory; a kept directory's
-    epochs that the run lacks are logged from its ``metrics.jsonl``."""
+    """Each trial's run directory, and the runs of interrupted trials reopened (a new trial's
+    run is created when it starts); a kept directory's epochs that the run lacks are logged
+    from its ``metrics.jsonl``."""
     resumed = 0
     for trial in todo:
-        run_id = tracker.open_trial(trial, reopen[trial.key])
+        run_id = reopen[trial.key]
+        if run_id is not None:
+            tracker.reopen_trial(trial, run_id)
         if _prepare_run_dir(trial, run_id, resume):
             resumed += 1
-            tracker.backfill(trial.key, trial.run_dir / "metrics.jsonl")
+            if run_id is not None:
+                tracker.backfill(trial.key, trial.run_dir / "metrics.jsonl")
     if resume:
         console.print(f"resuming {resumed} trial(s) from their checkpoints")
 
@@ -377,6 +442,18 @@ def _tuner(plan: Plan, todo: list[Trial], limit: int, callback: DriverCallback) 
             verbose=0,
         ),
     )
+
+
+@contextlib.contextmanager
+def _quiet_tune_logger():
+    """Tune logs each trial failure with its traceback; the progress view has it in one line."""
+    logger = logging.getLogger("ray.tune")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _trial_fn_ref():
