@@ -73,9 +73,24 @@ def plot_weight_maps(
     its GT ``boxes`` ``[G, 4]`` xyxy pixels) is drawn first, in a column of its own. Writes a
     PNG; returns its path.
     """
+    out_path = Path(out_path)
+    fig = weight_map_figure(per_level_maps, columns=columns, title=title, image=image, boxes=boxes)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=120, bbox_inches="tight")
+    return out_path
+
+
+def weight_map_figure(
+    per_level_maps: Mapping[str, Mapping[str, object]],
+    *,
+    columns: Sequence[str] = WEIGHT_MAP_COLUMNS,
+    title: str | None = None,
+    image: object | None = None,
+    boxes: object | None = None,
+) -> Figure:
+    """The figure ``plot_weight_maps`` writes (same arguments, less the path)."""
     if not per_level_maps:
         raise ValueError("per_level_maps is empty")
-    out_path = Path(out_path)
     levels = list(per_level_maps)
     for level in levels:
         missing = [k for k in columns if k not in per_level_maps[level]]
@@ -102,9 +117,7 @@ def plot_weight_maps(
         fig.colorbar(im, ax=list(axes[r][first:]), fraction=0.02, pad=0.01)
     if title:
         fig.suptitle(title)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=120, bbox_inches="tight")
-    return out_path
+    return fig
 
 
 def _draw_input(column_axes, image: np.ndarray, boxes: np.ndarray | None) -> None:

@@ -481,3 +481,22 @@ def test_dw_params_has_exactly_the_config_fields():
     from dwlab.config import DWAssignerConfig
 
     assert [f.name for f in dataclasses.fields(DWParams)] == list(DWAssignerConfig.model_fields)
+
+
+def test_fig5_has_one_colour_scale_per_map_row_and_the_input_image_first():
+    """A level whose weights are near zero must look near zero: each row (score, IoU, pos, neg)
+    shares one colour range over the levels, the weights' from 0 to the row's largest value."""
+    from dwlab.plots import weight_map_figure
+
+    per_level = {"P3": {k: torch.full((4, 4), 0.8) for k in ("score", "iou", "pos", "neg")},
+                 "P6": {k: torch.full((1, 1), 1e-4) for k in ("score", "iou", "pos", "neg")}}  # fmt: skip
+    fig = weight_map_figure(per_level, image=torch.rand(32, 32, 3), boxes=torch.tensor([[2.0, 2, 20, 20]]))
+    axes = [ax for ax in fig.axes if ax.get_images() and ax.get_title() != "input, GT boxes"]
+    maps = [ax for ax in axes if ax.get_images()[0].get_array().ndim == 2]
+    assert len(maps) == 8  # 4 rows x 2 levels (+ the input image, + colour bars)
+    clims = [ax.get_images()[0].get_clim() for ax in maps]
+    for row in range(4):
+        pair = [c for ax, c in zip(maps, clims) if ax.get_subplotspec().rowspan.start == row]
+        assert len(pair) == 2 and pair[0] == pair[1]  # P3 and P6 share the row's range
+        assert pair[0][1] == (1.0 if row < 2 else pytest.approx(0.8))
+    assert fig.axes[0].get_title() == "input, GT boxes" and len(fig.axes[0].patches) == 1

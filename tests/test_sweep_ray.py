@@ -113,6 +113,8 @@ def test_tiny_sweep_four_finished_runs_then_idempotent(in_store):
     assert result.exit_code == 0, result.output
     assert "4 finished, 0 skipped, 0 failed" in result.stdout
     assert f"mlflow ui --backend-store-uri sqlite:///{in_store / 'mlruns' / 'mlflow.db'}" in result.stdout
+    experiment_id = client(in_store).get_experiment_by_name("four").experiment_id
+    assert f"its runs: http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning" in result.stdout
 
     plan = load_plan(f)
     parents = runs_of(in_store, "four", "sweep")

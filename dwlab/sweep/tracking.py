@@ -53,6 +53,15 @@ UNFINISHED = ("RUNNING", "SCHEDULED")
 UI_HOST = "127.0.0.1"  # the MLflow UI has no authentication: this machine only, unless asked
 
 
+def runs_url(uri: str, experiment_id: str, *, port: int = 5000) -> str:
+    """The browser address of an experiment's runs table in the training view: the tracking
+    server's for a server, ``dwlab ui``'s default for a local store. (MLflow 3 opens an
+    experiment in its GenAI view unless the address says ``workflowType=machine_learning``;
+    the experiment's ``mlflow.experimentKind`` tag alone did not change that in 3.17.)"""
+    base = uri.rstrip("/") if not is_local(uri) else f"http://{UI_HOST}:{port}"
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def ui_args(uri: str, *, host: str = UI_HOST, port: int = 5000) -> list[str]:
     """The arguments of ``mlflow`` that serve the store ``uri`` in a browser."""
     return ["ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]

@@ -31,7 +31,7 @@ from dwlab.errors import DwlabError
 from dwlab.store import Tag
 from dwlab.sweep.progress import SweepProgress
 from dwlab.sweep.spec import Plan, Trial
-from dwlab.sweep.tracking import SweepTracker, ui_command
+from dwlab.sweep.tracking import SweepTracker, runs_url, ui_command
 from dwlab.sweep.trainable import LOG
 
 if TYPE_CHECKING:
@@ -308,6 +308,7 @@ def run_sweep(
         for warning in plan.warnings:
             console.print(f"[yellow]warning:[/] {warning}")
         tracker = SweepTracker(plan, uri)
+        console.print(f"  its runs: {runs_url(uri, tracker.experiment_id)}", soft_wrap=True)
         existing = tracker.reconcile(resume=resume)
         todo = [t for t in plan.trials if not existing[t.key].finished]
         outcome.skipped = [t.key for t in plan.trials if existing[t.key].finished]
