@@ -42,6 +42,7 @@ class DataConfig(Strict):
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     size_divisor: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
+    group_by_aspect: bool = False  # train batches of one orientation (less padding at 1333x800)
     synth: SynthConfig = SynthConfig()
 
 

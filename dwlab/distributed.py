@@ -29,7 +29,11 @@ def reduce_mean(value: Tensor) -> Tensor:
 
 
 def normaliser(value: Tensor | float, device: torch.device) -> Tensor:
-    """A loss normaliser: averaged over workers and clamped to at least 1 (DETR-style)."""
+    """A loss normaliser: averaged over workers, then clamped to at least 1 (the released DW
+    code's ``reduce_mean(...).clamp(min=1)``, also DETR's). With ``W`` workers whose values sum
+    to ``T``, a worker's loss sum ``s`` is divided by ``max(T / W, 1)`` and DDP averages the
+    gradients: the same as one process's ``sum(s) / max(T, 1)`` when ``T / W >= 1``, larger by
+    ``max(T, 1) / (W * max(T / W, 1))`` otherwise."""
     value = torch.as_tensor(value, dtype=torch.float32, device=device)
     return reduce_mean(value).clamp(min=1.0)
 

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+IMAGES_PER_STEP = 16  # the paper's schedule: 8 GPUs x 2 images per optimizer step (Sec. 4) ...
+LR = 0.01  # ... at this learning rate
+
 
 class PaperAP(NamedTuple):
     """One row of a paper table: COCO box AP, AP50, AP75 in percent."""

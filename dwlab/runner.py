@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from dwlab import __version__, checkpoint, faults
+from dwlab import __version__, checkpoint, faults, paper
 from dwlab.assign import build_assigner
 from dwlab.assign.base import LabelAssigner
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, SkippedImage, collate
+from dwlab.data.sampler import GroupedBatchSampler, orientation_groups
 from dwlab.distributed import is_distributed, mean_over_workers, rank, sum_over_workers, world_size
 from dwlab.engine import StepState, TrainStep, lr_at, param_groups, predict, train_one_epoch
 from dwlab.errors import DwlabError, NonFiniteLoss
@@ -43,6 +44,7 @@ __all__ = ["EpochReport", "RunResult", "NonFiniteLoss", "run_training", "run_eva
 
 FINAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 DETECTIONS = "detections.json"  # beside eval.json: the val detections of the latest evaluation
+RANK_SEED_STRIDE = 1_000_003  # rank r's random streams are seeded at seed + r * this
 
 
 @dataclass
@@ -160,24 +162,24 @@ def pick_device(name: str) -> torch.device:
 
 
 def make_loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator: torch.Generator | None) -> DataLoader:
-    """Batches of ``data.coco.collate``: shuffled by ``generator`` (or a ``DistributedSampler``
-    under data parallelism) when ``train``, in order otherwise."""
-    sampler = None
-    if train:
-        sampler = (
-            DistributedSampler(dataset, shuffle=True, seed=cfg.train.seed)
-            if is_distributed()
-            else RandomSampler(dataset, generator=generator)
-        )
+    """Batches of ``data.coco.collate``: shuffled by ``generator`` when ``train``, in order
+    otherwise; under data parallelism each rank gets its shard (``DistributedSampler``)."""
+    if is_distributed():
+        sampler = DistributedSampler(dataset, shuffle=train, seed=cfg.train.seed)
+    else:
+        sampler = RandomSampler(dataset, generator=generator) if train else SequentialSampler(dataset)
+    if train and cfg.data.group_by_aspect:
+        batches = GroupedBatchSampler(sampler, orientation_groups(dataset), batch_size)
+    else:
+        batches = BatchSampler(sampler, batch_size, drop_last=False)
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
+        batch_sampler=batches,
         num_workers=cfg.data.num_workers,
         collate_fn=functools.partial(collate, size_divisor=cfg.data.size_divisor),
         generator=generator,
-        drop_last=False,
+        pin_memory=cfg.train.device != "cpu" and torch.cuda.is_available(),  # so non_blocking copies overlap
+        persistent_workers=train and cfg.data.num_workers > 0,  # no worker start-up every epoch
     )
 
 
@@ -215,29 +217,55 @@ def evaluate(
 ) -> dict[str, float]:
     """COCO bbox metrics of ``model`` on ``dataset``; with ``detections_path``, its detections
     are written there too (COCO results json: image_id, category_id, bbox xywh in the image's
-    pixels, score), to re-score or visualise without running inference again."""
+    pixels, score), to re-score or visualise without running inference again.
+
+    Under data parallelism every rank must call it: each scores its shard of the images, rank 0
+    gathers the detections, writes them and runs COCOeval, and every rank gets the metrics."""
     # its own generator: evaluating must not advance the global RNG that training draws from
     loader = make_loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     skipped: list[SkippedImage] = []
     detections, targets = predict(
-        model,
-        loader,
-        device,
-        skipped=skipped,
-        score_thresh=cfg.eval.score_thresh,
-        pre_nms_topk=cfg.eval.pre_nms_topk,
-        nms_thresh=cfg.eval.nms_thresh,
-        max_dets=cfg.eval.max_dets,
-    )
+        model, loader, device, skipped=skipped, score_thresh=cfg.eval.score_thresh,
+        pre_nms_topk=cfg.eval.pre_nms_topk, nms_thresh=cfg.eval.nms_thresh, max_dets=cfg.eval.max_dets,
+    )  # fmt: skip
     image_ids = [t.image_id for t in targets]
-    if skipped and not targets:
+    results = to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids)
+    if is_distributed():
+        results, image_ids, skipped = _gather_shards(results, image_ids, skipped)
+        if rank() != 0:
+            shared = [None]
+            dist.broadcast_object_list(shared, src=0)
+            return shared[0]
+    if skipped and not image_ids:
         raise DwlabError(f"evaluation on {dataset.ann_file}: no image could be read; {_skipped_line(skipped)}")
     if skipped:
         _warn(f"warning: evaluation on {dataset.ann_file}: {_skipped_line(skipped)}, left out of the metrics")
-    results = to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids)
     if detections_path is not None:
         _write_json(detections_path, results)
-    return coco_evaluate(dataset.coco, results, image_ids if skipped else dataset.image_ids)
+    metrics = coco_evaluate(dataset.coco, results, image_ids if skipped else dataset.image_ids)
+    if is_distributed():
+        dist.broadcast_object_list([metrics], src=0)
+    return metrics
+
+
+def _gather_shards(results: list[dict], image_ids: list[int], skipped: list) -> tuple[list[dict], list[int], list]:
+    """Every rank's detections, image ids and unreadable images, on rank 0 (others get theirs
+    back). An image that ``DistributedSampler`` gave two ranks (it pads the shards to one
+    length) is counted once."""
+    shards = [None] * world_size() if rank() == 0 else None
+    dist.gather_object((results, image_ids, skipped), shards, dst=0)
+    if rank() != 0:
+        return results, image_ids, skipped
+    seen: set[int] = set()
+    merged_results, merged_ids, merged_skipped = [], [], []
+    for shard_results, shard_ids, shard_skipped in shards:
+        new = {i for i in shard_ids if i not in seen}
+        merged_ids += [i for i in dict.fromkeys(shard_ids) if i in new]
+        merged_results += [r for r in shard_results if r["image_id"] in new]
+        seen |= new
+        known = {x.path for x in merged_skipped}
+        merged_skipped += [s for s in shard_skipped if s.path not in known]
+    return merged_results, merged_ids, merged_skipped
 
 
 def _skipped_line(skipped: list[SkippedImage], shown: int = 5) -> str:
@@ -322,6 +350,8 @@ def run_training(
     on_epoch_end: Callable[[EpochReport], None] | None = None,
 ) -> RunResult:
     """Train ``cfg`` into ``out_dir``; with ``resume`` continue from its last checkpoint."""
+    if rank() == 0:
+        _warn_paper_schedule(cfg)
     run = _build_run(cfg, Path(out_dir))
     start_epoch, history = _resume(run) if resume else (0, [])
     if rank() == 0:
@@ -338,7 +368,7 @@ def run_training(
         images_seen += int(metrics.pop("images")) * world_size()
         metrics["images_seen"] = float(images_seen)
         if epoch + 1 == cfg.train.epochs or (cfg.eval.every and (epoch + 1) % cfg.eval.every == 0):
-            metrics.update(_evaluate_on_main(run.model, run.val_set, cfg, run.step.device, run.out_dir / DETECTIONS))
+            metrics.update(evaluate(run.model, run.val_set, cfg, run.step.device, run.out_dir / DETECTIONS))
         ckpt_path = _record_epoch(run, epoch, metrics, history) if rank() == 0 else None
         if on_epoch_end is not None:
             on_epoch_end(EpochReport(epoch + 1, cfg.train.epochs, metrics, ckpt_path, run.resolved))
@@ -352,11 +382,26 @@ def run_training(
 
 
 
+def _warn_paper_schedule(cfg: Config) -> None:
+    """One line when a ``scale: paper`` run keeps the paper's lr on another number of images per
+    step than the paper's (its numbers would not be comparable)."""
+    images = world_size() * cfg.train.batch_size
+    if cfg.scale == "paper" and cfg.train.lr == paper.LR and images != paper.IMAGES_PER_STEP:
+        _warn(
+            f"warning: scale paper: lr {paper.LR:g} is the paper's for {paper.IMAGES_PER_STEP} images per step "
+            f"(8 GPUs x 2); this run steps on {images} ({world_size()} worker(s) x {cfg.train.batch_size}): set "
+            f"train.lr={paper.LR * images / paper.IMAGES_PER_STEP:g} (linear scaling), or run the paper's 8 x 2 "
+            "through `dwlab sweep ... --scale paper` on a GPU cluster (README)"
+        )
+
+
 def _build_run(cfg: Config, out_dir: Path) -> _Run:
     """Seeds, data, model, assigner (wrapped by ``faults`` when asked), optimizer, precision."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    seed_everything(cfg.train.seed)
+    # each rank its own random stream (flips, loader workers); rank 0's is one process's, and
+    # DDP starts every rank from rank 0's initial weights
+    seed_everything(cfg.train.seed + RANK_SEED_STRIDE * rank())
     train_set, val_set = build_datasets(cfg)
     require_boxes(train_set)
     num_classes = num_classes_of(cfg, train_set)
@@ -404,11 +449,12 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     """Epoch ``epoch`` (0-based): the metrics of ``train_one_epoch`` averaged over workers, with
     this worker's ``images`` and every worker's ``skipped_images``."""
     cfg = run.cfg
-    run.generator.manual_seed(cfg.train.seed * 100_003 + epoch)
+    run.generator.manual_seed(cfg.train.seed * 100_003 + epoch + RANK_SEED_STRIDE * rank())
     if hasattr(run.step.assigner, "set_epoch"):  # e.g. TOOD's ATSS warm-up epochs
         run.step.assigner.set_epoch(epoch)
-    if isinstance(run.loader.sampler, DistributedSampler):
-        run.loader.sampler.set_epoch(epoch)
+    sampler = run.loader.batch_sampler.sampler  # the loader batches its batch sampler's indices
+    if isinstance(sampler, DistributedSampler):
+        sampler.set_epoch(epoch)
     iters = min(len(run.loader), cfg.train.max_iters_per_epoch or len(run.loader))
     progress, task = _progress(cfg.train.progress and rank() == 0, iters, f"epoch {epoch + 1}/{cfg.train.epochs}")
 
@@ -470,16 +516,6 @@ def _report_skipped(epoch: int, epochs: int, skipped: list[SkippedImage], metric
         raise DwlabError(f"epoch {epoch}: no image could be read{where}; {detail}")
     if skipped:
         _warn(f"warning: epoch {epoch}/{epochs}{where}: {detail}, left out of training")
-
-
-def _evaluate_on_main(
-    model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device, detections_path: Path
-) -> dict[str, float]:
-    """Evaluate on rank 0 (which writes ``detections_path``) and share the metrics with every rank."""
-    result = [evaluate(model, dataset, cfg, device, detections_path) if rank() == 0 else None]
-    if is_distributed():
-        dist.broadcast_object_list(result, src=0)
-    return result[0]
 
 
 def _read_history(path: Path, up_to_epoch: int, rewrite: bool = True) -> list[dict]:

@@ -235,6 +235,7 @@ def test_killed_driver_then_resume_finishes_each_trial_once(in_store, ray_addres
     runs = by_point_seed(runs_of(in_store, "killed"))
     assert set(runs) == {(t.point.id, str(t.seed)) for t in plan.trials}
     for trial in plan.trials:
+        assert len(runs[(trial.point.id, str(trial.seed))]) == 1, [(r.info.status, r.info.run_id, r.data.tags.get("dwlab.closed_reason"), r.data.tags.get("dwlab.resumed")) for r in runs[(trial.point.id, str(trial.seed))]]
         run, = runs[(trial.point.id, str(trial.seed))]  # exactly one run per (point, seed)
         assert run.info.status == "FINISHED"
         assert run.info.run_id == markers[trial.key]["mlflow_run_id"]  # the same run, reopened

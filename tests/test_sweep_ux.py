@@ -93,3 +93,15 @@ def test_a_finished_runs_checkpoint_keeps_the_weights_only(tmp_path, synth_root)
     longer = validate(tiny_config(synth_root, train={"epochs": 3, "optimizer": "adamw"}), "t")
     with pytest.raises(DwlabError, match=r"holds the weights of epoch 2 only, without the optimizer state"):
         run_training(longer, tmp_path / "r", resume=True)
+
+
+def test_a_trial_runs_on_the_devices_ray_gave_it():
+    """0 GPUs: ``auto`` means the CPU, whatever the node has; GPUs torch cannot use: an error."""
+    from dwlab.config import load_config
+    from dwlab.sweep.trainable import on_the_trials_devices
+
+    cfg = load_config("smoke")
+    assert cfg.train.device == "auto" and on_the_trials_devices(cfg, 0).train.device == "cpu"
+    if not torch.cuda.is_available():  # this machine: a trial given a GPU fails at once
+        with pytest.raises(DwlabError, match=r"the trial was given 1 GPU\(s\) but torch .* sees none"):
+            on_the_trials_devices(cfg, 1)

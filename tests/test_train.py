@@ -124,3 +124,16 @@ def test_bad_input_gives_one_line_and_nonzero_exit(tmp_path, synth_root):
         err = proc.stderr.strip()
         assert proc.returncode == 2, (name, err)
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, (name, err)
+
+
+def test_a_paper_scale_run_off_the_papers_images_per_step_says_so(tmp_path, synth_root, capsys):
+    raw = tiny_config(synth_root, train={"lr": 0.01, "batch_size": 4})
+    run_training(validate({**raw, "scale": "paper"}, "t"), tmp_path / "p")
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("warning: scale paper")]
+    assert lines == [
+        "warning: scale paper: lr 0.01 is the paper's for 16 images per step (8 GPUs x 2); this run steps on 4 "
+        "(1 worker(s) x 4): set train.lr=0.0025 (linear scaling), or run the paper's 8 x 2 through "
+        "`dwlab sweep ... --scale paper` on a GPU cluster (README)"
+    ]
+    run_training(validate({**raw, "scale": "custom"}, "t"), tmp_path / "c")  # other scales: silent
+    assert "scale paper" not in capsys.readouterr().err

@@ -38,9 +38,13 @@ class LabelAssigner(Protocol):
         """Loss terms of a batch, each a normalised, unweighted scalar named from ``LOSS_TERMS``;
         the loss is ``weighted_total(terms, self.loss_weights)``.
 
-        Normalisers are averaged over workers (``dwlab.distributed.normaliser``) so that the
-        loss is the same under DDP as in one process on the same global batch. Images
-        without GTs contribute negatives only.
+        Normalisers follow the released code's rule (``dwlab.distributed.normaliser``): averaged
+        over workers, then clamped to at least 1. Under DDP the loss then equals one process's
+        on the same global batch whenever that per-worker mean is at least 1; below 1 (a
+        batch with almost no positives, a box-weight sum under 1 early in GFL/TOOD training)
+        the clamp applies per worker and the two differ (``tests/test_distributed_rule.py``
+        pins by how much). Kept as released, so that runs compare with the paper's code.
+        Images without GTs contribute negatives only.
 
         Optional: ``set_epoch(epoch: int)`` (0-based), which the training loop calls before
         each epoch on an assigner that has it (e.g. TOOD's ATSS warm-up epochs).

@@ -37,12 +37,12 @@ from typing import Annotated, Any, Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dwlab.config import Config, flatten, load_config, parse_override, read_yaml, resolve_path, to_dict
+from dwlab import paper
 from dwlab.errors import DwlabError
 
 TABLES = ("table2", "table3", "table4", "table5", "table6")
 SCALES = ("smoke", "mini", "paper")
-PAPER_IMAGES_PER_BATCH = 16  # 8 GPUs x 2 images (paper, Sec. 4)
-PAPER_LR = 0.01
+PAPER_IMAGES_PER_BATCH, PAPER_LR = paper.IMAGES_PER_STEP, paper.LR
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._+=,-]")
 _RESERVED = ("id", "label")

@@ -58,7 +58,7 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
         os.environ[faults.ENV] = spec["faults"]
     else:
         os.environ.pop(faults.ENV, None)
-    cfg = Config.model_validate(spec["config"])
+    cfg = on_the_trials_devices(Config.model_validate(spec["config"]), spec["gpus_per_worker"])
     info = {"host": socket.gethostname(), "node": _ray_node(), "pid": os.getpid(), "device": _device_name(cfg.train.device)}
 
     def on_epoch_end(rep) -> None:
@@ -86,6 +86,27 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
             **info,
         }
     )
+
+
+def on_the_trials_devices(cfg, gpus: float):
+    """``cfg`` on the devices Ray gave the trial: ``train.device: auto`` becomes ``cpu`` for a
+    trial without GPUs (Ray >= 2.60 no longer hides a node's GPUs from tasks that asked for none,
+    so they would all land on ``cuda:0``); a trial given GPUs that torch cannot use fails here,
+    instead of training on the CPU."""
+    import torch
+
+    from dwlab.errors import DwlabError
+
+    if not gpus:
+        if cfg.train.device == "auto":
+            return cfg.model_copy(update={"train": cfg.train.model_copy(update={"device": "cpu"})})
+        return cfg
+    if cfg.train.device != "cpu" and not torch.cuda.is_available():
+        raise DwlabError(
+            f"the trial was given {gpus:g} GPU(s) but torch {torch.__version__} (CUDA {torch.version.cuda}) "
+            "sees none: is the node's NVIDIA driver new enough for that CUDA (dwlab-check-gpu)?"
+        )
+    return cfg
 
 
 def _ray_node() -> str:
