@@ -11,7 +11,9 @@ Notation as in ``dwlab.models.outputs``: B images, A anchor points, C classes, G
   warm-up).
 - ``Positives`` / ``positives``: the pairs of a hard assignment (``matched`` ``Tensor[B, A]``,
   -1 = background), with the predicted boxes (gradient) and their IoU with the GT (no gradient).
-- ``QualityAssignment``: a hard assignment with a soft target per positive (GFL, VFL, TOOD).
+- ``atss_positives``: inputs checked, ATSS's match and its positives (GFL, VFL, TOOD's warm-up).
+- ``QualityAssignment``: a hard assignment with a soft target per positive (GFL, VFL, TOOD), and
+  ``per_positive_terms``, its loss terms normalised by the positives (GFL, VFL, TOOD's warm-up).
 - ``entry_minima``: the smallest value per (image, anchor, class) entry (DW, AutoAssign).
 - ``focus_maps`` / ``level_maps``: per-anchor score / IoU / pos / neg maps for
   ``dwlab plot weights`` (visualisation only: dense per-image IoU).
@@ -29,6 +31,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 from dwlab.assign.bags import split_levels
 from dwlab.box_ops import aligned_iou, box_centers
 from dwlab.data.target import Target
+from dwlab.distributed import normaliser
 from dwlab.models.outputs import Anchors, HeadOutputs
 
 INSIDE_EPS = 0.01  # pixels: "centre inside GT" is min(l, t, r, b) > 0.01 (released ATSS / TOOD code)
@@ -191,6 +194,17 @@ def positives(outputs: HeadOutputs, matched: Tensor, gt_boxes: Tensor, gt_labels
     return Positives(image, anchor, gt, gt_labels[image, gt], boxes, pred, iou)
 
 
+def atss_positives(
+    outputs: HeadOutputs, targets: list[Target], num_classes: int, *, topk: int, anchor_scale: float
+) -> tuple[ATSSMatch, Positives]:
+    """The inputs checked, ATSS's match of the batch (no gradient) and its positive pairs (the
+    predicted boxes with gradient)."""
+    check_outputs(outputs, targets, num_classes)
+    gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
+    m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=topk, anchor_scale=anchor_scale)
+    return m, positives(outputs, m.matched, gt_boxes, gt_labels)
+
+
 def class_target(shape: torch.Size, pos: Positives, values: Tensor) -> Tensor:
     """``Tensor[B, A, C]`` of zeros with ``values`` ``Tensor[P]`` at each positive's (image,
     anchor, label) entry; a new tensor, without gradient."""
@@ -210,6 +224,16 @@ class QualityAssignment:
     quality: Tensor
     box_weight: Tensor
     match: ATSSMatch | None = None
+
+    def per_positive_terms(self, loss_cls_sum: Tensor) -> dict[str, Tensor]:
+        """``loss_cls``: ``loss_cls_sum`` over the number of positives; ``loss_box``: the
+        box-weighted GIoU loss over the sum of the box weights (each normaliser averaged over
+        workers, at least 1: ``dwlab.distributed.normaliser``)."""
+        device = loss_cls_sum.device
+        return {
+            "loss_cls": loss_cls_sum / normaliser(float(self.pos.image.numel()), device),
+            "loss_box": self.pos.weighted_giou(self.box_weight) / normaliser(self.box_weight.sum(), device),
+        }
 
 
 def entry_minima(keys: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -27,19 +27,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dwlab.assign.common import (
-    QualityAssignment,
-    atss_match,
-    check_outputs,
-    class_target,
-    focus_maps,
-    level_maps,
-    pad_targets,
-    positives,
-)
+from dwlab.assign.common import QualityAssignment, atss_positives, class_target, focus_maps, level_maps
 from dwlab.config import GFLAssignerConfig
 from dwlab.data.target import Target
-from dwlab.distributed import normaliser
 from dwlab.losses import qfl_weights, quality_focal_loss
 from dwlab.models.outputs import HeadOutputs
 
@@ -69,25 +59,18 @@ class GFLAssigner:
     def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
         """ATSS positives; quality = IoU of the predicted box with its GT; box weight = the
         anchor's largest joint score over classes (released code)."""
-        check_outputs(outputs, targets, self.num_classes)
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
-        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.topk, anchor_scale=self.anchor_scale)
-        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        m, pos = atss_positives(outputs, targets, self.num_classes, topk=self.topk, anchor_scale=self.anchor_scale)
         with torch.no_grad():
             box_weight = outputs.scores()[pos.image, pos.anchor].detach().float().amax(-1)
         return QualityAssignment(m.matched, pos, pos.iou, box_weight, m)
 
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         asg = self.assign(outputs, targets)
-        device = outputs.cls_logits.device
         target = class_target(outputs.cls_logits.shape, asg.pos, asg.quality)
         loss_cls = quality_focal_loss(
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=self.beta, reduction="sum"
         )
-        return {
-            "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
-        }
+        return asg.per_positive_terms(loss_cls)
 
     @torch.no_grad()
     def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:

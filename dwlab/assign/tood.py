@@ -40,7 +40,7 @@ from torch import Tensor
 
 from dwlab.assign.common import (
     QualityAssignment,
-    atss_match,
+    atss_positives,
     centerness_target,
     check_outputs,
     class_target,
@@ -197,10 +197,9 @@ class TOODAssigner:
         return QualityAssignment(m.matched, pos, t_hat, t_hat)
 
     def _warmup_assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
-        check_outputs(outputs, targets, self.num_classes)
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
-        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.initial_topk, anchor_scale=self.anchor_scale)
-        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        m, pos = atss_positives(
+            outputs, targets, self.num_classes, topk=self.initial_topk, anchor_scale=self.anchor_scale
+        )
         with torch.no_grad():
             ctr = centerness_target(boxes_to_distances(outputs.anchors.points[pos.anchor], pos.gt_boxes))
         return QualityAssignment(m.matched, pos, torch.ones_like(ctr), ctr, m)
@@ -220,16 +219,12 @@ class TOODAssigner:
         """The ATSS head's loss on the joint score (released warm-up): focal loss with hard
         targets over the number of positives, centerness-weighted GIoU over the weights' sum.
         Focal loss is QFL with a 0/1 target times alpha_t."""
-        device = outputs.cls_logits.device
         target = class_target(outputs.cls_logits.shape, asg.pos, asg.quality)
         focal = quality_focal_loss(
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target, beta=WARMUP_FOCAL_GAMMA, reduction="none"
         )
         alpha_t = torch.where(target > 0, WARMUP_FOCAL_ALPHA, 1.0 - WARMUP_FOCAL_ALPHA)
-        return {
-            "loss_cls": (alpha_t * focal).sum() / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
-        }
+        return asg.per_positive_terms((alpha_t * focal).sum())
 
     @torch.no_grad()
     def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:

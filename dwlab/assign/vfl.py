@@ -23,20 +23,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dwlab.assign.common import (
-    QualityAssignment,
-    atss_match,
-    check_outputs,
-    class_target,
-    focus_maps,
-    level_maps,
-    pad_targets,
-    positives,
-)
+from dwlab.assign.common import QualityAssignment, atss_positives, class_target, focus_maps, level_maps
 from dwlab.assign.table1 import vfl as vfl_weights
 from dwlab.config import VFLAssignerConfig
 from dwlab.data.target import Target
-from dwlab.distributed import normaliser
 from dwlab.losses import varifocal_loss
 from dwlab.models.outputs import HeadOutputs
 
@@ -74,25 +64,18 @@ class VFLAssigner:
 
     def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
         """ATSS positives; quality q = IoU of the predicted box with its GT (>= 1e-6), also the box weight."""
-        check_outputs(outputs, targets, self.num_classes)
-        gt_boxes, gt_labels, gt_valid = pad_targets(targets, outputs.cls_logits.device)
-        m = atss_match(outputs.anchors, gt_boxes, gt_valid, topk=self.topk, anchor_scale=self.anchor_scale)
-        pos = positives(outputs, m.matched, gt_boxes, gt_labels)
+        m, pos = atss_positives(outputs, targets, self.num_classes, topk=self.topk, anchor_scale=self.anchor_scale)
         q = pos.iou.clamp(min=MIN_IOU)
         return QualityAssignment(m.matched, pos, q, q, m)
 
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         asg = self.assign(outputs, targets)
-        device = outputs.cls_logits.device
         target = class_target(outputs.cls_logits.shape, asg.pos, asg.quality)
         loss_cls = varifocal_loss(
             outputs.cls_logits, outputs.centerness.unsqueeze(-1), target,
             alpha=self.alpha, gamma=self.gamma, reduction="sum",
         )  # fmt: skip
-        return {
-            "loss_cls": loss_cls / normaliser(float(asg.pos.image.numel()), device),
-            "loss_box": asg.pos.weighted_giou(asg.box_weight) / normaliser(asg.box_weight.sum(), device),
-        }
+        return asg.per_positive_terms(loss_cls)
 
     @torch.no_grad()
     def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
