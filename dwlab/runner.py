@@ -497,9 +497,10 @@ def _record_epoch(run: _Run, epoch: int, metrics: dict[str, float], history: lis
             },
             run.ckpt_dir,
         )
-    history.append({"epoch": epoch + 1, **metrics})
+    row = {"epoch": epoch + 1, **metrics}
+    history.append(row)
     with open(run.out_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"epoch": epoch + 1, **metrics}) + "\n")
+        f.write(json.dumps(row) + "\n")
     return ckpt_path
 
 

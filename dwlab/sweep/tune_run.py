@@ -73,6 +73,10 @@ class DriverCallback(tune.Callback):
     def _key(trial) -> str:
         return trial.config["trial"]["key"]
 
+    def _error(self, trial, key: str) -> str:
+        """The attempt's error in one line, naming the file that holds its traceback."""
+        return f"{error_text(trial)} (traceback: {self.trials[key].run_dir / LOG})"
+
     def on_trial_start(self, iteration, trials, trial, **info):
         key = self._key(trial)
         run_id = self.tracker.started(self.trials[key], trial.num_failures)
@@ -86,7 +90,7 @@ class DriverCallback(tune.Callback):
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         key = self._key(trial)
-        error = f"{error_text(trial)} (traceback: {self.trials[key].run_dir / LOG})"
+        error = self._error(trial, key)
         self.tracker.client.set_tag(self.tracker.run_ids[key], Tag.LAST_ERROR, error[:5000])
         self.progress.retrying(key, trial.num_failures, error)
 
@@ -101,7 +105,7 @@ class DriverCallback(tune.Callback):
 
     def on_trial_error(self, iteration, trials, trial, **info):
         key = self._key(trial)
-        error = f"{error_text(trial)} (traceback: {self.trials[key].run_dir / LOG})"
+        error = self._error(trial, key)
         self.tracker.fail(key, error)
         self.closed.add(key)
         self.outcome.failed[key] = error
