@@ -63,7 +63,9 @@ class FCOSHead(nn.Module):
             reg_feat = self.reg_tower(feature)
             cls_out.append(self.cls_logits(cls_feat))
             ctr_out.append(self.centerness(reg_feat))
-            dist = torch.relu(self.scales[level] * self.bbox_pred(reg_feat)) * stride
+            # fp32 from here on (as MMDetection): under fp16 autocast, distances above 512 px
+            # would step by 0.5 px and overflow to inf past 65504 / stride
+            dist = torch.relu(self.scales[level] * self.bbox_pred(reg_feat).float()) * stride
             if self.refine is not None:
                 dist = self.refine(reg_feat, dist, stride)
             dist_out.append(dist)

@@ -59,7 +59,7 @@ class BoxRefine(nn.Module):
         x1, y1, x2, y2 = sampled.unbind(1)
         # Eq. 10: refined distances from (x, y), back to pixels
         refined = torch.stack([xs - x1, ys - y1, x2 - xs, y2 - ys], 1).clamp(min=0) * stride
-        return refined.to(distances.dtype)
+        return refined  # fp32, like the coarse distances
 
     @staticmethod
     def _grid_sample(box_map: Tensor, px: Tensor, py: Tensor) -> Tensor:
