@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dwlab.errors import DwlabError
 
@@ -49,7 +49,7 @@ class DataConfig(Strict):
 class PretrainConfig(Strict):
     """The domain-pretrained backbone (``model.pretrained: synth``, see ``dwlab.pretrain``): a
     classifier of object crops cut from generated images of their own seed stream. Every field
-    but ``threads`` is part of the cache key."""
+    is part of the cache key: the same key gives the same bytes (on one CPU instruction set)."""
 
     images: int = Field(3000, ge=10)  # generated images to cut crops from
     image_size: int = Field(128, ge=32)  # their longer side
@@ -60,7 +60,18 @@ class PretrainConfig(Strict):
     batch_size: int = Field(64, ge=1)
     lr: float = Field(2e-3, gt=0.0)  # AdamW, linear decay to 0
     weight_decay: float = Field(0.05, ge=0.0)
-    threads: int | None = None  # torch CPU threads while pretraining (null: torch's default)
+    # torch CPU threads while pretraining: fixed, not the host's count, because the trunk's bytes
+    # depend on it (1 and 2 threads differ by up to 0.05 in a weight)
+    threads: int = Field(2, ge=1)
+    # cuda: seconds instead of minutes on a GPU host, but another trunk (its own cache key) than
+    # the CPU's, which CPU hosts and the offline bundle share
+    device: Literal["cpu", "cuda"] = "cpu"
+
+    @field_validator("threads", mode="before")
+    @classmethod
+    def _fixed_threads(cls, value: Any) -> Any:
+        """Configs written before the thread count was fixed say null (torch's default)."""
+        return 2 if value is None else value
 
 
 class ModelConfig(Strict):
@@ -230,6 +241,12 @@ class TrainConfig(Strict):
     max_iters_per_epoch: int | None = Field(None, ge=1)  # cap for quick runs and benchmarks
     progress: bool = True  # rich progress bar
     save_checkpoints: bool = True
+    # CUDA: deterministic kernels (cuDNN's deterministic algorithms, no autotuning, torch's
+    # deterministic mode), so the same config and seed give the same numbers on the same GPU;
+    # an op with no deterministic CUDA kernel warns once and runs anyway. The CPU's kernels
+    # are deterministic already: the field changes nothing there. Its speed cost on a GPU has
+    # not been measured yet (README "Reproducible runs").
+    deterministic: bool = True
 
 
 class EvalConfig(Strict):

@@ -9,16 +9,22 @@ assignment is involved, so every label-assignment method starts from identical f
 It is built once (``dwlab pretrain CONFIG``, or on first use by a run whose
 ``model.pretrained`` is ``synth``) and cached under ``<cache>/backbones/`` keyed by the backbone
 name and every ``model.pretrain`` setting; a run loads the cached trunk like an ImageNet one.
+The same key gives the same bytes on any host with the same CPU instruction set: the thread
+count and device are settings (part of the key), and the crops, rendered in parallel on the
+host's cores, do not depend on how many processes render them.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +37,11 @@ from dwlab.data import synth
 from dwlab.data.transforms import normalize
 from dwlab.errors import DwlabError
 
-KEY_EXCLUDES = {"threads"}  # settings that do not change what is learnt
-
+CROP_CHUNK = 100  # images per rendering task
 
 def cache_path(backbone: str, cfg: PretrainConfig) -> Path:
     """``<cache>/backbones/<backbone>-<hash of the settings>.pt``."""
-    settings = {"backbone": backbone, **cfg.model_dump(exclude=KEY_EXCLUDES)}
+    settings = {"backbone": backbone, **cfg.model_dump()}
     digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     return synth.cache_root() / "backbones" / f"{backbone}-{digest}.pt"
 
@@ -58,10 +63,26 @@ def cached_backbone(backbone: str, cfg: PretrainConfig, log=print) -> Path:
 
 def crops(cfg: PretrainConfig) -> tuple[Tensor, Tensor]:
     """Crops of every object in ``cfg.images`` generated images: ``Tensor[N, 3, crop, crop]``
-    uint8 and their class indices ``Tensor[N]`` (position in ``synth.CATEGORIES``)."""
+    uint8 and their class indices ``Tensor[N]`` (position in ``synth.CATEGORIES``), in image
+    order whatever the number of rendering processes."""
+    chunks = [range(i, min(i + CROP_CHUNK, cfg.images)) for i in range(0, cfg.images, CROP_CHUNK)]
+    workers = min(os.cpu_count() or 1, len(chunks))
+    task = functools.partial(_chunk_crops, cfg)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            parts = list(pool.map(task, chunks))
+    else:
+        parts = [task(chunk) for chunk in chunks]
+    pixels = np.concatenate([p for p, _ in parts])
+    labels = torch.from_numpy(np.concatenate([lab for _, lab in parts]))
+    return torch.from_numpy(pixels).permute(0, 3, 1, 2).contiguous(), labels
+
+
+def _chunk_crops(cfg: PretrainConfig, indices: range) -> tuple[np.ndarray, np.ndarray]:
+    """The crops of images ``indices``: ``uint8[n, crop, crop, 3]`` and class indices ``int64[n]``."""
     index = {cat_id: k for k, (cat_id, _) in enumerate(synth.CATEGORIES)}
     pixels, labels = [], []
-    for i in range(cfg.images):
+    for i in indices:
         image, objects = synth.render(cfg.seed, synth.PRETRAIN_STREAM, i, cfg.image_size)
         picture = Image.fromarray(image)
         for (x, y, w, h), _area, cat_id in objects:
@@ -71,7 +92,8 @@ def crops(cfg: PretrainConfig) -> tuple[Tensor, Tensor]:
             crop = picture.crop(box).resize((cfg.crop, cfg.crop), Image.BILINEAR)  # zero-padded outside
             pixels.append(np.asarray(crop))
             labels.append(index[cat_id])
-    return torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).contiguous(), torch.tensor(labels)
+    empty = np.zeros((0, cfg.crop, cfg.crop, 3), np.uint8)
+    return (np.stack(pixels) if pixels else empty), np.asarray(labels, dtype=np.int64)
 
 
 def _augment(batch: Tensor, gen: torch.Generator) -> Tensor:
@@ -96,8 +118,11 @@ def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels:
             f"model.pretrain: {len(train)} training crops from images={cfg.images} are fewer than "
             f"batch_size={cfg.batch_size}; raise model.pretrain.images"
         )
+    device = _device(cfg.device)
+    images, labels = images.to(device), labels.to(device)
     net = resnet(backbone, False, "bn")
     net.fc = nn.Linear(net.fc.in_features, len(synth.CATEGORIES))
+    net.to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * max(1, len(train) // cfg.batch_size)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
@@ -106,7 +131,7 @@ def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels:
         perm = train[torch.randperm(len(train), generator=gen)]
         for start in range(0, len(perm) - cfg.batch_size + 1, cfg.batch_size):
             idx = perm[start : start + cfg.batch_size]
-            with torch.autocast("cpu", dtype=torch.bfloat16):
+            with torch.autocast(device.type, dtype=torch.bfloat16):
                 logits = net(normalize(_augment(images[idx], gen).float()))
             loss = nn.functional.cross_entropy(logits.float(), labels[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -119,7 +144,13 @@ def train_classifier(backbone: str, cfg: PretrainConfig, images: Tensor, labels:
         predicted = torch.cat([net(normalize(images[val[i : i + 256]].float())).argmax(1) for i in range(0, n_val, 256)])
     accuracy = (predicted == labels[val]).float().mean().item()
     net.fc = nn.Identity()
-    return net, accuracy
+    return net.cpu(), accuracy
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DwlabError("model.pretrain.device=cuda but torch sees no CUDA device")
+    return torch.device(name)
 
 
 def build(backbone: str, cfg: PretrainConfig, path: Path, log=print) -> dict:
@@ -128,8 +159,7 @@ def build(backbone: str, cfg: PretrainConfig, path: Path, log=print) -> dict:
     the ``.pt`` last, so that it exists only complete); returns that record."""
     start = time.perf_counter()
     threads = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(cfg.threads)
     # its own RNG stream: a run that builds the cache on first use initialises its detector
     # from train.seed exactly as a run that finds the cache does
     with torch.random.fork_rng(devices=[]):

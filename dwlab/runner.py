@@ -2,7 +2,8 @@
 
 A run directory holds ``config.yaml`` (the config as given, fields left null stay null),
 ``resolved.yaml`` (what the run resolved beyond it: the assigner's constants and loss weights,
-see ``resolved_record``), ``metrics.jsonl`` (one line per epoch), ``checkpoints/last.pt``
+see ``resolved_record``), ``metrics.jsonl`` (one line per epoch: what was computed, identical
+when the run is repeated), ``timing.jsonl`` (one line per epoch: ``iters_per_s``), ``checkpoints/last.pt``
 (+ ``prev.pt``), ``eval.json`` (final COCO metrics) and ``detections.json`` (the val set's
 detections at the latest evaluation, COCO results format).
 Under torch.distributed (e.g. a Ray Train worker) it trains data-parallel; rank 0 writes files.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +46,10 @@ __all__ = ["EpochReport", "RunResult", "NonFiniteLoss", "run_training", "run_eva
 
 FINAL_METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 DETECTIONS = "detections.json"  # beside eval.json: the val detections of the latest evaluation
+# one line per epoch each: what the run computed (the same for the same config, seed and
+# machine, to the last digit) and what the clock measured (never the same twice)
+METRICS, TIMING = "metrics.jsonl", "timing.jsonl"
+WALL_CLOCK = ("iters_per_s",)  # the epoch's metrics that go to TIMING, not METRICS
 RANK_SEED_STRIDE = 1_000_003  # rank r's random streams are seeded at seed + r * this
 
 
@@ -193,6 +199,27 @@ def precision(cfg: Config, device: torch.device) -> tuple[torch.amp.GradScaler |
         autocast_dtype = torch.bfloat16
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     return (torch.amp.GradScaler("cuda") if use_amp else None), autocast_dtype, memory_format
+
+
+def set_determinism(enabled: bool, device: torch.device) -> None:
+    """``train.deterministic`` on ``device``: on CUDA, cuDNN's deterministic algorithms without
+    autotuning, cuBLAS with a fixed workspace and torch's deterministic mode (warning, not
+    failing, on an op that has no deterministic CUDA kernel); nothing on the CPU, whose
+    kernels are deterministic for a fixed thread count."""
+    if device.type != "cuda":
+        return
+    if enabled:  # read by cuBLAS when it first starts in this process
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = enabled
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+
+
+def determinism_record(enabled: bool, device: torch.device) -> dict[str, Any]:
+    """What decides whether a repeat gives the same numbers: ``deterministic`` (true on the
+    CPU, ``train.deterministic`` on CUDA) and ``cpu_isa`` (the CPU kernels' instruction set:
+    bf16 and fp32 kernels differ between, e.g., AVX2 and AVX512 machines)."""
+    return {"deterministic": enabled or device.type == "cpu", "cpu_isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -406,9 +433,10 @@ def _build_run(cfg: Config, out_dir: Path) -> _Run:
     require_boxes(train_set)
     num_classes = num_classes_of(cfg, train_set)
     device = pick_device(cfg.train.device)
+    set_determinism(cfg.train.deterministic, device)
     model = build_model(cfg.model, num_classes).to(device)
     assigner = make_assigner(cfg, num_classes)
-    resolved = resolved_record(cfg, assigner)
+    resolved = {**resolved_record(cfg, assigner), **determinism_record(cfg.train.deterministic, device)}
     assigner = faults.wrap(assigner, out_dir)  # itself unless $DWLAB_FAULTS names this run
     optimizer = make_optimizer(model, cfg)
     scaler, autocast_dtype, memory_format = precision(cfg, device)
@@ -440,7 +468,8 @@ def _resume(run: _Run) -> tuple[int, list[dict]]:
     if run.step.scaler is not None and "scaler" in saved:
         run.step.scaler.load_state_dict(saved["scaler"])
     start_epoch, run.state.iteration = int(saved["epoch"]), int(saved["iteration"])
-    history = _read_history(run.out_dir / "metrics.jsonl", start_epoch, rewrite=rank() == 0)
+    history = _read_history(run.out_dir / METRICS, start_epoch, rewrite=rank() == 0)
+    _read_history(run.out_dir / TIMING, start_epoch, rewrite=rank() == 0)
     torch.set_rng_state(saved["rng"])
     return start_epoch, history
 
@@ -479,7 +508,7 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
 
 def _record_epoch(run: _Run, epoch: int, metrics: dict[str, float], history: list[dict]) -> Path | None:
     """Rank 0: the checkpoint of epoch ``epoch`` (0-based; when ``train.save_checkpoints``) and
-    its ``metrics.jsonl`` line; returns the checkpoint's path."""
+    its ``metrics.jsonl`` and ``timing.jsonl`` lines; returns the checkpoint's path."""
     ckpt_path = None
     if run.cfg.train.save_checkpoints:
         scaler = run.step.scaler
@@ -497,10 +526,12 @@ def _record_epoch(run: _Run, epoch: int, metrics: dict[str, float], history: lis
             },
             run.ckpt_dir,
         )
-    row = {"epoch": epoch + 1, **metrics}
+    row = {"epoch": epoch + 1, **{k: v for k, v in metrics.items() if k not in WALL_CLOCK}}
     history.append(row)
-    with open(run.out_dir / "metrics.jsonl", "a") as f:
+    with open(run.out_dir / METRICS, "a") as f:
         f.write(json.dumps(row) + "\n")
+    with open(run.out_dir / TIMING, "a") as f:
+        f.write(json.dumps({"epoch": epoch + 1, **{k: metrics[k] for k in WALL_CLOCK if k in metrics}}) + "\n")
     return ckpt_path
 
 

@@ -28,12 +28,38 @@ def test_crops_cover_every_object_of_their_own_stream():
     assert train_first.shape != pretrain_first.shape or (train_first != pretrain_first).any()
 
 
-def test_cache_key_follows_every_setting_but_threads():
+def test_cache_key_follows_every_setting():
     base = cache_path("resnet10", TINY)
-    assert cache_path("resnet10", TINY.model_copy(update={"threads": 2})) == base
     assert cache_path("resnet18", TINY) != base
-    for change in ({"images": 13}, {"seed": 1}, {"crop": 32}, {"epochs": 2}, {"lr": 1e-3}):
+    for change in ({"images": 13}, {"seed": 1}, {"crop": 32}, {"epochs": 2}, {"lr": 1e-3}, {"threads": 2},
+                   {"device": "cuda"}):  # fmt: skip
         assert cache_path("resnet10", TINY.model_copy(update=change)) != base, change
+
+
+def test_configs_written_with_null_threads_still_load():
+    assert PretrainConfig.model_validate({"threads": None}).threads == PretrainConfig().threads
+
+
+def test_crops_do_not_depend_on_the_number_of_rendering_processes(monkeypatch):
+    import dwlab.pretrain as pretrain
+
+    monkeypatch.setattr(pretrain, "CROP_CHUNK", 5)  # 12 images: 3 chunks
+    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 1)
+    one_images, one_labels = crops(TINY)
+    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 3)
+    three_images, three_labels = crops(TINY)
+    assert torch.equal(one_images, three_images) and torch.equal(one_labels, three_labels)
+
+
+def test_the_same_key_builds_the_same_bytes(tmp_path, monkeypatch):
+    """Two builds of one key, in other caches and with another global thread count, write
+    byte-identical trunks: a run is reproducible from its config, whoever built the cache."""
+    built = []
+    for cache, threads in ((tmp_path / "a", 1), (tmp_path / "b", 2)):
+        monkeypatch.setenv("DWLAB_CACHE", str(cache))
+        torch.set_num_threads(threads)
+        built.append(cached_backbone("resnet10", TINY, log=lambda _: None).read_bytes())
+    assert built[0] == built[1]
 
 
 def test_built_once_then_loaded_by_pretrained_synth(tmp_path, monkeypatch):

@@ -64,7 +64,7 @@ def test_only_names_unknown_point_and_seeds_per_scale(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("table", "n_points"), [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 5), ("table6", 8)]
+    ("table", "n_points"), [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", 8)]
 )
 @pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
 def test_every_table_validates_at_every_scale(table, n_points, scale):
@@ -194,7 +194,7 @@ def test_dry_run_lists_trials_and_differences(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     out = result.stdout
     assert "10 points x 2 seeds = 20 trials" in out
-    assert "every trial: train.epochs=3" in out
+    assert "every trial: model.prior_prob=0.02 assigner.dw.variant=official train.epochs=3" in out
     rows = [line.split() for line in out.splitlines() if line.startswith(("beta=",))]
     assert len(rows) == 20
     assert ["beta=5,mu=3", "1", "assigner.dw.mu=3.0"] in rows  # mu_norm stays null: resolved when built

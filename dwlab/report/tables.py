@@ -69,8 +69,15 @@ def _bag_key(p: dict) -> tuple:
     return (bag, None)
 
 
+PAPER_EQUATIONS = "paper equations"  # DW's variant=paper: a row of its own beside the released recipe's
+
+
 def _neg_variant_key(p: dict) -> tuple:
-    return (p["assigner.dw.neg_variant"],)
+    """The paper's Table 5 rows are the released recipe (``variant: official``); a run of the
+    paper's equations (the config's default variant) is a row of its own, with no paper number."""
+    variant = p.get("assigner.dw.variant", "paper")
+    neg = p["assigner.dw.neg_variant"]
+    return (neg,) if variant == "official" else (f"{neg}, {PAPER_EQUATIONS}",)
 
 
 def method_name(p: dict) -> str:

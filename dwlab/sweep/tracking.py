@@ -325,24 +325,23 @@ class SweepTracker:
             self.client.log_batch(run_id, metrics=batch)
         self._logged_steps[key] = step
 
-    def backfill(self, key: str, metrics_file: Path) -> int:
-        """Log the epochs of a kept run directory's ``metrics.jsonl`` that the run lacks (a
-        driver killed between a checkpoint and its record); returns how many were logged."""
+    def backfill(self, key: str, run_dir: Path) -> int:
+        """Log the epochs of a kept run directory's ``metrics.jsonl`` (with their
+        ``timing.jsonl`` lines) that the run lacks (a driver killed between a checkpoint and its
+        record); returns how many were logged."""
         from mlflow.entities import Metric
 
-        if not metrics_file.is_file():
+        rows = _epoch_rows(run_dir / "metrics.jsonl")
+        if not rows:
             return 0
+        timing = _epoch_rows(run_dir / "timing.jsonl")
         run_id = self.run_ids[key]
         have = {m.step for m in self.client.get_metric_history(run_id, "loss")}
         batch, added = [], 0
-        for line in metrics_file.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            step = int(row.pop("epoch", 0))
+        for step, row in rows.items():
             if step < 1 or step in have:
                 continue
+            row = {**row, **timing.get(step, {})}
             batch.extend(Metric(k, float(v), _now_ms(), step) for k, v in row.items() if _is_number(v))
             added += 1
         for i in range(0, len(batch), 500):
@@ -384,12 +383,27 @@ class SweepTracker:
             self.client.log_dict(run_id, final_metrics, "eval.json")
         if (run_dir / "resolved.yaml").is_file():
             self.client.log_artifact(run_id, str(run_dir / "resolved.yaml"))
-        for name in ("metrics.jsonl", "detections.json"):
+        for name in ("metrics.jsonl", "timing.jsonl", "detections.json"):
             if (run_dir / name).is_file():
                 self.client.log_artifact(run_id, str(run_dir / name))
         ckpt = run_dir / "checkpoints" / "last.pt"
         if self.plan.checkpoint_artifact and ckpt.is_file():
             self.client.log_artifact(run_id, str(ckpt), "checkpoints")
+
+
+def _epoch_rows(path: Path) -> dict[int, dict[str, Any]]:
+    """``{epoch: row without "epoch"}`` of a per-epoch JSON-lines file (absent: empty; a torn
+    last line, left by a killed writer, is skipped)."""
+    rows: dict[int, dict[str, Any]] = {}
+    if not path.is_file():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        rows[int(row.pop("epoch", 0))] = row
+    return rows
 
 
 def _tags(mapping: dict[str, Any]):

@@ -416,7 +416,7 @@ def _open_trials(
         if _prepare_run_dir(trial, run_id, resume):
             resumed += 1
             if run_id is not None:
-                tracker.backfill(trial.key, trial.run_dir / "metrics.jsonl")
+                tracker.backfill(trial.key, trial.run_dir)
     if resume:
         console.print(f"resuming {resumed} trial(s) from their checkpoints")
 
