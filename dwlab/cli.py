@@ -241,6 +241,8 @@ def bench(
     reps: Annotated[int, typer.Option(min=1, help="Measured repetitions per figure (the median is reported).")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions first.")] = 3,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")] = None,
+    eval_images: Annotated[int, typer.Option(min=1, help="Generated val images the eval part scores.")] = 500,
+    load_batches: Annotated[int, typer.Option(min=1, help="Training batches the data part loads (after one warm-up).")] = 60,
     set_: SetOption = None,
 ) -> None:
     """Speed and memory side by side: training step vs torchvision's FCOS, DW loss vs a per-GT
@@ -249,7 +251,8 @@ def bench(
 
     opts = BenchOptions(
         device=device, scale=scale, parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
-        reps=reps, warmup=warmup, threads=threads, set_=set_ or [], command="dwlab " + " ".join(sys.argv[1:]),
+        reps=reps, warmup=warmup, threads=threads, eval_images=eval_images, load_batches=load_batches,
+        set_=set_ or [], command="dwlab " + " ".join(sys.argv[1:]),
     )  # fmt: skip
     text = run_bench(opts, echo=typer.echo)
     write_report(text, out)
