@@ -145,6 +145,8 @@ def sweep(
     set_: SetOption = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
     max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: as many as the resources fit).")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial, over the file's resources.")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial, over the file's resources (0.25: four trials per GPU).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue interrupted trials from their checkpoints and MLflow runs.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the expanded trials and their config differences; run nothing.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where trial run directories and Ray's results go.")] = Path("runs/sweeps"),
@@ -154,7 +156,10 @@ def sweep(
 
     if max_concurrent is not None and max_concurrent < 1:
         raise DwlabError(f"--max-concurrent: expected at least 1, got {max_concurrent}")
-    plan = load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points)
+    plan = load_plan(
+        file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points,
+        resources={"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial},
+    )  # fmt: skip
     if dry_run:
         typer.echo("\n".join(describe(plan)))
         return

@@ -102,9 +102,19 @@ def test_sweep_part_runs_both_ways_on_a_local_ray(tmp_path):
     tiny = {"train.epochs": 1, "data.synth.n_train": 8, "data.synth.n_val": 4, "train.progress": False,
             "train.max_iters_per_epoch": 1, "train.batch_size": 4, "model.fpn_channels": 32,
             "model.head_norm_groups": 8, "model.head_convs": 1}  # fmt: skip
-    s = bench_sweep(2, 2, tiny)
+    s = bench_sweep(2, 2, tiny, device="cpu")
     assert s["trials"] == 2 and s["sequential_s"] > 0 and s["concurrent_s"] > 0 and s["ray_start_s"] > 0
     assert s["speedup"] == pytest.approx(s["sequential_s"] / s["concurrent_s"])
+    assert s["devices"] == "cpu" and s["gpus_per_trial"] == 0  # as the trials' runs record it, like the single run
+
+
+def test_the_sweep_parts_trials_get_a_share_of_the_gpus_on_cuda_only():
+    from dwlab.bench.sweep import gpu_share
+
+    assert gpu_share("cpu", 2) == 0.0
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert gpu_share("cuda", 2) == min(1.0, n / 2) and gpu_share("cuda", 3) * 3 <= n
 
 
 @pytest.mark.parametrize(

@@ -200,8 +200,9 @@ def test_another_datasets_file_names_without_a_root_are_one_line_before_generati
 
     monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
     paper = load_config("paper", ["data.root=null"]).data  # COCO 2017's names
-    with pytest.raises(DwlabError, match=r"^data\.train_ann='annotations/instances_train2017\.json' but data\.root is null: "
-                                         r"the generated dataset has instances_train\.json and instances_val\.json"):
+    expected = (r"^data\.train_ann='annotations/instances_train2017\.json' but data\.root is null: "
+                r"the generated dataset has instances_train\.json and instances_val\.json")
+    with pytest.raises(DwlabError, match=expected):
         data_paths(paper)
     assert list(tmp_path.iterdir()) == []  # nothing generated
     small = load_config("smoke", ["data.val_ann=instances_train.json", "data.val_images=train",
