@@ -145,6 +145,8 @@ def sweep(
     set_: SetOption = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
     max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: as many as the resources fit).")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial, over the file's resources.")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial, over the file's resources (0.25: four trials per GPU).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue interrupted trials from their checkpoints and MLflow runs.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the expanded trials and their config differences; run nothing.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where trial run directories and Ray's results go.")] = Path("runs/sweeps"),
@@ -154,7 +156,10 @@ def sweep(
 
     if max_concurrent is not None and max_concurrent < 1:
         raise DwlabError(f"--max-concurrent: expected at least 1, got {max_concurrent}")
-    plan = load_plan(file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points)
+    plan = load_plan(
+        file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points,
+        resources={"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial},
+    )  # fmt: skip
     if dry_run:
         typer.echo("\n".join(describe(plan)))
         return
@@ -241,6 +246,8 @@ def bench(
     reps: Annotated[int, typer.Option(min=1, help="Measured repetitions per figure (the median is reported).")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Unmeasured repetitions first.")] = 3,
     threads: Annotated[Optional[int], typer.Option(min=1, help="torch threads (default: torch's choice).")] = None,
+    eval_images: Annotated[int, typer.Option(min=1, help="Generated val images the eval part scores.")] = 500,
+    load_batches: Annotated[int, typer.Option(min=1, help="Training batches the data part loads (after one warm-up).")] = 60,
     set_: SetOption = None,
 ) -> None:
     """Speed and memory side by side: training step vs torchvision's FCOS, DW loss vs a per-GT
@@ -249,7 +256,8 @@ def bench(
 
     opts = BenchOptions(
         device=device, scale=scale, parts=tuple(p.strip() for p in parts.split(",") if p.strip()),
-        reps=reps, warmup=warmup, threads=threads, set_=set_ or [], command="dwlab " + " ".join(sys.argv[1:]),
+        reps=reps, warmup=warmup, threads=threads, eval_images=eval_images, load_batches=load_batches,
+        set_=set_ or [], command="dwlab " + " ".join(sys.argv[1:]),
     )  # fmt: skip
     text = run_bench(opts, echo=typer.echo)
     write_report(text, out)

@@ -78,12 +78,30 @@ def data_paths(cfg: DataConfig) -> tuple[Path, Path, Path, Path]:
     if cfg.root is None:
         from dwlab.data.synth import default_dataset
 
+        check_generated_names(cfg)
         root = default_dataset(cfg.synth)
     else:
         root = Path(cfg.root)
         if not root.is_dir():
             raise DwlabError(f"data.root: directory {root} does not exist")
     return root / cfg.train_ann, root / cfg.train_images, root / cfg.val_ann, root / cfg.val_images
+
+
+def check_generated_names(cfg: DataConfig) -> None:
+    """With ``data.root`` null, the file names must be the generated dataset's (either split's:
+    evaluating on the train images is allowed); checked before anything is generated."""
+    from dwlab.data.synth import data_names
+
+    own = data_names()
+    for key in own:
+        kind = ("train_ann", "val_ann") if key.endswith("_ann") else ("train_images", "val_images")
+        allowed = sorted({own[k] for k in kind})
+        if getattr(cfg, key) not in allowed:
+            fix = " ".join(f"data.{k}={v}" for k, v in own.items())
+            raise DwlabError(
+                f"data.{key}={getattr(cfg, key)!r} but data.root is null: the generated dataset has "
+                f"{' and '.join(allowed)} (set data.root to your dataset, or {fix})"
+            )
 
 
 def prepare_inputs(cfg: Config, log: Callable[[str], None] = print) -> None:

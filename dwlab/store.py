@@ -24,7 +24,7 @@ DEFAULT_DIR = Path("mlruns")  # relative to the working directory, like ``mlflow
 
 class Tag:
     """Tag names. Experiment: TABLE, SCALE. Both run kinds: KIND, SWEEP, TABLE, SCALE,
-    SWEEP_FILE, GIT_COMMIT, VERSION, HOST. Parent runs: TRIALS, SKIPPED, WARNINGS and the
+    SWEEP_FILE, GIT_COMMIT, VERSION, HOST, RESOURCES. Parent runs: TRIALS, SKIPPED, WARNINGS and the
     summary counts (``dwlab.finished`` ...). Trial runs: the rest."""
 
     KIND = "dwlab.kind"
@@ -39,6 +39,7 @@ class Tag:
     TRIALS = "dwlab.trials"
     SKIPPED = "dwlab.skipped"
     WARNINGS = "dwlab.warnings"
+    RESOURCES = "dwlab.resources"  # per trial, as this invocation ran them (the file's or --*-per-trial)
     PARENT = "mlflow.parentRunId"
     POINT = "dwlab.point"
     POINT_LABEL = "dwlab.point_label"

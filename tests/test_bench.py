@@ -79,15 +79,42 @@ def test_report_has_every_part_and_target(tmp_path):
     assert "Sweep concurrency" not in text
 
 
+def test_eval_and_data_parts_at_the_paper_scale_use_the_generated_datasets_names(tmp_path):
+    """The paper preset names COCO 2017's files; the bench's generated dataset has its own. Tiny:
+    64 px images, a ResNet-18 with a narrow FPN, 3 val images, 1 loaded batch of 2."""
+    out = tmp_path / "bench.md"
+    tiny = ["model.backbone=resnet18", "model.pretrained=false", "model.fpn_channels=32", "model.head_convs=1",
+            "model.head_norm_groups=8", "data.min_size=64", "data.max_size=96", "data.num_workers=0",
+            "train.batch_size=2", "eval.batch_size=2"]  # fmt: skip
+    args = ["bench", "--scale", "paper", "--parts", "eval,data", "--eval-images", "3", "--load-batches", "1",
+            "--reps", "1", "--warmup", "0", "--threads", "2", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args + [a for item in tiny for a in ("--set", item)])
+    assert result.exit_code == 0, result.output
+    text = out.read_text()
+    assert "# dwlab bench (paper scale, cpu)" in text and "## Evaluation of a 3-image val set" in text
+    assert "over 2 generated images" in text  # the one measured batch of 2, after the warm-up one
+    assert "| data loading >= 3x training throughput |" in text
+
+
 def test_sweep_part_runs_both_ways_on_a_local_ray(tmp_path):
     from dwlab.bench.sweep import bench_sweep
 
     tiny = {"train.epochs": 1, "data.synth.n_train": 8, "data.synth.n_val": 4, "train.progress": False,
             "train.max_iters_per_epoch": 1, "train.batch_size": 4, "model.fpn_channels": 32,
             "model.head_norm_groups": 8, "model.head_convs": 1}  # fmt: skip
-    s = bench_sweep(2, 2, tiny)
+    s = bench_sweep(2, 2, tiny, device="cpu")
     assert s["trials"] == 2 and s["sequential_s"] > 0 and s["concurrent_s"] > 0 and s["ray_start_s"] > 0
     assert s["speedup"] == pytest.approx(s["sequential_s"] / s["concurrent_s"])
+    assert s["devices"] == "cpu" and s["gpus_per_trial"] == 0  # as the trials' runs record it, like the single run
+
+
+def test_the_sweep_parts_trials_get_a_share_of_the_gpus_on_cuda_only():
+    from dwlab.bench.sweep import gpu_share
+
+    assert gpu_share("cpu", 2) == 0.0
+    if torch.cuda.is_available():
+        n = torch.cuda.device_count()
+        assert gpu_share("cuda", 2) == min(1.0, n / 2) and gpu_share("cuda", 3) * 3 <= n
 
 
 @pytest.mark.parametrize(

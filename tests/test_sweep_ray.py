@@ -313,6 +313,25 @@ def test_without_resume_an_interrupted_run_is_closed_killed(in_store):
     assert {r.info.status for r in runs_of(in_store, "stale", "sweep")} == {"KILLED", "FINISHED"}
 
 
+def test_a_trial_bigger_than_the_running_local_ray_fails_at_once_in_one_line(in_store):
+    """This module's Ray has 2 CPUs and no GPU: a trial asking for more would wait forever."""
+    f = sweep_file(in_store, "toobig", [{"train.lr": 0.01}], epochs=1)
+    for args, expected in [
+        (["--cpus-per-trial", "3"], "cpus_per_trial=3 (--cpus-per-trial) but the running local Ray has 2 CPUs "
+                                    "(ray.cluster_resources()); --cpus-per-trial 2 fits"),
+        (["--gpus-per-trial", "0.25"], "gpus_per_trial=0.25 (--gpus-per-trial) but the running local Ray has 0 GPUs "
+                                       "(ray.cluster_resources()); --gpus-per-trial 0 trains on the CPU"),
+    ]:  # fmt: skip
+        t0 = time.monotonic()
+        result = run_cli(str(f), *args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip().splitlines() == [
+            f"error: {expected}, or --address joins a Ray cluster that has them"
+        ]
+        assert time.monotonic() - t0 < 30
+    assert not runs_of(in_store, "toobig", kind=None) and not (in_store / "runs" / "sweeps" / "toobig").exists()
+
+
 def test_two_worker_gloo_trial_matches_one_process_on_the_same_global_batch(in_store, tmp_path):
     """Ray Train, 2 gloo workers x 4 images vs one process x 8 images: the whole (8-image)
     dataset is one global batch, so epoch 1's loss is the loss at the same initial weights."""

@@ -141,6 +141,46 @@ def test_paper_scale_warns_about_the_batch(tmp_path):
     assert len(plan.warnings) == 1 and "2 images per batch at lr 0.02" in plan.warnings[0]
 
 
+def test_resource_flags_override_the_files_resources_and_are_shown(tmp_path, monkeypatch):
+    resources = {"mini": {"cpus_per_trial": 2, "gpus_per_trial": 1}}
+    f = write(tmp_path / "s.yaml", {"points": [{}], "resources": resources})
+    plan = load_plan(f, scale="mini", resources={"gpus_per_trial": 0.25, "cpus_per_trial": None})
+    assert (plan.resources.cpus_per_trial, plan.resources.gpus_per_trial, plan.world_size) == (2, 0.25, 1)
+    assert plan.resource_flags == {"gpus_per_trial": 0.25}
+    assert plan.resource_source("gpus_per_trial") == "--gpus-per-trial"
+    assert plan.resource_source("cpus_per_trial") == f"resources.cpus_per_trial in {f}"
+    assert plan.resources.record == "cpus_per_trial=2 gpus_per_trial=0.25 workers_per_trial=1"
+    assert {t.config.train.threads for t in plan.trials} == {2}
+    four = load_plan(f, scale="mini", resources={"cpus_per_trial": 4})  # threads follow the CPUs
+    assert {t.config.train.threads for t in four.trials} == {4} and four.resources.gpus_per_trial == 1
+    assert load_plan(f, scale="mini", resources={"gpus_per_trial": 2}).world_size == 2  # one worker per GPU
+    monkeypatch.chdir(tmp_path)
+    result = sweep_cli(str(f), "--scale", "mini", "--dry-run", "--gpus-per-trial", "0.25")
+    assert result.exit_code == 0, result.output
+    shown = "resources per trial: 2 CPU, 0.25 GPU, 1 worker(s) (--gpus-per-trial 0.25 over the file's)"
+    assert shown in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--gpus-per-trial", "-1"], "--gpus-per-trial: Input should be greater than or equal to 0 (got -1.0)"),
+        (["--cpus-per-trial", "0"], "--cpus-per-trial: Input should be greater than 0 (got 0.0)"),
+        (["--cpus-per-trial", "inf"], "--cpus-per-trial: Input should be a finite number (got inf)"),
+        (["--gpus-per-trial", "1.5"], "gpus_per_trial=1.5 (--gpus-per-trial) gives each of 1 worker(s) 1.5 GPUs"),
+    ],
+)
+def test_a_bad_resource_flag_is_one_line_naming_it(tmp_path, monkeypatch, args, expected):
+    monkeypatch.chdir(tmp_path)
+    f = write(tmp_path / "s.yaml", {"points": [{}]})
+    for extra in ([], ["--dry-run"]):
+        result = sweep_cli(str(f), *args, *extra)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {f}: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "mlruns").exists() and not (tmp_path / "runs").exists()
+
+
 # ----------------------------------------------------------------------------- refusal
 
 
@@ -157,6 +197,8 @@ BAD = {
     "bad seeds": ({"seeds": 0, "points": [{}]}, "seeds"),
     "grid not a list": ({"points": [{"grid": {"assigner.dw.mu": 5}}]}, "expected a list of values"),
     "bad resources": ({"points": [{}], "resources": {"gpus": 1}}, "unknown key 'resources.gpus'"),
+    "gpus not split whole": ({"points": [{}], "resources": {"gpus_per_trial": 3, "workers_per_trial": 2}},
+                             "resources: gpus_per_trial=3 cannot be split into whole GPUs over workers_per_trial=2"),
     "not a mapping": ("- 1\n- 2\n", "expected a mapping"),
     "not yaml": ("points: [\n", "not valid YAML"),
 }

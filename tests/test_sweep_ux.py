@@ -105,3 +105,86 @@ def test_a_trial_runs_on_the_devices_ray_gave_it():
     if not torch.cuda.is_available():  # this machine: a trial given a GPU fails at once
         with pytest.raises(DwlabError, match=r"the trial was given 1 GPU\(s\) but torch .* sees none"):
             on_the_trials_devices(cfg, 1)
+
+
+def _gpus_beyond_this_host() -> str:
+    """A GPU request this host cannot fit: a quarter GPU without one, one GPU more than it has."""
+    n = torch.cuda.device_count()
+    return "0.25" if n == 0 else str(n + 1)
+
+
+def test_a_trial_needing_gpus_the_local_ray_lacks_fails_at_once_in_one_line(tmp_path):
+    """The sweep file's gpus_per_trial beyond the GPUs torch sees: exit 2 before Ray, MLflow or a
+    run directory is started (a local Ray never grows: the sweep used to wait forever)."""
+    gpus = _gpus_beyond_this_host()
+    f = tmp_path / "s.yaml"
+    f.write_text(yaml.safe_dump({"points": [{"train.lr": 0.01}], "resources": {"gpus_per_trial": float(gpus)}}))
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "dwlab.cli", "sweep", str(f)],
+        cwd=tmp_path, env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    took = time.monotonic() - start
+    assert done.returncode == 2, done.stderr[-1000:]
+    assert done.stderr.strip().splitlines() == [
+        f"error: gpus_per_trial={float(gpus):g} (resources.gpus_per_trial in {f}) but the local Ray gets "
+        f"{torch.cuda.device_count()} GPUs (torch.cuda.device_count()={torch.cuda.device_count()}); "
+        + ("--gpus-per-trial 0 trains on the CPU" if not torch.cuda.device_count() else
+           f"--gpus-per-trial {torch.cuda.device_count()} fits")
+        + ", or --address joins a Ray cluster that has them"
+    ]  # fmt: skip
+    assert took < 60, f"{took:.0f} s"  # the import of torch and the CLI; no Ray is started
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]  # no mlruns, no runs
+
+
+def test_resource_flags_beyond_the_local_ray_name_the_flag(tmp_path, monkeypatch):
+    from dwlab.data.synth import usable_cores
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAY_ADDRESS", "")
+    f = _sweep_file(tmp_path)
+    for args, expected in [
+        (["--gpus-per-trial", _gpus_beyond_this_host()], "(--gpus-per-trial) but the local Ray gets"),
+        (["--cpus-per-trial", str(usable_cores() + 1)],
+         f"(--cpus-per-trial) but the local Ray gets {usable_cores()} CPUs (usable cores={usable_cores()}); "
+         f"--cpus-per-trial {usable_cores()} fits"),
+    ]:  # fmt: skip
+        result = CliRunner().invoke(app, ["sweep", str(f), *args])
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_a_resumed_trial_keeps_its_checkpoint_across_gpu_shares_not_across_worker_counts(tmp_path):
+    """--gpus-per-trial 0.25 -> 0.5 on resume: the same trial (config, workers) continues; 1 -> 2
+    GPUs makes it 2 data-parallel workers (another global batch): it starts over, and a FINISHED
+    run of 1 worker does not count as done."""
+    from dwlab.sweep.spec import load_plan
+    from dwlab.sweep.tracking import SweepTracker
+    from dwlab.sweep.tune_run import prepare_run_dir, write_marker
+
+    f = _sweep_file(tmp_path)
+    plans = {g: load_plan(f, runs_dir=tmp_path / "runs", resources={"gpus_per_trial": g}) for g in (0.25, 0.5, 2)}
+    quarter, half, two = (plans[g].trials[0] for g in (0.25, 0.5, 2))
+    assert quarter.config_hash == half.config_hash == two.config_hash and (half.workers, two.workers) == (1, 2)
+
+    def interrupted() -> None:  # a checkpoint and the marker of a 1-worker attempt
+        (quarter.run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        write_marker(quarter, "run-id")
+
+    interrupted()
+    assert prepare_run_dir(half, "run-id", resume=True) and (half.run_dir / "checkpoints").is_dir()
+    assert not prepare_run_dir(two, "run-id", resume=True) and not (two.run_dir / "checkpoints").exists()
+    interrupted()
+    assert not prepare_run_dir(half, "run-id", resume=False)  # without --resume: always fresh
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = SweepTracker(plans[0.25], uri)
+    tracker.start_parent(None, 1, 0)
+    run_id = tracker.started(quarter, 0)
+    tracker.client.set_terminated(run_id, "FINISHED")
+    run = tracker.client.get_run(run_id)
+    assert run.data.tags["dwlab.resources"] == "cpus_per_trial=1 gpus_per_trial=0.25 workers_per_trial=1"
+    assert SweepTracker(plans[0.5], uri).reconcile(resume=True)[half.key].finished
+    assert not SweepTracker(plans[2], uri).reconcile(resume=True)[two.key].finished

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -100,6 +101,28 @@ def test_same_seed_same_bytes_other_seed_differs(tmp_path):
     assert [x["bbox"] for x in train["annotations"]] != [x["bbox"] for x in val["annotations"]]
 
 
+def test_the_files_do_not_depend_on_the_number_of_processes(tmp_path):
+    one = synth.generate(tmp_path / "one", 9, 5, seed=4, image_size=48, processes=1)
+    two = synth.generate(tmp_path / "two", 9, 5, seed=4, image_size=48, processes=2)
+
+    def digests(root: Path) -> dict[str, str]:
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file()}  # fmt: skip
+
+    assert len(digests(one)) == 2 + 9 + 5
+    assert digests(one) == digests(two)
+
+
+def test_render_processes_follow_the_work_up_to_the_usable_cores(monkeypatch):
+    monkeypatch.setattr(synth, "usable_cores", lambda: 16)
+    assert synth.render_processes(100, 128) == 1  # a few seconds of work: no pool
+    assert synth.render_processes(500, 800) == 16  # the paper-scale val set: every core
+    assert synth.render_processes(16000, 128) == 16
+    assert 1 < synth.render_processes(400, 128) < 16  # in between: a process per ~2 s of work
+    monkeypatch.setattr(synth, "usable_cores", lambda: 1)
+    assert synth.render_processes(16000, 800) == 1
+
+
 def test_generate_rejects_bad_arguments(tmp_path):
     with pytest.raises(DwlabError, match="at least 1"):
         synth.generate(tmp_path, 0, 1, seed=0)
@@ -169,3 +192,20 @@ def test_cli_data_synth(tmp_path):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert len(load(tmp_path, "train").getImgIds()) == 3
+
+
+def test_another_datasets_file_names_without_a_root_are_one_line_before_generating(tmp_path, monkeypatch):
+    from dwlab.config import load_config
+    from dwlab.runner import data_paths
+
+    monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
+    paper = load_config("paper", ["data.root=null"]).data  # COCO 2017's names
+    expected = (r"^data\.train_ann='annotations/instances_train2017\.json' but data\.root is null: "
+                r"the generated dataset has instances_train\.json and instances_val\.json")
+    with pytest.raises(DwlabError, match=expected):
+        data_paths(paper)
+    assert list(tmp_path.iterdir()) == []  # nothing generated
+    small = load_config("smoke", ["data.val_ann=instances_train.json", "data.val_images=train",
+                                  "data.synth.n_train=4", "data.synth.n_val=2", "data.synth.image_size=48"]).data
+    assert data_paths(small)[2:] == (tmp_path / "synth-n4-v2-s0-48" / "instances_train.json",
+                                     tmp_path / "synth-n4-v2-s0-48" / "train")  # either split's names

@@ -9,6 +9,7 @@ import torch
 
 from dwlab.config import Config
 from dwlab.data.coco import CocoDetection
+from dwlab.data.synth import data_names
 from dwlab.engine import predict
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import build_model
@@ -16,9 +17,11 @@ from dwlab.runner import build_datasets, make_loader
 
 
 def generated_datasets(cfg: Config, n_train: int, n_val: int) -> tuple[Config, CocoDetection, CocoDetection]:
-    """The generated dataset with ``n_train`` / ``n_val`` images of the scale's short side."""
+    """The generated dataset with ``n_train`` / ``n_val`` images of the scale's short side, under
+    its own file names (not those of the scale's dataset, e.g. the paper preset's COCO 2017)."""
     synth = cfg.data.synth.model_copy(update={"n_train": n_train, "n_val": n_val, "image_size": cfg.data.min_size})
-    cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"root": None, "synth": synth})})
+    data = cfg.data.model_copy(update={"root": None, "synth": synth, **data_names()})
+    cfg = cfg.model_copy(update={"data": data})
     train, val = build_datasets(cfg)
     return cfg, train, val
 

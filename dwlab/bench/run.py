@@ -179,13 +179,15 @@ def _data_section(cfg: Config, data_cfg: Config, train_set, batches: int, step_s
     ], [Check("data loading >= 3x training throughput", f"{ratio:.1f}x", ratio >= 3.0)]  # fmt: skip
 
 
-def _sweep_section(opts: BenchOptions) -> Section:
+def _sweep_section(opts: BenchOptions, device: torch.device) -> Section:
     from dwlab.bench.sweep import TRIAL_SET, bench_sweep
 
-    s = bench_sweep(opts.sweep_trials, opts.sweep_concurrent)
+    s = bench_sweep(opts.sweep_trials, opts.sweep_concurrent, device=device.type)
+    share = f", {s['gpus_per_trial']:g} GPU" if s["gpus_per_trial"] else ""
     lines = [
         "## Sweep concurrency", "",
-        f"{s['trials']} trials of the smoke preset with {TRIAL_SET} (1 CPU and 1 thread each) "
+        f"{s['trials']} trials of the smoke preset with {TRIAL_SET} (1 CPU{share} and 1 thread each; "
+        f"trained on {s['devices']}, like the single run) "
         "through `dwlab.sweep` on a fresh local Ray each, with a throw-away MLflow sqlite store. "
         "Sweep walls start once Ray is up (its start, once per sweep, is timed apart). Overhead "
         "per trial: the sequential wall per trial minus the same training as one plain "
@@ -244,7 +246,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
         if "data" in opts.parts:
             emit(_data_section(cfg, data_cfg, train_set, opts.load_batches, step_s["dwlab DW"]))
     if "sweep" in opts.parts:
-        emit(_sweep_section(opts))
+        emit(_sweep_section(opts, device))
 
     head = [
         f"# dwlab bench ({opts.scale} scale, {device.type})", "",

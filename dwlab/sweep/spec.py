@@ -14,7 +14,8 @@ A sweep file names a base config, a list of points (each a mapping of dotted ove
       - grid: {assigner.dw.mu: [3, 4, 5]}                        # three points
         assigner.dw.beta: 5                                      # fixed keys of this grid
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, workers_per_trial: 1}
-      # or per scale: {smoke: {...}, mini: {...}, paper: {...}}
+      # or per scale: {smoke: {...}, mini: {...}, paper: {...}}; --cpus-per-trial and
+      # --gpus-per-trial override the first two
     only: {mini: [beta=5,mu=5]}  # per scale: run just these point ids (--all-points: every one)
     max_retries: 1
     checkpoint_artifact: true
@@ -56,8 +57,8 @@ class Resources(_Strict):
     """What one trial gets. ``cpus_per_trial`` and ``gpus_per_trial`` are split evenly over
     ``workers_per_trial`` (default: one worker per GPU when ``gpus_per_trial > 1``, else 1)."""
 
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    cpus_per_trial: float = Field(1.0, gt=0, allow_inf_nan=False)
+    gpus_per_trial: float = Field(0.0, ge=0, allow_inf_nan=False)
     workers_per_trial: int | None = Field(None, ge=1)
 
     @property
@@ -73,6 +74,12 @@ class Resources(_Strict):
     @property
     def gpus_per_worker(self) -> float:
         return self.gpus_per_trial / self.workers
+
+    @property
+    def record(self) -> str:
+        """As the sweep's runs record it: ``cpus_per_trial=1 gpus_per_trial=0.25 workers_per_trial=1``."""
+        cpus, gpus = self.cpus_per_trial, self.gpus_per_trial
+        return f"cpus_per_trial={cpus:g} gpus_per_trial={gpus:g} workers_per_trial={self.workers}"
 
     @property
     def threads(self) -> int:
@@ -113,6 +120,7 @@ class Trial:
     config: Config  # fully resolved: base + set + point + --set + seed/threads
     config_hash: str
     run_dir: Path
+    workers: int = 1  # data-parallel workers (resources): a checkpoint resumes only on as many
 
     @property
     def key(self) -> str:
@@ -138,11 +146,16 @@ class Plan:
     checkpoint_artifact: bool
     runs_dir: Path
     warnings: list[str] = field(default_factory=list)
+    resource_flags: dict[str, float] = field(default_factory=dict)  # resources set by --*-per-trial
     left_out: int = 0  # points the file's ``only`` leaves out at this scale (--all-points: 0)
 
     @property
     def world_size(self) -> int:
         return self.resources.workers
+
+    def resource_source(self, key: str) -> str:
+        """Where ``resources.<key>`` came from: its flag or the sweep file."""
+        return flag(key) if key in self.resource_flags else f"resources.{key} in {self.file}"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -271,17 +284,36 @@ def _per_scale(raw: dict[str, Any], scale: str, where: str) -> dict[str, Any]:
     return raw
 
 
-def _resources(raw: dict[str, Any], scale: str) -> Resources:
+RESOURCE_FLAGS = ("cpus_per_trial", "gpus_per_trial")  # resources ``dwlab sweep`` also takes as flags
+
+
+def flag(key: str) -> str:
+    """The command-line flag of a resource: ``--gpus-per-trial``."""
+    return "--" + key.replace("_", "-")
+
+
+def _resources(raw: dict[str, Any], scale: str, flags: dict[str, float]) -> Resources:
+    """The scale's resources, ``flags`` (``RESOURCE_FLAGS`` given on the command line) over the
+    file's; a bad value names its flag or its key in the file."""
     where = f"resources.{scale}" if raw and set(raw) <= set(SCALES) else "resources"
     raw = _per_scale(raw, scale, "resources")
+    for key, value in flags.items():
+        try:
+            Resources.model_validate({key: value})
+        except ValidationError as err:
+            raise DwlabError(f"{flag(key)}: {err.errors()[0]['msg']} (got {value!r})") from None
     try:
-        res = Resources.model_validate(raw)
+        res = Resources.model_validate({**raw, **flags})
     except ValidationError as err:
         raise DwlabError(_format_pydantic(err, where)) from None
+    gpus = f"gpus_per_trial={res.gpus_per_trial:g}"
+    gpus += f" ({flag('gpus_per_trial')})" if "gpus_per_trial" in flags else ""
     if res.workers > 1 and res.gpus_per_trial and (res.gpus_per_worker % 1 or res.gpus_per_worker < 1):
+        raise DwlabError(f"{where}: {gpus} cannot be split into whole GPUs over workers_per_trial={res.workers}")
+    if res.gpus_per_worker > 1 and res.gpus_per_worker % 1:
         raise DwlabError(
-            f"{where}: gpus_per_trial={res.gpus_per_trial:g} cannot be split into whole GPUs "
-            f"over workers_per_trial={res.workers}"
+            f"{where}: {gpus} gives each of {res.workers} worker(s) {res.gpus_per_worker:g} GPUs "
+            "(a worker takes a share of one GPU, or whole GPUs)"
         )
     return res
 
@@ -308,13 +340,18 @@ def load_plan(
     set_: list[str] | None = None,
     runs_dir: Path | str = Path("runs/sweeps"),
     all_points: bool = False,
+    resources: dict[str, float | None] | None = None,
 ) -> Plan:
-    """Read, validate and expand a sweep file. Any problem is a one-line ``DwlabError`` that
-    starts with the sweep file's path; nothing is started or written."""
+    """Read, validate and expand a sweep file; ``resources`` (keys of ``RESOURCE_FLAGS``, None:
+    not given) override the file's. Any problem is a one-line ``DwlabError`` that starts with
+    the sweep file's path; nothing is started or written."""
     file = Path(file)
+    flags = {k: v for k, v in (resources or {}).items() if v is not None}
+    if set(flags) - set(RESOURCE_FLAGS):
+        raise ValueError(f"resources: expected keys of {RESOURCE_FLAGS}, got {sorted(flags)}")
     try:
         return _load_plan(
-            file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir), all_points=all_points
+            file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir), all_points=all_points, flags=flags
         )
     except DwlabError as err:
         message = _one_line(str(err))
@@ -322,8 +359,9 @@ def load_plan(
 
 
 def _load_plan(
-    file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path, all_points: bool
-) -> Plan:
+    file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path, all_points: bool,
+    flags: dict[str, float],
+) -> Plan:  # fmt: skip
     spec = _read_spec(file)
     if scale is not None and scale not in SCALES:
         raise DwlabError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
@@ -338,7 +376,7 @@ def _load_plan(
         keys, value = parse_override(item)
         cli_set[".".join(keys)] = value
     name = _sweep_name(spec, file, scale)
-    resources = _resources(spec.resources, scale)
+    resources = _resources(spec.resources, scale, flags)
     base = _resolve_base(spec.base, scale, file.parent, file)
 
     def resolve(overrides: dict[str, Any], where: str) -> Config:
@@ -363,12 +401,13 @@ def _load_plan(
             extra["train.threads"] = resources.threads
         for seed in range(n_seeds):
             cfg = resolve({**user, **extra, "train.seed": seed}, f"point {point.id} seed {seed}")
-            trials.append(Trial(point, seed, cfg, config_hash(cfg), runs_dir / name / point.id / f"seed{seed}"))
+            run_dir = runs_dir / name / point.id / f"seed{seed}"
+            trials.append(Trial(point, seed, cfg, config_hash(cfg), run_dir, resources.workers))
     plan = Plan(
         file=file, name=name, table=spec.table, scale=scale, base=base, base_config=base_config,
         overrides={**file_set, **cli_set}, points=points, seeds=list(range(n_seeds)), trials=trials,
         resources=resources, max_retries=spec.max_retries, checkpoint_artifact=spec.checkpoint_artifact,
-        runs_dir=runs_dir, left_out=n_points - len(points),
+        runs_dir=runs_dir, left_out=n_points - len(points), resource_flags=flags,
     )  # fmt: skip
     plan.warnings.extend(_warnings(plan, cli_set))
     return plan
@@ -461,6 +500,12 @@ def _warnings(plan: Plan, cli_set: dict[str, Any]) -> list[str]:
     return out
 
 
+def _flags_note(plan: Plan) -> str:
+    """`` (--gpus-per-trial 0.25 over the file's)`` when flags set resources."""
+    given = " ".join(f"{flag(k)} {v:g}" for k, v in plan.resource_flags.items())
+    return f" ({given} over the file's)" if given else ""
+
+
 def config_diff(cfg: Config, base: Config) -> dict[str, Any]:
     """Dotted keys whose resolved value differs from ``base``."""
     new, old = flatten(cfg), flatten(base)
@@ -483,7 +528,7 @@ def describe(plan: Plan) -> list[str]:
         f"base: {plan.base}",
         "every trial: " + (" ".join(f"{k}={_fmt_value(v)}" for k, v in common.items()) or "-"),
         f"resources per trial: {res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
-        f"{res.workers} worker(s); retries {plan.max_retries}",
+        f"{res.workers} worker(s){_flags_note(plan)}; retries {plan.max_retries}",
         f"run directories: {plan.runs_dir / plan.name}/<point>/seed<k>",
     ]
     width = max((len(t.point.id) for t in plan.trials), default=5)

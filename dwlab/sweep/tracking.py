@@ -174,7 +174,8 @@ class SweepTracker:
     def reconcile(self, *, resume: bool) -> dict[str, Existing]:
         """Look up earlier runs of each planned trial by its (point, seed) tags.
 
-        A FINISHED run with the same config hash marks the trial done. Runs left RUNNING or
+        A FINISHED run with the same config hash and number of workers (the global batch)
+        marks the trial done. Runs left RUNNING or
         SCHEDULED by a killed driver are reopened with ``resume`` (same hash, the latest one)
         and closed as KILLED otherwise, as are those of points no longer in the sweep file
         and dangling parent runs: nothing is left RUNNING.
@@ -187,7 +188,8 @@ class SweepTracker:
         out: dict[str, Existing] = {}
         for trial in self.plan.trials:
             runs = by_key.get((trial.point.id, str(trial.seed)), [])
-            same = [r for r in runs if r.data.tags.get(Tag.CONFIG_HASH) == trial.config_hash]
+            same = [r for r in runs if r.data.tags.get(Tag.CONFIG_HASH) == trial.config_hash
+                    and r.data.tags.get(Tag.WORLD_SIZE, str(trial.workers)) == str(trial.workers)]  # fmt: skip
             state = Existing(finished=any(r.info.status == "FINISHED" for r in same))
             candidates = [r for r in same if r.info.status in UNFINISHED]
             if resume and not state.finished and candidates:
@@ -217,6 +219,7 @@ class SweepTracker:
             Tag.TABLE: plan.table or "",
             Tag.SCALE: plan.scale,
             Tag.SWEEP_FILE: str(plan.file),
+            Tag.RESOURCES: plan.resources.record,
             Tag.GIT_COMMIT: git_commit(),
             Tag.VERSION: __version__,
         }

@@ -1,10 +1,10 @@
 """The sweep driver: Ray Tune runs one trial per (point, seed); a Tune callback on the driver
 is the only MLflow writer and feeds the live progress table.
 
-Order of events in ``run_sweep``: lock the sweep, reconcile with MLflow (skip FINISHED trials
-with the same config hash, reopen or close runs a killed driver left open), prepare the run
-directories, create the parent and trial runs, start or join Ray, run the Tuner, close
-whatever is still open, summarise.
+Order of events in ``run_sweep``: check that a local Ray can fit a trial, lock the sweep,
+reconcile with MLflow (skip FINISHED trials with the same config hash and workers, reopen or
+close runs a killed driver left open), prepare the run directories, create the parent and trial
+runs, start or join Ray, run the Tuner, close whatever is still open, summarise.
 """
 
 from __future__ import annotations
@@ -30,14 +30,14 @@ from dwlab import faults
 from dwlab.errors import DwlabError
 from dwlab.store import Tag
 from dwlab.sweep.progress import SweepProgress
-from dwlab.sweep.spec import Plan, Trial
+from dwlab.sweep.spec import Plan, Trial, flag
 from dwlab.sweep.tracking import SweepTracker, runs_url, ui_command
 from dwlab.sweep.trainable import LOG
 
 if TYPE_CHECKING:
     from rich.console import Console
 
-MARKER = "trial.json"  # in each run directory: point, seed, config hash, MLflow run id
+MARKER = "trial.json"  # in each run directory: point, seed, config hash, workers, MLflow run id
 COORDINATOR_MEMORY = 64 * 2**20  # bytes reserved by a data-parallel trial's coordinator
 
 
@@ -157,20 +157,22 @@ def _lock(plan: Plan):
     return handle
 
 
-def _prepare_run_dir(trial: Trial, run_id: str | None, resume: bool) -> bool:
+def prepare_run_dir(trial: Trial, run_id: str | None, resume: bool) -> bool:
     """Write the marker (``run_id``: the reopened run, None until a new one starts); returns
     True when the directory's checkpoint will be resumed.
 
-    A directory is kept only with ``resume`` and when its marker has the same config hash;
-    otherwise it is cleared so the trial starts fresh (a stale checkpoint of another config
-    must never be resumed).
+    A directory is kept only with ``resume`` and when its marker has the same config hash and
+    number of data-parallel workers (the global batch); otherwise it is cleared so the trial
+    starts fresh (a stale checkpoint of another config must never be resumed). Other resources
+    (CPU or GPU shares) may change between invocations.
     """
     marker = trial.run_dir / MARKER
     keep = False
     if resume and marker.is_file():
         try:
-            keep = json.loads(marker.read_text()).get("config_hash") == trial.config_hash
-        except (OSError, ValueError):
+            saved = json.loads(marker.read_text())
+            keep = saved.get("config_hash") == trial.config_hash and saved.get("workers", 1) == trial.workers
+        except (OSError, ValueError, AttributeError):
             keep = False
     if not keep and trial.run_dir.exists():
         shutil.rmtree(trial.run_dir)
@@ -180,8 +182,9 @@ def _prepare_run_dir(trial: Trial, run_id: str | None, resume: bool) -> bool:
 
 
 def write_marker(trial: Trial, run_id: str | None) -> None:
-    """``trial.json`` in the run directory: point, seed, config hash, MLflow run id."""
-    payload = {"point": trial.point.id, "seed": trial.seed, "config_hash": trial.config_hash, "mlflow_run_id": run_id}
+    """``trial.json`` in the run directory: point, seed, config hash, workers, MLflow run id."""
+    payload = {"point": trial.point.id, "seed": trial.seed, "config_hash": trial.config_hash,
+               "workers": trial.workers, "mlflow_run_id": run_id}  # fmt: skip
     marker = trial.run_dir / MARKER
     marker.parent.mkdir(parents=True, exist_ok=True)
     tmp = marker.with_suffix(".tmp")
@@ -211,8 +214,9 @@ def init_ray(address: str | None) -> bool:
     kwargs: dict[str, Any] = {"logging_level": "WARNING", "log_to_driver": False}
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
+        cpus, gpus = local_resources()
         try:
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, **kwargs)
+            ray.init(num_cpus=cpus, num_gpus=gpus, include_dashboard=False, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as err:
             raise DwlabError(f"cannot start Ray ({' '.join(str(err).split())[:300]})") from None
         return True
@@ -230,6 +234,43 @@ def init_ray(address: str | None) -> bool:
     if "InvalidAuthToken" in logged or "token" in error.lower():
         raise DwlabError(f"cannot join the Ray cluster at {address}: authentication refused; {AUTH_HELP}")
     raise DwlabError(f"cannot join the Ray cluster at {address} ({error})")
+
+
+def local_resources() -> tuple[int, int]:
+    """(CPUs, GPUs) a local Ray is started with: this process's usable cores, and the GPUs torch
+    sees (``CUDA_VISIBLE_DEVICES`` respected) rather than what Ray's own probe finds."""
+    import torch
+
+    from dwlab.data.synth import usable_cores
+
+    return usable_cores(), torch.cuda.device_count()
+
+
+def check_local_fit(plan: Plan, address: str | None) -> None:
+    """A trial that asks for more CPUs or GPUs than a local Ray has would wait forever: one line
+    naming what is missing, before anything is started or written. A Ray this process already
+    runs is taken as it is; a cluster (``address`` / ``RAY_ADDRESS``) is not checked here: it may
+    grow (``concurrency`` warns)."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS"):
+        return
+    if ray.is_initialized():
+        total = ray.cluster_resources()
+        have = {"CPU": total.get("CPU", 0.0), "GPU": total.get("GPU", 0.0)}
+        which, how = "the running local Ray has", {"CPU": "ray.cluster_resources()", "GPU": "ray.cluster_resources()"}
+    else:
+        cpus, gpus = local_resources()
+        have = {"CPU": cpus, "GPU": gpus}
+        which, how = "the local Ray gets", {"CPU": f"usable cores={cpus}", "GPU": f"torch.cuda.device_count()={gpus}"}
+    res = plan.resources
+    for key, unit, need in (("gpus_per_trial", "GPU", res.gpus_per_trial), ("cpus_per_trial", "CPU", res.cpus_per_trial)):
+        if need > have[unit] + 1e-9:
+            fix = f"{flag(key)} {have[unit]:g} " + ("trains on the CPU" if not have[unit] else "fits")
+            raise DwlabError(
+                f"{key}={need:g} ({plan.resource_source(key)}) but {which} {have[unit]:g} {unit}s "
+                f"({how[unit]}); {fix}, or --address joins a Ray cluster that has them"
+            )
 
 
 @contextlib.contextmanager
@@ -261,10 +302,11 @@ def concurrency(plan: Plan, n_trials: int, requested: int | None, console: Conso
     fits = math.floor(cpus / res.cpus_per_trial + 1e-9)
     if res.gpus_per_trial:
         fits = min(fits, math.floor(gpus / res.gpus_per_trial + 1e-9))
-    if fits < 1:
+    if fits < 1:  # a cluster (a local Ray was checked by check_local_fit)
         console.print(
             f"[yellow]warning:[/] a trial needs {res.cpus_per_trial:g} CPU and {res.gpus_per_trial:g} GPU; "
-            f"the cluster has {cpus:g} CPU and {gpus:g} GPU: trials wait until resources appear"
+            f"the cluster has {cpus:g} CPU and {gpus:g} GPU: trials wait for nodes that have them "
+            "(an autoscaling cluster adds them; on a fixed one, stop with Ctrl-C and lower the resources)"
         )
     if requested is not None:
         if requested < 1:
@@ -304,6 +346,7 @@ def run_sweep(
     the module doc."""
     started = time.monotonic()
     outcome = Outcome()
+    check_local_fit(plan, address)
     lock = _lock(plan)
     owns_ray = False
     try:
@@ -413,7 +456,7 @@ def _open_trials(
         run_id = reopen[trial.key]
         if run_id is not None:
             tracker.reopen_trial(trial, run_id)
-        if _prepare_run_dir(trial, run_id, resume):
+        if prepare_run_dir(trial, run_id, resume):
             resumed += 1
             if run_id is not None:
                 tracker.backfill(trial.key, trial.run_dir)
