@@ -59,7 +59,7 @@ def test_shared_is_writable_by_the_image_user_and_the_working_directory_holds_ex
     copied = [arg.split()[-2:] for op, arg in steps[user_at:] if op == "COPY"]
     assert ["experiments", "experiments"] in copied and workdir == "/home/dwlab"  # ./experiments in the workdir
     for name in ("mlflow", "ray-head", "ray-worker"):
-        assert "shared:/shared" in compose()["services"][name]["volumes"]
+        assert "${SHARED_DIR:-shared}:/shared" in compose()["services"][name]["volumes"]
 
 
 def test_the_image_has_one_cuda_the_pinned_torch_wheels():

@@ -150,9 +150,12 @@ def stack(images, tmp_path):
     tool = _compose_tool()
     project = f"dwlabtest{secrets.token_hex(3)}"
     (tmp_path / "coco").mkdir()
+    shared = tmp_path / "shared"  # SHARED_DIR: the NFS mount of a multi-host cluster, owned by uid 1000
+    shared.mkdir()
+    os.chown(shared, 1000, 1000) if os.geteuid() == 0 else shared.chmod(0o777)
     env = {**os.environ, "COMPOSE_PROJECT_NAME": project, "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "HEAD_IP": _host_ip(), "COCO_ROOT": str(tmp_path / "coco"), "DWLAB_IMAGE": IMAGE,
-           "POSTGRES_IMAGE": os.environ.get("POSTGRES_IMAGE", POSTGRES_IMAGE)}  # fmt: skip
+           "HEAD_IP": _host_ip(), "COCO_ROOT": str(tmp_path / "coco"), "SHARED_DIR": str(shared),
+           "DWLAB_IMAGE": IMAGE, "POSTGRES_IMAGE": os.environ.get("POSTGRES_IMAGE", POSTGRES_IMAGE)}  # fmt: skip
     stack = Stack(tool, _composed(tool, env, tmp_path), env)
     try:
         up = stack.compose("up", "-d", timeout=600)
@@ -188,8 +191,10 @@ def _answers(url: str, host: str | None = None) -> int:
 def test_the_compose_stack_runs_a_smoke_sweep_through_address_and_reports_it(stack):
     head = stack.env["HEAD_IP"]
     probe = "import ray; ray.init(address='auto', logging_level='ERROR'); print(sum(n['Alive'] for n in ray.nodes()))"
+    start = time.monotonic()
     _wait("the MLflow server", lambda: _answers("http://127.0.0.1:5000/health") == 200)
     _wait("two Ray nodes", lambda: stack.exec("ray-head", "python", "-c", probe).stdout.strip().endswith("2"))
+    print(f"MLflow and two Ray nodes up {time.monotonic() - start:.0f} s after 'up -d'")
 
     spec = stack.exec("ray-head", "sh", "-c", "mkdir -p /shared/sweeps && cat > /shared/sweeps/docker-smoke.yaml",
                       input=yaml.safe_dump(SMOKE, sort_keys=False))  # fmt: skip
@@ -214,6 +219,8 @@ def test_the_compose_stack_runs_a_smoke_sweep_through_address_and_reports_it(sta
     assert {"eval.json", "resolved.yaml"} <= artifacts  # through the server onto /shared
     rows = stack.exec("postgres", "psql", "-U", "mlflow", "-d", "mlflow", "-tAc", "select count(*) from runs")
     assert rows.stdout.strip() == "3", rows.stdout + rows.stderr  # 2 trials + the parent, in PostgreSQL
+    stored = {p.name for p in (Path(stack.env["SHARED_DIR"]) / "runs" / "sweeps" / "docker-smoke").iterdir()}
+    assert {"beta=5,mu=4", "beta=5,mu=5"} <= stored  # the run directories, on SHARED_DIR (uid 1000 wrote them)
 
     report = stack.exec("ray-head", "dwlab", "report", "--experiment", "docker-smoke", "--out", "/shared/reports")
     assert report.returncode == 0, report.stdout + report.stderr
