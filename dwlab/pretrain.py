@@ -66,7 +66,7 @@ def crops(cfg: PretrainConfig) -> tuple[Tensor, Tensor]:
     uint8 and their class indices ``Tensor[N]`` (position in ``synth.CATEGORIES``), in image
     order whatever the number of rendering processes."""
     chunks = [range(i, min(i + CROP_CHUNK, cfg.images)) for i in range(0, cfg.images, CROP_CHUNK)]
-    workers = min(os.cpu_count() or 1, len(chunks))
+    workers = min(synth.usable_cores(), len(chunks))
     task = functools.partial(_chunk_crops, cfg)
     if workers > 1:
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:

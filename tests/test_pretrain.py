@@ -44,9 +44,9 @@ def test_crops_do_not_depend_on_the_number_of_rendering_processes(monkeypatch):
     import dwlab.pretrain as pretrain
 
     monkeypatch.setattr(pretrain, "CROP_CHUNK", 5)  # 12 images: 3 chunks
-    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 1)
+    monkeypatch.setattr(pretrain.synth, "usable_cores", lambda: 1)
     one_images, one_labels = crops(TINY)
-    monkeypatch.setattr(pretrain.os, "cpu_count", lambda: 3)
+    monkeypatch.setattr(pretrain.synth, "usable_cores", lambda: 3)
     three_images, three_labels = crops(TINY)
     assert torch.equal(one_images, three_images) and torch.equal(one_labels, three_labels)
 
