@@ -239,7 +239,7 @@ def test_noise_threshold():
 def test_cli_writes_the_report(store, tmp_path):
     res = CliRunner().invoke(app, ["report", "--experiment", "table5", "--out", str(tmp_path), "--tracking-uri", store])
     assert res.exit_code == 0, res.output
-    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".png") == ["README.md", "table5.csv", "table5.md"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.suffix != ".png") == ["README.md", "REPRODUCTION.md", "table5.csv", "table5.md"]
     assert "table5.md" in res.output
 
 
@@ -317,3 +317,26 @@ def test_nothing_learnt_names_no_best_point_and_one_epoch_is_singular(tmp_path):
     assert "- Best here: none (no finished run with AP above 0)." in md
     assert "best" not in _line(md, "gamma1=2, gamma2=2") and "(noise)" not in md
     assert "**schedule**: 1 epoch, batch" in md
+
+
+def test_claim_verdicts_follow_the_noise_rule():
+    from dwlab.report.claims import FAILS, HOLDS, UNSURE, Stat, combine, compare
+
+    best, close, far = Stat(40.0, 0.5, 2), Stat(39.5, 0.5, 2), Stat(38.0, 0.5, 2)  # threshold 1.0
+    assert compare(best, close) == 0 and compare(best, far) == 1 and compare(far, best) == -1
+    assert compare(best, Stat(30.0, math.nan, 1)) is None  # one seed: no noise estimate
+    assert combine([1, 1], +1) == HOLDS and combine([1, 0], +1) == UNSURE and combine([1, -1], +1) == FAILS
+    assert combine([None], +1) == UNSURE and combine([-1, -1], -1) == HOLDS
+
+
+def test_reproduction_lists_every_claim_with_a_verdict(report):
+    text = (report.out / "REPRODUCTION.md").read_text()
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
+            for line in text.splitlines() if line.startswith("| Table") or line.startswith("| DW")}
+    assert len(rows) == 11
+    # (5, 5) at 32.0 ± 2.0 (n=3) against (5, 6) at 35.5 ± 0.7 (n=2): 3.5 below, threshold 3.0
+    assert rows["Table 2: beta=5, mu=5 is best"][3] == "**does not hold**"
+    assert rows["Table 5: the positive term alone is worst"][3] == "**cannot tell at this noise**"  # n=1
+    assert rows["Table 4: DW is robust to the bag (all within 0.4 AP)"][3] == "**cannot tell at this noise**"
+    assert rows["DW costs no more per training step than FCOS"][3] == "**not run**"  # no iters_per_s logged
+    assert "REPRODUCTION.md" in (report.out / "README.md").read_text()

@@ -12,7 +12,7 @@ import pandas as pd
 from dwlab import paper
 from dwlab.errors import DwlabError
 from dwlab.store import Tag, column
-from dwlab.report import figures, load
+from dwlab.report import claims, figures, load
 from dwlab.report.tables import SPECS, TableResult, aggregate, build_table, csv_frame, run_labels
 
 
@@ -137,6 +137,14 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
     )))
     for name in report.tables:
         _weight_map_figure(name, runs, client, out, report)
+    reproduction = out / "REPRODUCTION.md"
+    reproduction.write_text(claims.render(report.tables, runs))
+    report.files.append(reproduction)
+    verdicts = [c[3] for c in claims.claims(report.tables, runs)]
+    report.index.append((reproduction.name, (
+        f"the paper's {len(verdicts)} claims, each with a verdict: "
+        + ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
+    )))
     readme = out / "README.md"
     readme.write_text(render_index(report, experiments))
     report.files.append(readme)
