@@ -232,8 +232,11 @@ class TrainConfig(Strict):
     lr_steps: list[int] = [8, 11]  # epochs after which lr /= 10
     lr_gamma: float = 0.1
     grad_clip: float | None = None  # max grad norm
-    amp: bool = True  # CUDA: fp16 autocast with a GradScaler
-    cpu_bf16: bool = False  # CPU: bf16 autocast (about 1.3x on a CPU with AVX-512 BF16)
+    # the forward pass, the same on every device: fp32; fp16 = fp16 autocast + a GradScaler;
+    # bf16 = bf16 autocast, no scaler (about 1.3x on a CPU with AVX-512 BF16; an H200's native).
+    # null: fp16 on CUDA, fp32 on the CPU; a run records what it used (resolved.yaml).
+    # Replaces amp/cpu_bf16 (LEGACY_PRECISION).
+    precision: Literal["fp32", "fp16", "bf16"] | None = None
     channels_last: bool = False  # NHWC activations (a little faster on the CPU)
     threads: int | None = None  # torch CPU threads (null: torch's default)
     seed: int = 0
@@ -247,6 +250,44 @@ class TrainConfig(Strict):
     # are deterministic already: the field changes nothing there. Its speed cost on a GPU has
     # not been measured yet (README "Reproducible runs").
     deterministic: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_precision(cls, raw: Any) -> Any:
+        return legacy_precision(raw) if isinstance(raw, dict) else raw
+
+
+#: ``train.precision`` for the keys it replaced, ``(amp, cpu_bf16)`` (absent: true, false). The
+#: old keys chose per device (amp: fp16 on CUDA; cpu_bf16: bf16 on the CPU), so the value is the
+#: one that computes as they did on each device: null for amp alone (fp16 on CUDA, fp32 on the
+#: CPU), fp32 for neither. One pair has no equal: cpu_bf16 with amp (the mini preset) trained
+#: bf16 on the CPU and fp16 on CUDA; it becomes bf16 on both, as no dwlab run had used CUDA yet.
+LEGACY_PRECISION: dict[tuple[bool, bool], str | None] = {
+    (True, False): None,
+    (False, False): "fp32",
+    (True, True): "bf16",
+    (False, True): "bf16",
+}
+
+
+def legacy_precision(train: dict[str, Any]) -> dict[str, Any]:
+    """A ``train`` section written before ``precision`` (with ``amp`` and/or ``cpu_bf16``) in
+    today's terms; ``train`` itself is left as it is. ``LEGACY_PRECISION`` gives the rule; an
+    explicit ``precision`` that differs from what the old keys meant is a ``ValueError``."""
+    old = {k: train[k] for k in ("amp", "cpu_bf16") if k in train}
+    if not old:
+        return train
+    for key, value in old.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"{key}: expected true or false, got {value!r} (replaced by precision)")
+    meant = LEGACY_PRECISION[(old.get("amp", True), old.get("cpu_bf16", False))]
+    if "precision" in train and train["precision"] != meant:
+        given = ", ".join(f"{k}={v}" for k, v in old.items())
+        raise ValueError(
+            f"precision={train['precision']} contradicts the old keys {given} (they mean precision="
+            f"{'null' if meant is None else meant}); keep precision only"
+        )
+    return {**{k: v for k, v in train.items() if k not in old}, "precision": meant}
 
 
 class EvalConfig(Strict):
@@ -394,6 +435,8 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | dict[str, Any]) 
         model: type[BaseModel] = Config
         for i, key in enumerate(keys):
             fields = model.model_fields
+            if model is TrainConfig and key in ("amp", "cpu_bf16"):  # a file may still hold them
+                raise DwlabError(f"override '{label}': replaced by train.precision (fp32 | fp16 | bf16)")
             if key not in fields:
                 where = ".".join(keys[:i]) or "the top level"
                 raise DwlabError(

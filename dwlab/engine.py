@@ -44,9 +44,8 @@ def lr_at(iteration: int, epoch: int, *, base_lr: float, warmup_iters: int, warm
 @dataclass
 class TrainStep:
     """One optimizer step on the loss ``weighted_total(assigner(model(images)), assigner.loss_weights)``:
-    the forward pass under ``autocast_dtype`` (None: full precision), the loss scaled by
-    ``scaler`` when given (fp16 on CUDA) and unscaled before the gradient is clipped to
-    ``grad_clip`` (None or 0: no clipping)."""
+    the forward pass under ``autocast_dtype`` (None: full precision; the assigner and the loss
+    run outside autocast), then ``optimizer_step`` (``scaler`` when given: fp16)."""
 
     model: nn.Module
     assigner: LabelAssigner
@@ -72,20 +71,28 @@ class TrainStep:
         if not torch.isfinite(total):
             terms = ", ".join(f"{k}={v.item():.4g} (x{weights[k]:g})" for k, v in losses.items())
             raise NonFiniteLoss(f"non-finite loss {total.item()} at iteration {iteration}: {terms}")
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.scaler is not None:
-            self.scaler.scale(total).backward()
-            self.scaler.unscale_(self.optimizer)
-        else:
-            total.backward()
-        if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        optimizer_step(total, self.optimizer, self.model, self.scaler, self.grad_clip)
         return {**{k: v.item() for k, v in losses.items()}, "loss": total.item()}
+
+
+def optimizer_step(total: Tensor, optimizer: torch.optim.Optimizer, model: nn.Module,
+                   scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None) -> None:
+    """Backward of ``total`` and one step of ``optimizer`` over ``model``'s parameters: with
+    ``scaler`` (fp16) the loss is scaled and the gradient unscaled before it is clipped to
+    ``grad_clip`` (None or 0: no clipping), and the scaler skips a step with inf/NaN gradients."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)
+    else:
+        total.backward()
+    if grad_clip:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
 
 
 def train_one_epoch(

@@ -33,7 +33,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 from dwlab import __version__, checkpoint, faults, paper
 from dwlab.assign import build_assigner
 from dwlab.assign.base import LabelAssigner
-from dwlab.config import Config, DataConfig, dump_yaml, to_dict
+from dwlab.config import Config, DataConfig, TrainConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, SkippedImage, collate
 from dwlab.data.sampler import GroupedBatchSampler, orientation_groups
 from dwlab.distributed import is_distributed, mean_over_workers, rank, sum_over_workers, world_size
@@ -156,15 +156,24 @@ def make_assigner(cfg: Config, num_classes: int) -> LabelAssigner:
         raise DwlabError(f"assigner.{cfg.assigner.name}: {err}") from None
 
 
-def resolved_record(cfg: Config, assigner: LabelAssigner) -> dict[str, Any]:
+def resolved_record(cfg: Config, assigner: LabelAssigner, device: torch.device) -> dict[str, Any]:
     """What a run resolves beyond its config: ``{"assigner": {name: assigner.resolved_params()}}``
-    when the assigner has that method (DW: every constant after the variant table), and
-    ``{"loss_weights": assigner.loss_weights}``."""
+    when the assigner has that method (DW: every constant after the variant table),
+    ``{"loss_weights": assigner.loss_weights}`` and ``{"train": {"device", "precision",
+    "deterministic", "cpu_isa"}}``: what ``train.device: auto`` and ``train.precision: null``
+    became, whether a repeat gives the same numbers (always on the CPU; ``train.deterministic``
+    on CUDA) and the CPU kernels' instruction set (bf16 and fp32 kernels differ between, e.g.,
+    AVX2 and AVX512 machines)."""
     record: dict[str, Any] = {}
     resolved_params = getattr(assigner, "resolved_params", None)
     if resolved_params is not None:
         record["assigner"] = {cfg.assigner.name: resolved_params()}
     record["loss_weights"] = dict(assigner.loss_weights)
+    record["train"] = {
+        "device": device.type, "precision": resolve_precision(cfg.train, device),
+        "deterministic": cfg.train.deterministic or device.type == "cpu",
+        "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+    }  # fmt: skip
     return record
 
 
@@ -207,16 +216,28 @@ def make_loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator
     )
 
 
+AUTOCAST_DTYPES = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(cfg: TrainConfig, device: torch.device) -> str:
+    """``train.precision`` on ``device``: itself, or (null) fp16 on CUDA and fp32 elsewhere."""
+    return cfg.precision or ("fp16" if device.type == "cuda" else "fp32")
+
+
 def precision(cfg: Config, device: torch.device) -> tuple[torch.amp.GradScaler | None, torch.dtype | None, torch.memory_format]:
-    """How a step computes: (GradScaler or None, autocast dtype or None, memory format). CUDA
-    with ``train.amp``: fp16 autocast and a scaler; CPU with ``train.cpu_bf16``: bf16 autocast
-    (no scaler needed); ``train.channels_last``: NHWC activations."""
-    use_amp = cfg.train.amp and device.type == "cuda"
-    autocast_dtype = torch.float16 if use_amp else None
-    if cfg.train.cpu_bf16 and device.type == "cpu":
-        autocast_dtype = torch.bfloat16
+    """How a step computes: (GradScaler or None, autocast dtype or None, memory format), the
+    same on every device: fp32 none; fp16 fp16 autocast and a scaler; bf16 bf16 autocast (its
+    range is fp32's: no scaler). ``train.channels_last``: NHWC activations. bf16 on a GPU
+    without it (before compute capability 8.0) is a one-line ``DwlabError``."""
+    name = resolve_precision(cfg.train, device)
+    if name == "bf16" and device.type == "cuda" and (capability := torch.cuda.get_device_capability(device)) < (8, 0):
+        raise DwlabError(
+            f"train.precision=bf16: {torch.cuda.get_device_name(device)} (compute capability "
+            f"{capability[0]}.{capability[1]}) has no bf16; use fp16"
+        )
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    return (torch.amp.GradScaler("cuda") if use_amp else None), autocast_dtype, memory_format
+    scaler = torch.amp.GradScaler(device.type) if name == "fp16" else None
+    return scaler, AUTOCAST_DTYPES[name], memory_format
 
 
 def set_determinism(enabled: bool, device: torch.device) -> None:
@@ -231,13 +252,6 @@ def set_determinism(enabled: bool, device: torch.device) -> None:
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = False
     torch.use_deterministic_algorithms(enabled, warn_only=True)
-
-
-def determinism_record(enabled: bool, device: torch.device) -> dict[str, Any]:
-    """What decides whether a repeat gives the same numbers: ``deterministic`` (true on the
-    CPU, ``train.deterministic`` on CUDA) and ``cpu_isa`` (the CPU kernels' instruction set:
-    bf16 and fp32 kernels differ between, e.g., AVX2 and AVX512 machines)."""
-    return {"deterministic": enabled or device.type == "cpu", "cpu_isa": torch.backends.cpu.get_cpu_capability()}
 
 
 def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
@@ -454,7 +468,7 @@ def _build_run(cfg: Config, out_dir: Path) -> _Run:
     set_determinism(cfg.train.deterministic, device)
     model = build_model(cfg.model, num_classes).to(device)
     assigner = make_assigner(cfg, num_classes)
-    resolved = {**resolved_record(cfg, assigner), **determinism_record(cfg.train.deterministic, device)}
+    resolved = resolved_record(cfg, assigner, device)
     assigner = faults.wrap(assigner, out_dir)  # itself unless $DWLAB_FAULTS names this run
     optimizer = make_optimizer(model, cfg)
     scaler, autocast_dtype, memory_format = precision(cfg, device)

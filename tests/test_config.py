@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from dwlab.config import apply_overrides, flatten, load_config, to_dict, validate, validate_stored
 from dwlab.errors import DwlabError
@@ -55,6 +56,48 @@ def test_a_removed_key_is_dropped_from_a_stored_config_and_refused_in_a_written_
     assert stored["train"]["log_every"] == 20  # the caller's mapping is left as it is
     with pytest.raises(DwlabError, match="unknown key 'train.log_every'"):
         validate(stored, "c.yaml")
+
+
+@pytest.mark.parametrize("old", [{"amp": True}, {"amp": False}, {"cpu_bf16": True}, {"cpu_bf16": False},
+                                 {"amp": True, "cpu_bf16": True}, {"amp": False, "cpu_bf16": True},
+                                 {"amp": False, "cpu_bf16": False}, {"amp": True, "cpu_bf16": False}])  # fmt: skip
+def test_old_precision_keys_load_as_what_they_computed_on_each_device(old):
+    """``train.amp`` (fp16 on CUDA, default true) and ``train.cpu_bf16`` (bf16 on the CPU) become
+    the ``precision`` that computes the same on each device; the one exception, both true, is
+    bf16 on CUDA too (``LEGACY_PRECISION``)."""
+    from dwlab.runner import resolve_precision
+
+    train = validate({"train": old}, "old.yaml").train
+    amp, cpu_bf16 = old.get("amp", True), old.get("cpu_bf16", False)
+    assert resolve_precision(train, torch.device("cpu")) == ("bf16" if cpu_bf16 else "fp32")
+    assert resolve_precision(train, torch.device("cuda")) == ("bf16" if cpu_bf16 else "fp16" if amp else "fp32")
+    assert "amp" not in to_dict(validate({"train": old}, "old.yaml"))["train"]
+
+
+@pytest.mark.parametrize("preset, old", [("smoke", {"amp": True, "cpu_bf16": False}), ("mini", {"amp": True, "cpu_bf16": True}),
+                                         ("paper", {"amp": True, "cpu_bf16": False})])  # fmt: skip
+def test_configs_written_before_the_precision_key_load_as_the_presets(tmp_path, preset, old):
+    """A checkpoint's stored config and a run's ``config.yaml`` held every key, ``amp`` and
+    ``cpu_bf16`` included, and no ``precision``."""
+    stored = to_dict(load_config(preset))
+    stored["train"] = {**{k: v for k, v in stored["train"].items() if k != "precision"}, **old}
+    assert validate_stored(stored, "ckpt") == load_config(preset)
+    assert load_config(str(write_yaml(tmp_path / "config.yaml", stored))) == load_config(preset)
+
+
+def test_old_and_new_precision_keys_that_disagree_are_one_line():
+    with pytest.raises(DwlabError, match=r"^c.yaml: train: .*precision=bf16 contradicts the old keys amp=False "
+                                         r"\(they mean precision=fp32\); keep precision only$"):  # fmt: skip
+        validate({"train": {"amp": False, "precision": "bf16"}}, "c.yaml")
+    with pytest.raises(DwlabError, match=r"contradicts the old keys amp=True, cpu_bf16=False \(they mean precision=null\)"):
+        validate({"train": {"amp": True, "cpu_bf16": False, "precision": "fp16"}}, "c.yaml")
+    assert validate({"train": {"cpu_bf16": True, "precision": "bf16"}}, "c.yaml").train.precision == "bf16"
+    with pytest.raises(DwlabError, match=r"^c.yaml: train: .*amp: expected true or false, got 'yes please'"):
+        validate({"train": {"amp": "yes please"}}, "c.yaml")
+    with pytest.raises(DwlabError, match=r"^override 'train.cpu_bf16': replaced by train.precision \(fp32 \| fp16 \| bf16\)$"):
+        load_config("mini", ["train.cpu_bf16=false"])
+    with pytest.raises(DwlabError, match=r"c.yaml: train.precision: Input should be 'fp32', 'fp16' or 'bf16' \(got 'fp8'\)"):
+        validate({"train": {"precision": "fp8"}}, "c.yaml")
 
 
 def test_dw_variant_constants_stay_null_in_the_config_and_resolve_in_dwparams():

@@ -1,3 +1,6 @@
+import collections.abc
+import pickle
+
 import torch
 from PIL import Image
 
@@ -97,3 +100,26 @@ def test_unreadable_image_names_the_file(tmp_path):
     assert batch.skipped == (item,)
     images, sizes, targets = empty = collate([item])  # every image of the batch unreadable
     assert images.shape[0] == 0 and sizes.shape == (0, 2) and targets == [] and empty.skipped == (item,)
+
+
+def test_a_batch_keeps_its_skipped_images_through_pin_memory_and_pickling(tmp_path, monkeypatch):
+    """What ``DataLoader(pin_memory=True)`` does to a batch: torch's ``pin_memory`` rebuilds a
+    tuple, sequence or mapping from its items (older torch checked those before looking for a
+    ``pin_memory`` method), so a ``Batch`` is none of them and torch calls its own method.
+    Pinning needs CUDA: without it, a copy stands in for ``Tensor.pin_memory`` (the dispatch and
+    ``Batch.pin_memory`` run as they are; ``tests/test_cuda.py`` pins a real loader's)."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    ann, img_dir = make_coco(tmp_path, annotations=[])
+    (img_dir / "a.png").write_bytes(b"\x89PNG truncated")
+    ds = CocoDetection(ann, img_dir, min_size=40, max_size=60)
+    batch = collate([ds[0], ds[1]])
+    assert not isinstance(batch, (tuple, collections.abc.Sequence, collections.abc.Mapping))
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self, *args, **kwargs: self.clone())
+    pinned = pin_memory(batch)
+    assert type(pinned) is type(batch) and pinned.skipped == batch.skipped and len(batch.skipped) == 1
+    assert pinned.images is not batch.images and torch.equal(pinned.images, batch.images)
+    assert torch.equal(pinned.sizes, batch.sizes) and pinned.targets is batch.targets
+    restored = pickle.loads(pickle.dumps(batch))  # as from a DataLoader worker process
+    assert torch.equal(restored.images, batch.images) and restored.skipped == batch.skipped

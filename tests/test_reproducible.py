@@ -3,7 +3,8 @@ same ``metrics.jsonl``, ``eval.json`` and ``detections.json``, byte for byte, wh
 on the machine; the clock's readings go to ``timing.jsonl`` instead."""
 
 import json
-import threading
+import subprocess
+import sys
 
 import torch
 
@@ -22,7 +23,7 @@ def _config(root):
             root,
             data={"num_workers": 1, "flip_prob": 0.5},
             assigner={"name": "dw"},
-            train={"epochs": 2, "optimizer": "adamw", "lr": 2e-3, "cpu_bf16": True, "channels_last": True,
+            train={"epochs": 2, "optimizer": "adamw", "lr": 2e-3, "precision": "bf16", "channels_last": True,
                    "threads": 1},
             eval={"every": 1},
         ),
@@ -30,24 +31,21 @@ def _config(root):
     )
 
 
-def _busy(stop: threading.Event) -> None:
-    """Load on the machine while a run trains: matrix products on other threads."""
-    a = torch.randn(256, 256)
-    while not stop.is_set():
-        a = torch.tanh(a @ a)
+def _busy() -> subprocess.Popen:
+    """Another process loading the machine while a run trains: matrix products on 2 threads."""
+    code = "import torch\ntorch.set_num_threads(2)\na = torch.randn(512, 512)\nwhile True:\n    a = torch.tanh(a @ a)\n"
+    return subprocess.Popen([sys.executable, "-c", code])
 
 
 def test_two_runs_of_one_config_write_identical_result_files(tmp_path, synth_root):
     cfg = _config(synth_root)
     run_training(cfg, tmp_path / "a")
-    stop = threading.Event()
-    load = threading.Thread(target=_busy, args=(stop,))
-    load.start()
+    load = _busy()
     try:
         run_training(cfg, tmp_path / "b")
     finally:
-        stop.set()
-        load.join()
+        load.kill()
+        load.wait()
     for name in RESULT_FILES:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]

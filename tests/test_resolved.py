@@ -47,7 +47,7 @@ def saved(tmp_path_factory):
     cfg = load_config("smoke")
     assert cfg.assigner.name == "dw"
     out = tmp_path_factory.mktemp("run")
-    write_run_config(out, cfg, resolved_record(cfg, make_assigner(cfg, C)))
+    write_run_config(out, cfg, resolved_record(cfg, make_assigner(cfg, C), torch.device("cpu")))
     return out
 
 
@@ -59,6 +59,9 @@ def test_run_config_keeps_unset_constants_null_and_records_them_resolved(saved):
     assert (dw["loc_score"], dw["mu_norm"], dw["pneg_high"], dw["pneg_bag_minmax"], dw["pos_scale"]) == (
         "iou_pow", 5.0, 0.95, False, 1.0)  # fmt: skip
     assert resolved["loss_weights"] == {"loss_cls_pos": 1.0, "loss_box": 5.0, "loss_neg": 1.0}
+    assert yaml.safe_load((saved / "config.yaml").read_text())["train"]["precision"] is None
+    assert resolved["train"] == {  # smoke's null precision, on the CPU, whose kernels are deterministic
+        "device": "cpu", "precision": "fp32", "deterministic": True, "cpu_isa": torch.backends.cpu.get_cpu_capability()}
 
 
 @pytest.mark.parametrize("overrides", OVERRIDES, ids=lambda o: " ".join(o))

@@ -36,11 +36,12 @@ def test_overfits_a_handful_of_images(tmp_path):
 
 
 def test_resume_continues_at_the_right_epoch_with_the_same_state(tmp_path, synth_root):
-    """(e) 2 epochs + resume to 3 == 3 epochs straight: same weights, same optimizer state."""
-    raw = tiny_config(synth_root, train={"epochs": 3})
+    """(e) 2 epochs + resume to 3 == 3 epochs straight: same weights, same optimizer state. On
+    the CPU in fp32, bit for bit (a run and its resume on CUDA: ``tests/test_cuda.py``)."""
+    raw = tiny_config(synth_root, train={"epochs": 3, "device": "cpu"})
     straight = run_training(validate(raw, "t"), tmp_path / "straight")
     events = []
-    run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "split")
+    run_training(validate(tiny_config(synth_root, train={"epochs": 2, "device": "cpu"}), "t"), tmp_path / "split")
     resumed = run_training(
         validate(raw, "t"), tmp_path / "split", resume=True, on_epoch_end=lambda r: events.append(r.epoch)
     )

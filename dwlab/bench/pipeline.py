@@ -61,6 +61,6 @@ def bench_loading(cfg: Config, train: CocoDetection, batches: int) -> dict[str, 
             batch = next(it)
         except StopIteration:
             break
-        images += batch[0].shape[0]
+        images += batch.images.shape[0]
     elapsed = time.perf_counter() - start
     return {"images": images, "images_per_s": images / elapsed, "workers": cfg.data.num_workers}

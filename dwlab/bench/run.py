@@ -16,6 +16,7 @@ from dwlab.errors import DwlabError
 
 PARTS = ("train", "throughput", "loss", "eval", "data", "sweep")
 THROUGHPUT_PRESETS = ("smoke", "mini")  # today's fp32 step against the learning scale's
+PRECISION_NAMES = {"fp32": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
 
 
 @dataclass
@@ -60,15 +61,16 @@ Section = tuple[list[str], list[Check]]  # markdown lines of a part, its targets
 
 def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float]) -> Section:
     from dwlab.bench.train_step import CANDIDATES, GTS_PER_IMAGE
+    from dwlab.runner import resolve_precision
 
     base, m = step_s["dwlab DW"], cfg.model
     rows = [[name, f"{step_s[name] * 1e3:.1f}", f"{step_s[name] / base:.2f}"] for name in CANDIDATES]
-    amp = ", AMP" if cfg.train.amp and device.type == "cuda" else ""
+    prec = PRECISION_NAMES[resolve_precision(cfg.train, device)]
     lines = [
         "## Training step (forward + loss + backward + SGD step)", "",
         f"{m.backbone}, FPN {m.fpn_channels}, {m.head_convs}-conv GN({m.head_norm_groups}) head, "
         f"80 classes, batch {cfg.train.batch_size} of {cfg.data.min_size}x{cfg.data.max_size} random "
-        f"images, {GTS_PER_IMAGE} random GTs each{amp}. "
+        f"images, {GTS_PER_IMAGE} random GTs each, {prec}. "
         "torchvision's FCOS gets the same backbone + FPN and head depth; it normalises and "
         "batches its images inside the step (its transform), dwlab's loader does that before.", "",
         *_table(["model", "ms / step", "/ dwlab DW"], rows),
@@ -82,6 +84,7 @@ def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float]) 
 
 def _throughput_section(opts: BenchOptions, device: torch.device) -> Section:
     from dwlab.bench.throughput import step_fn
+    from dwlab.runner import resolve_precision
 
     if device.type != "cpu":
         return ["## Training images / s per thread", "", "Measured on the CPU only (`--device cpu`)."], []
@@ -97,7 +100,7 @@ def _throughput_section(opts: BenchOptions, device: torch.device) -> Section:
     rows = []
     for name, cfg in configs.items():
         m, t = cfg.model, cfg.train
-        prec = "bf16 autocast" if t.cpu_bf16 else "fp32"
+        prec = PRECISION_NAMES[resolve_precision(t, device)]
         rows.append([name, f"{m.backbone}, frozen stages {m.frozen_stages}", str(t.batch_size),
                      prec + (", channels_last" if t.channels_last else ""), f"{step_s[name] * 1e3:.0f}",
                      f"{ips[name]:.1f}", f"{ips[name] / ips['smoke']:.2f}x"])  # fmt: skip

@@ -13,11 +13,10 @@ from torchvision.models.detection import FCOS as TorchvisionFCOS
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
 from dwlab.assign import build_assigner
-from dwlab.assign.base import weighted_total
 from dwlab.config import Config
 from dwlab.data.target import Target
 from dwlab.data.transforms import normalize
-from dwlab.engine import param_groups
+from dwlab.engine import TrainStep, optimizer_step, param_groups
 from dwlab.models.backbone import build_backbone
 from dwlab.models.detector import build_model
 from dwlab.runner import precision
@@ -65,43 +64,42 @@ def torchvision_fcos(cfg: Config, num_classes: int) -> TorchvisionFCOS:
     )  # fmt: skip
 
 
-def _dwlab_loss(model: nn.Module, assigner, images: torch.Tensor, targets: list[Target]) -> torch.Tensor:
-    return weighted_total(assigner(model(images), targets), assigner.loss_weights)
-
-
 def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, Callable[[], None]]:
-    """``{candidate: () -> None}``, one optimizer step each on the same batch. SGD for all
-    (the paper's optimizer); AMP on CUDA when ``train.amp``."""
+    """``{candidate: () -> None}``, one optimizer step each on the same batch, SGD for all (the
+    paper's optimizer), at ``cfg``'s precision on ``device`` as training computes it
+    (``runner.precision``: fp16 autocast with a GradScaler, bf16 without): dwlab's candidates
+    are ``engine.TrainStep`` itself (forward under autocast, assigner and loss outside it);
+    torchvision's FCOS computes its loss inside its forward, so the whole of it runs under
+    autocast, followed by the same ``engine.optimizer_step``."""
     images, targets = synthetic_images(cfg, num_classes)
     dwlab_images = _pad(normalize(images * 255), cfg.data.size_divisor).to(device)
     dwlab_targets = [t.to(device) for t in targets]
     tv_images = [img.to(device) for img in images]
     tv_targets = [{"boxes": t.boxes.to(device), "labels": t.labels.to(device)} for t in targets]
-    _, autocast_dtype, _ = precision(cfg, device)
 
-    def make(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        optimizer = torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
+    def sgd(model: nn.Module) -> torch.optim.Optimizer:
+        return torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
 
-        def step() -> None:
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = loss_fn()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-
-        return step
-
-    fns = {}
+    fns: dict[str, Callable[[], None]] = {}
     for name, refine, assigner_name in (
         ("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos"),
     ):  # fmt: skip
         torch.manual_seed(0)
         model = build_model(cfg.model.model_copy(update={"pretrained": False, "box_refine": refine}), num_classes)
-        model = model.to(device).train()
+        scaler, autocast_dtype, memory_format = precision(cfg, device)
+        model = model.to(device, memory_format=memory_format).train()
         assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
-        loss = functools.partial(_dwlab_loss, model, assigner, dwlab_images, dwlab_targets)
-        fns[name] = make(model, loss)
+        step = TrainStep(model, assigner, sgd(model), device, scaler, autocast_dtype, memory_format, cfg.train.grad_clip)
+        fns[name] = functools.partial(step, dwlab_images, dwlab_targets, 1e-4, 0)
     torch.manual_seed(0)
-    tv = torchvision_fcos(cfg, num_classes).to(device).train()
-    fns["torchvision FCOS"] = make(tv, lambda: sum(tv(tv_images, tv_targets).values()))  # its own weights: 1
+    scaler, autocast_dtype, memory_format = precision(cfg, device)
+    tv = torchvision_fcos(cfg, num_classes).to(device, memory_format=memory_format).train()
+    tv_optimizer = sgd(tv)
+
+    def tv_step() -> None:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = sum(tv(tv_images, tv_targets).values())  # its own weights: 1
+        optimizer_step(loss, tv_optimizer, tv, scaler, cfg.train.grad_clip)
+
+    fns["torchvision FCOS"] = tv_step
     return fns

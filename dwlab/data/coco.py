@@ -37,9 +37,9 @@ import io
 import json
 import math
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -299,24 +299,28 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-class Batch(tuple):
-    """``(images, sizes, targets)`` from ``collate``, plus ``skipped``: the ``SkippedImage`` of
-    each sample it dropped. Unpacks like the plain 3-tuple; pickles with ``skipped`` (batches
-    of DataLoader worker processes)."""
+@dataclass(frozen=True)
+class Batch:
+    """``collate``'s output: images ``Tensor[B, 3, H, W]``, their unpadded sizes ``Tensor[B, 2]``
+    (h, w), the targets, and ``skipped``: the ``SkippedImage`` of each sample it dropped.
+    Unpacks like the 3-tuple ``(images, sizes, targets)``; pickles whole (batches of DataLoader
+    worker processes).
 
-    skipped: tuple[SkippedImage, ...]
+    Not a tuple, sequence or mapping on purpose: torch's ``pin_memory`` (DataLoader
+    ``pin_memory=True``) rebuilds those from their items, which drops ``skipped`` (older torch
+    did so before it looked for a ``pin_memory`` method), and calls the ``pin_memory`` method of
+    any other object, whatever its order of checks."""
 
-    def __new__(cls, images: Tensor, sizes: Tensor, targets: list[Target], skipped=()) -> Batch:
-        batch = super().__new__(cls, (images, sizes, targets))
-        batch.skipped = tuple(skipped)
-        return batch
+    images: Tensor
+    sizes: Tensor
+    targets: list[Target]
+    skipped: tuple[SkippedImage, ...] = ()
 
-    def __reduce__(self):
-        return (Batch, (*self, self.skipped))
+    def __iter__(self) -> Iterator:
+        return iter((self.images, self.sizes, self.targets))
 
-    def pin_memory(self) -> Batch:  # DataLoader(pin_memory=True) calls this
-        images, sizes, targets = self
-        return Batch(images.pin_memory(), sizes.pin_memory(), targets, self.skipped)
+    def pin_memory(self) -> Batch:
+        return replace(self, images=self.images.pin_memory(), sizes=self.sizes.pin_memory())
 
 
 def collate(batch: list[tuple[Tensor, Target] | SkippedImage], size_divisor: int = 32) -> Batch:
@@ -331,7 +335,7 @@ def collate(batch: list[tuple[Tensor, Target] | SkippedImage], size_divisor: int
     targets = [t for _, t in (s for s in batch if not isinstance(s, SkippedImage))]
     if not images:
         empty = torch.zeros((0, 3, size_divisor, size_divisor))
-        return Batch(empty, torch.zeros((0, 2), dtype=torch.long), [], skipped)
+        return Batch(empty, torch.zeros((0, 2), dtype=torch.long), [], tuple(skipped))
     h = max(img.shape[1] for img in images)
     w = max(img.shape[2] for img in images)
     h = (h + size_divisor - 1) // size_divisor * size_divisor
@@ -340,4 +344,4 @@ def collate(batch: list[tuple[Tensor, Target] | SkippedImage], size_divisor: int
     for i, img in enumerate(images):
         out[i, :, : img.shape[1], : img.shape[2]] = img
     sizes = torch.tensor([[img.shape[1], img.shape[2]] for img in images], dtype=torch.long)
-    return Batch(out, sizes, targets, skipped)
+    return Batch(out, sizes, targets, tuple(skipped))
