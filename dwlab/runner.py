@@ -458,9 +458,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     iters = min(len(run.loader), cfg.train.max_iters_per_epoch or len(run.loader))
     progress, task = _progress(cfg.train.progress and rank() == 0, iters, f"epoch {epoch + 1}/{cfg.train.epochs}")
 
-    def on_step(step: dict[str, float]) -> None:
+    def on_step(step: dict[str, float]) -> None:  # the terms come every engine.LOG_EVERY steps
         shown = " ".join(f"{k}={v:.3f}" for k, v in step.items() if k.startswith("loss"))
-        progress.update(task, advance=1, losses=shown, rate=progress.tasks[0].speed or 0.0)
+        progress.update(task, advance=1, rate=progress.tasks[0].speed or 0.0, **({"losses": shown} if shown else {}))
 
     lr_kwargs = dict(base_lr=cfg.train.lr, warmup_iters=cfg.train.warmup_iters, warmup_ratio=cfg.train.warmup_ratio,
                      steps=cfg.train.lr_steps, gamma=cfg.train.lr_gamma)  # fmt: skip

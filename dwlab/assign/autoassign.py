@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dwlab.assign.bags import candidate_prior
+from dwlab.assign.bags import anchor_layout, candidate_prior
 from dwlab.assign.common import check_outputs, concat_targets, entry_minima, focus_maps, level_maps, pad_targets
 from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import AutoAssignAssignerConfig
@@ -117,7 +117,8 @@ class AutoAssignAssigner:
         gt_boxes, gt_labels, gt_image = concat_targets(targets, device)
         anchors = outputs.anchors
         anchor, gt, prior = candidate_prior(
-            anchors.points, anchors.strides, anchors.levels, gt_boxes, kind="soft", sigma=self.prior_sigma
+            anchors.points, anchors.strides, anchors.levels, gt_boxes, kind="soft", sigma=self.prior_sigma,
+            layout=anchor_layout(anchors),
         )  # S_n and the centre weighting G
         image, label = gt_image[gt], gt_labels[gt]
         flat = image * a + anchor

@@ -11,21 +11,25 @@ A bag ``B_g`` holds anchors whose point lies strictly inside GT box g (the relea
 
 Everything is returned as P (anchor, GT) pairs, never as a dense ``Tensor[A, G]``. When the
 anchor points form the row-major per-level grids of ``Anchors.grid`` (always, for the
-detector), the inside pairs are enumerated from each GT's row/column range on each level, so
-the cost is O(P + G * levels). Other point sets fall back to a dense boolean inside-mask.
+detector), the inside pairs are enumerated from each GT's exact row/column range on each level
+(``GridLayout``: the grid's own coordinates, searched on the device), so the cost is
+O(P + G * levels) and the only host-device sync is the number of pairs P. The layout is read
+from the points once per feature-map shape (``anchor_layout``, keyed by ``Anchors.recipe``).
+Other point sets fall back to a dense boolean inside-mask.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from dwlab.box_ops import box_centers
+from dwlab.models.outputs import Anchors
 
 BAG_KINDS = ("soft", "threshold", "topk")
-_MARGIN = 1e-3  # stride units; above level_grids' tolerance (1e-3 px) at any stride >= 1
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,88 @@ def split_levels(values: Tensor, points: Tensor, strides: Tensor, levels: Tensor
     return [values[g.start : g.start + g.height * g.width].reshape(g.height, g.width, *tail) for g in grids]
 
 
-def _inside_pairs_grid(points: Tensor, gt_boxes: Tensor, grids: list[LevelGrid]) -> tuple[Tensor, Tensor]:
-    """Candidate pairs from each GT's row/column range per level (see ``inside_pairs``): the
-    points strictly inside, plus any within ``_MARGIN`` strides of the border (filtered after)."""
-    device, num_gts, num_levels = points.device, gt_boxes.shape[0], len(grids)
-    meta = torch.tensor([[g.stride, g.x0, g.y0] for g in grids], dtype=torch.float64, device=device)
-    ints = torch.tensor([[g.start, g.height, g.width] for g in grids], dtype=torch.long, device=device)
-    stride, x0, y0 = meta[:, 0], meta[:, 1], meta[:, 2]  # [L]
-    start, height, width = ints[:, 0], ints[:, 1], ints[:, 2]
-    boxes = gt_boxes.double()[:, None, :]  # [G, 1, 4]
-    # column j is inside iff x1 < x0 + j * stride < x2, i.e. floor(q1) < j < ceil(q2)
-    col_lo = (torch.floor((boxes[..., 0] - x0) / stride - _MARGIN) + 1).long().clamp(min=0)  # [G, L]
-    col_hi = torch.minimum((torch.ceil((boxes[..., 2] - x0) / stride + _MARGIN) - 1).long(), width - 1)
-    row_lo = (torch.floor((boxes[..., 1] - y0) / stride - _MARGIN) + 1).long().clamp(min=0)
-    row_hi = torch.minimum((torch.ceil((boxes[..., 3] - y0) / stride + _MARGIN) - 1).long(), height - 1)
+@dataclass(frozen=True)
+class GridLayout:
+    """Anchor points that are exactly per-level grids (``Anchors.grid``'s), as device tensors for
+    ``inside_pairs``: level l's point ``start[l] + i * width[l] + j`` is ``(xs[l, j], ys[l, i])``.
+
+    grids: the levels (``level_grids``); xs ``Tensor[L, W_max]`` and ys ``Tensor[L, H_max]`` the
+    points' own coordinates, strictly increasing, padded with +inf; start, width ``Tensor[L]`` long.
+    """
+
+    grids: tuple[LevelGrid, ...]
+    xs: Tensor
+    ys: Tensor
+    start: Tensor
+    width: Tensor
+
+
+def grid_layout(points: Tensor, strides: Tensor, levels: Tensor) -> GridLayout | None:
+    """The ``GridLayout`` of the points, or None unless every level is an exact row-major grid
+    (one row of x coordinates shared by every row, one y per row, both strictly increasing).
+    Reads the points on the host: cache it (``anchor_layout``)."""
+    grids = level_grids(points, strides, levels)
+    if grids is None or not grids:
+        return None
+    pts = points.detach().cpu()
+    xs, ys = [], []
+    for g in grids:
+        p = pts[g.start : g.start + g.height * g.width].reshape(g.height, g.width, 2)
+        x, y = p[0, :, 0], p[:, 0, 1]
+        exact = bool((p[..., 0] == x).all()) and bool((p[..., 1] == y[:, None]).all())
+        if not exact or bool((x.diff() <= 0).any()) or bool((y.diff() <= 0).any()):
+            return None
+        xs.append(x)
+        ys.append(y)
+    inf = float("inf")
+    pad = lambda rows: torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=inf)  # noqa: E731
+    device = points.device
+    ints = torch.tensor([[g.start, g.width] for g in grids], dtype=torch.long)
+    return GridLayout(tuple(grids), pad(xs).to(device), pad(ys).to(device), ints[:, 0].to(device), ints[:, 1].to(device))
+
+
+_LAYOUTS: OrderedDict[tuple, GridLayout | None] = OrderedDict()
+LAYOUT_CACHE_SIZE = 256  # distinct feature-map shapes kept (multi-size batches: one per padded size)
+
+
+def anchor_layout(anchors: Anchors) -> GridLayout | None:
+    """``grid_layout`` of ``anchors``, cached per ``Anchors.recipe`` (feature-map shapes,
+    strides, offset, device): the points are read on the host once per shape, not every step.
+    Anchors without a recipe are laid out anew on each call."""
+    key = anchors.recipe
+    if key is None:
+        return grid_layout(anchors.points, anchors.strides, anchors.levels)
+    if key in _LAYOUTS:
+        _LAYOUTS.move_to_end(key)
+        return _LAYOUTS[key]
+    layout = _LAYOUTS[key] = grid_layout(anchors.points, anchors.strides, anchors.levels)
+    if len(_LAYOUTS) > LAYOUT_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def _index_range(coords: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+    """First and last index of the coordinates strictly between ``lo`` and ``hi``: coords
+    ``Tensor[L, N]`` increasing (+inf padded), lo and hi ``Tensor[G]`` -> two ``Tensor[G, L]``
+    (first > last when there is none). Exact: the same comparisons as ``_inside_test``."""
+    num_levels = coords.shape[0]
+    first = torch.searchsorted(coords, lo[None].expand(num_levels, -1).contiguous(), right=True)
+    last = torch.searchsorted(coords, hi[None].expand(num_levels, -1).contiguous(), right=False) - 1
+    return first.T, last.T
+
+
+def _inside_pairs_grid(gt_boxes: Tensor, layout: GridLayout) -> tuple[Tensor, Tensor]:
+    """The pairs of ``inside_pairs``, enumerated from each GT's exact row and column range on
+    each level: O(P + G * levels), no dense mask and no filtering afterwards."""
+    device, num_gts, num_levels = gt_boxes.device, gt_boxes.shape[0], len(layout.grids)
+    dtype = torch.promote_types(layout.xs.dtype, gt_boxes.dtype)  # _inside_test's comparison
+    boxes, xs, ys = gt_boxes.to(dtype), layout.xs.to(dtype), layout.ys.to(dtype)
+    col_lo, col_hi = _index_range(xs, boxes[:, 0], boxes[:, 2])  # [G, L]
+    row_lo, row_hi = _index_range(ys, boxes[:, 1], boxes[:, 3])
     n_cols = (col_hi - col_lo + 1).clamp(min=0)
-    sizes = (n_cols * (row_hi - row_lo + 1).clamp(min=0)).reshape(-1)  # [G * L], block = (gt, level)
+    n_rows = (row_hi - row_lo + 1).clamp(min=0)
+    no_nan = ~boxes.isnan().any(-1, keepdim=True)  # a NaN edge holds no point (comparisons fail)
+    sizes = (n_cols * n_rows * no_nan).reshape(-1)  # [G * L], block = (gt, level)
     gt_of_block = torch.arange(num_gts, device=device).repeat_interleave(num_levels)
     table = torch.stack(  # one row per block, gathered once per pair
         [
@@ -108,13 +178,13 @@ def _inside_pairs_grid(points: Tensor, gt_boxes: Tensor, grids: list[LevelGrid])
             n_cols.reshape(-1),
             row_lo.reshape(-1),
             col_lo.reshape(-1),
-            start.repeat(num_gts),
-            width.repeat(num_gts),
+            layout.start.repeat(num_gts),
+            layout.width.repeat(num_gts),
             gt_of_block,
         ],
         dim=1,
     )
-    block = torch.repeat_interleave(torch.arange(num_gts * num_levels, device=device), sizes)
+    block = torch.repeat_interleave(torch.arange(num_gts * num_levels, device=device), sizes)  # P: one sync
     first, cols, row0, col0, level_start, level_width, gt = table.index_select(0, block).unbind(1)
     local = torch.arange(block.shape[0], device=device) - first
     row = row0 + torch.div(local, cols, rounding_mode="floor")
@@ -122,24 +192,25 @@ def _inside_pairs_grid(points: Tensor, gt_boxes: Tensor, grids: list[LevelGrid])
     return level_start + row * level_width + col, gt
 
 
-def inside_pairs(points: Tensor, strides: Tensor, levels: Tensor, gt_boxes: Tensor) -> tuple[Tensor, Tensor]:
+def inside_pairs(
+    points: Tensor, strides: Tensor, levels: Tensor, gt_boxes: Tensor, layout: GridLayout | None = None
+) -> tuple[Tensor, Tensor]:
     """All (anchor, GT) pairs whose point lies strictly inside the GT box.
 
-    points ``Tensor[A, 2]``; strides, levels ``Tensor[A]``; gt_boxes ``Tensor[G, 4]`` xyxy pixels.
+    points ``Tensor[A, 2]``; strides, levels ``Tensor[A]``; gt_boxes ``Tensor[G, 4]`` xyxy pixels;
+    layout: the points' ``GridLayout`` (``anchor_layout``, cached), found here when not given.
     Returns anchor_idx, gt_idx ``Tensor[P]`` long, ordered by GT, then anchor index.
     """
     device = points.device
     empty = torch.zeros(0, dtype=torch.long, device=device)
     if gt_boxes.shape[0] == 0 or points.shape[0] == 0:
         return empty, empty.clone()
-    grids = level_grids(points, strides, levels)
-    if grids is not None:
-        anchor, gt = _inside_pairs_grid(points, gt_boxes, grids)
-    else:  # fallback for arbitrary points: a dense boolean [G, A] mask
-        gt, anchor = _inside_test(points[None, :, :], gt_boxes[:, None, :]).nonzero(as_tuple=True)
-        return anchor, gt
-    keep = _inside_test(points.index_select(0, anchor), gt_boxes.index_select(0, gt))
-    return anchor[keep], gt[keep]  # blocks (gt, level) in order, rows then columns: sorted
+    layout = grid_layout(points, strides, levels) if layout is None else layout
+    if layout is not None:
+        return _inside_pairs_grid(gt_boxes, layout)  # blocks (gt, level) in order, rows then columns: sorted
+    # fallback for arbitrary points: a dense boolean [G, A] mask
+    gt, anchor = _inside_test(points[None, :, :], gt_boxes[:, None, :]).nonzero(as_tuple=True)
+    return anchor, gt
 
 
 def _inside_test(points: Tensor, boxes: Tensor) -> Tensor:
@@ -158,11 +229,13 @@ def candidate_prior(
     radius: float = 2.0,
     topk: int = 9,
     sigma: float = 1.11,
+    layout: GridLayout | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Candidate bags as sparse pairs (paper Table 4).
 
     points ``Tensor[A, 2]`` (x, y) pixels; strides ``Tensor[A]`` float; levels ``Tensor[A]`` long;
-    gt_boxes ``Tensor[G, 4]`` xyxy pixels.
+    gt_boxes ``Tensor[G, 4]`` xyxy pixels; layout: the points' ``GridLayout`` (``anchor_layout``:
+    pass it from a training step, so that the points are not read on the host each time).
     Returns ``(anchor_idx[P], gt_idx[P], prior[P])``, GT-major. Hard bags (threshold, topk) hold
     only their members (prior 1). The soft bag holds every inside anchor, including those whose
     Gaussian prior underflows to 0 in float32 (far from the centre of a large GT): like the
@@ -175,7 +248,7 @@ def candidate_prior(
     assert points.dim() == 2 and points.shape[1] == 2, points.shape
     assert strides.shape == levels.shape == points.shape[:1], (strides.shape, levels.shape)
     assert gt_boxes.dim() == 2 and gt_boxes.shape[1] == 4, gt_boxes.shape
-    anchor, gt = inside_pairs(points, strides, levels, gt_boxes)
+    anchor, gt = inside_pairs(points, strides, levels, gt_boxes, layout)
     centres = box_centers(gt_boxes.to(points.dtype))
     offset = points.index_select(0, anchor) - centres.index_select(0, gt)
     offset = offset / strides.index_select(0, anchor)[:, None]  # (dx, dy) in stride units  [P, 2]

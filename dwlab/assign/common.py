@@ -30,7 +30,7 @@ from torchvision.ops import box_iou, generalized_box_iou_loss
 
 from dwlab.assign.bags import split_levels
 from dwlab.box_ops import aligned_iou, box_centers
-from dwlab.data.target import Target
+from dwlab.data.target import Target, check_labels
 from dwlab.distributed import normaliser
 from dwlab.models.outputs import Anchors, HeadOutputs
 
@@ -38,6 +38,9 @@ INSIDE_EPS = 0.01  # pixels: "centre inside GT" is min(l, t, r, b) > 0.01 (relea
 
 
 def check_outputs(outputs: HeadOutputs, targets: list[Target], num_classes: int) -> None:
+    """The invariants every assigner asserts at entry: shapes, and label ranges of targets on
+    the host (device labels are left to ``TrainStep``, which checks them on the host before the
+    transfer: reading them here would make the host wait for the device)."""
     b, a, c = outputs.cls_logits.shape
     assert c == num_classes, f"cls_logits has {c} classes, the assigner {num_classes}"
     assert outputs.centerness.shape == (b, a), outputs.centerness.shape
@@ -46,8 +49,7 @@ def check_outputs(outputs: HeadOutputs, targets: list[Target], num_classes: int)
     assert len(targets) == b, f"{len(targets)} targets for {b} images"
     for t in targets:
         assert t.boxes.reshape(-1, 4).shape[0] == t.labels.numel(), (t.boxes.shape, t.labels.shape)
-    labels = torch.cat([t.labels.reshape(-1) for t in targets]) if targets else torch.zeros(0)
-    assert labels.numel() == 0 or (0 <= int(labels.min()) and int(labels.max()) < num_classes), labels
+    check_labels([t for t in targets if t.labels.device.type == "cpu"], num_classes)
 
 
 def pad_targets(targets: list[Target], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
@@ -68,8 +70,8 @@ def concat_targets(targets: list[Target], device: torch.device) -> tuple[Tensor,
     ``Tensor[G]`` long and the image of each GT ``Tensor[G]`` long (G = all GTs of the batch)."""
     gt_boxes = torch.cat([t.boxes.reshape(-1, 4) for t in targets]).to(device, torch.float32)
     gt_labels = torch.cat([t.labels.reshape(-1) for t in targets]).to(device, torch.long)
-    counts = torch.tensor([len(t.labels) for t in targets], device=device)
-    gt_image = torch.repeat_interleave(torch.arange(len(targets), device=device), counts)
+    # filled on the device from the host's counts: no copy, no wait
+    gt_image = torch.cat([torch.full((len(t.labels),), i, device=device) for i, t in enumerate(targets)])
     return gt_boxes, gt_labels, gt_image
 
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import box_iou
 
-from dwlab.assign.bags import BAG_KINDS, candidate_prior
+from dwlab.assign.bags import BAG_KINDS, anchor_layout, candidate_prior
 from dwlab.assign.common import check_outputs, concat_targets, entry_minima, level_maps
 from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
 from dwlab.config import DWAssignerConfig
@@ -318,7 +318,7 @@ class DWAssigner:
         anchor, gt, prior = candidate_prior(
             anchors.points, anchors.strides, anchors.levels, gt_boxes,
             kind=self.params.bag, radius=self.params.bag_radius, topk=self.params.bag_topk,
-            sigma=self.params.prior_sigma,
+            sigma=self.params.prior_sigma, layout=anchor_layout(anchors),
         )  # fmt: skip
         return anchor, gt, prior, gt_image, gt_labels, gt_boxes
 
@@ -375,7 +375,7 @@ class DWAssigner:
         cls_pos, neg = weighted_joint_bce(outputs.cls_logits, outputs.centerness, pos_entry, asg.w_pos, w_neg)
         reg = (asg.w_pos * giou_loss).sum()
         device = outputs.cls_logits.device
-        num_gts = torch.tensor(float(asg.gt_labels.shape[0]), device=device)
+        num_gts = torch.full((), float(asg.gt_labels.shape[0]), device=device)
         neg_norm = (1.0 - asg.entry_p_neg).sum()
         return LossSums(cls_pos, reg, neg, num_gts, neg_norm)
 
