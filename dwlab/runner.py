@@ -30,7 +30,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from dwlab import __version__, checkpoint, faults, paper
 from dwlab.assign import build_assigner
-from dwlab.assign.base import LabelAssigner
+from dwlab.assign.base import LabelAssigner, head_init
 from dwlab.config import Config, DataConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, SkippedImage, collate
 from dwlab.data.sampler import GroupedBatchSampler, orientation_groups
@@ -130,6 +130,12 @@ def make_assigner(cfg: Config, num_classes: int) -> LabelAssigner:
         return build_assigner(cfg.assigner, num_classes)
     except ValueError as err:
         raise DwlabError(f"assigner.{cfg.assigner.name}: {err}") from None
+
+
+def build_detector(cfg: Config, num_classes: int, assigner: LabelAssigner) -> FCOS:
+    """``build_model`` with the head initialised as the method asks (``assign.base.head_init``:
+    e.g. an objectness prior on the centerness branch); the detector's default otherwise."""
+    return build_model(cfg.model, num_classes, centerness_bias=head_init(assigner).centerness_bias)
 
 
 def resolved_record(cfg: Config, assigner: LabelAssigner) -> dict[str, Any]:
@@ -406,8 +412,8 @@ def _build_run(cfg: Config, out_dir: Path) -> _Run:
     require_boxes(train_set)
     num_classes = num_classes_of(cfg, train_set)
     device = pick_device(cfg.train.device)
-    model = build_model(cfg.model, num_classes).to(device)
     assigner = make_assigner(cfg, num_classes)
+    model = build_detector(cfg, num_classes, assigner).to(device)
     resolved = resolved_record(cfg, assigner)
     assigner = faults.wrap(assigner, out_dir)  # itself unless $DWLAB_FAULTS names this run
     optimizer = make_optimizer(model, cfg)

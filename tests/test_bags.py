@@ -7,13 +7,9 @@ import math
 import pytest
 import torch
 
-from dwlab.assign.bags import (
-    candidate_prior,
-    candidate_prior_dense,
-    inside_pairs,
-    level_grids,
-    split_levels,
-)
+from dwlab.assign.bags import candidate_prior, candidate_prior_dense
+from dwlab.assign.common import inside_pairs
+from dwlab.assign.grid import level_grids, split_levels
 from dwlab.models.outputs import Anchors
 
 CPU = torch.device("cpu")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dwlab.assign import assigner_class
-from dwlab.assign.bags import anchor_layout
+from dwlab.assign.grid import anchor_layout
 from dwlab.config import AssignerConfig, validate
 from dwlab.data.target import Target, check_labels, targets_to
 from dwlab.engine import StepState, TrainStep, train_one_epoch
@@ -70,7 +70,8 @@ def test_a_bag_assigner_syncs_only_on_its_pair_and_entry_counts(method):
     assigner(head_outputs(), targets())  # the first call of a shape lays the anchors out
     with SyncCounter() as counter:
         assigner(head_outputs(), targets())
-    assert kinds(counter) == {"repeat_interleave at assign/bags.py": 1, "unique at assign/common.py": 1}, counter.where
+    expected = {"repeat_interleave at assign/common.py": 1, "unique at assign/common.py": 1}
+    assert kinds(counter) == expected, counter.where
 
 
 def test_a_dw_training_step_syncs_three_times_and_an_epoch_once_more():
@@ -80,7 +81,7 @@ def test_a_dw_training_step_syncs_three_times_and_an_epoch_once_more():
         train_one_epoch(step, [batch] * 2, lambda _: 0.01, StepState())
     assert kinds(counter) == {
         "__bool__ at engine.py": 2,  # is the total finite, before each optimizer step
-        "repeat_interleave at assign/bags.py": 2,
+        "repeat_interleave at assign/common.py": 2,
         "unique at assign/common.py": 2,
         "tolist at engine.py": 1,  # the epoch's mean terms
     }, counter.where
@@ -110,7 +111,8 @@ def test_the_anchor_layout_is_read_once_per_shape():
     assert again is layout and counter.count == 0
     other = anchor_layout(head_outputs(sizes, offset=0.0).anchors)  # same shapes, other points
     assert other is not layout and torch.equal(other.xs[0], torch.arange(11.0) * 8)
-    assert torch.equal(layout.xs[0], torch.arange(11.0) * 8 + 4) and torch.equal(layout.xs[1, 6:], torch.full((5,), float("inf")))
+    assert torch.equal(layout.xs[0], torch.arange(11.0) * 8 + 4)
+    assert torch.equal(layout.xs[1, 6:], torch.full((5,), float("inf")))  # padding
 
 
 def test_targets_move_in_one_copy_per_field_and_labels_are_checked_on_the_host():

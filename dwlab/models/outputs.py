@@ -22,7 +22,7 @@ class Anchors:
     levels: ``Tensor[A]`` level index (0 = P3), long.
     level_sizes: number of points per level, P3 first; sums to A.
     recipe: what ``grid`` made the points from (feature sizes, strides, offset, device), so
-        that equal recipes mean equal points (a cache key: ``dwlab.assign.bags.anchor_layout``);
+        that equal recipes mean equal points (a cache key: ``dwlab.assign.grid.anchor_layout``);
         None for points made otherwise.
     """
 
