@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from dwlab.assign import ASSIGNERS
 from dwlab.errors import DwlabError
 
 PRESETS_DIR = Path(__file__).parent / "configs"
@@ -210,7 +211,7 @@ class AutoAssignAssignerConfig(Strict):
 
 
 class AssignerConfig(Strict):
-    name: Literal["fcos", "atss", "gfl", "vfl", "tood", "autoassign", "dw"] = "dw"
+    name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
     gfl: GFLAssignerConfig = GFLAssignerConfig()

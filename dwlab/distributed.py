@@ -34,7 +34,10 @@ def normaliser(value: Tensor | float, device: torch.device) -> Tensor:
     to ``T``, a worker's loss sum ``s`` is divided by ``max(T / W, 1)`` and DDP averages the
     gradients: the same as one process's ``sum(s) / max(T, 1)`` when ``T / W >= 1``, larger by
     ``max(T, 1) / (W * max(T / W, 1))`` otherwise."""
-    value = torch.as_tensor(value, dtype=torch.float32, device=device)
+    if isinstance(value, Tensor):
+        value = torch.as_tensor(value, dtype=torch.float32, device=device)
+    else:  # filled on the device: a copy of a Python number would make the host wait (CUDA)
+        value = torch.full((), float(value), dtype=torch.float32, device=device)
     return reduce_mean(value).clamp(min=1.0)
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -18,9 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from dwlab.assign.base import LabelAssigner, weighted_total
+from dwlab.data.target import check_labels, targets_to
 from dwlab.distributed import all_workers
 from dwlab.errors import NonFiniteLoss
 from dwlab.models.postprocess import Detections, postprocess
+
+
+LOG_EVERY = 20  # steps between the loss terms' reads on the host (the progress line)
 
 
 @dataclass
@@ -45,7 +48,12 @@ def lr_at(iteration: int, epoch: int, *, base_lr: float, warmup_iters: int, warm
 class TrainStep:
     """One optimizer step on the loss ``weighted_total(assigner(model(images)), assigner.loss_weights)``:
     the forward pass under ``autocast_dtype`` (None: full precision; the assigner and the loss
-    run outside autocast), then ``optimizer_step`` (``scaler`` when given: fp16)."""
+    run outside autocast), then ``optimizer_step`` (``scaler`` when given: fp16).
+
+    Host-device syncs: one per step, whether the total is finite, read after the backward pass
+    and before the optimizer step (where a GradScaler reads its own inf check). Everything else
+    stays on the device: the targets move in one asynchronous copy per field after their labels
+    are checked on the host, and the terms are returned as device tensors."""
 
     model: nn.Module
     assigner: LabelAssigner
@@ -56,30 +64,62 @@ class TrainStep:
     memory_format: torch.memory_format = torch.contiguous_format
     grad_clip: float | None = None
 
-    def __call__(self, images: Tensor, targets: list, lr: float, iteration: int) -> dict[str, float]:
+    def __call__(self, images: Tensor, targets: list, lr: float, iteration: int) -> dict[str, Tensor]:
         """Step at learning rate ``lr``; returns each raw loss term and ``loss`` (the weighted
-        total). A non-finite total raises ``NonFiniteLoss`` naming ``iteration`` and the terms."""
+        total), detached 0-dim tensors on the device. A non-finite total raises ``NonFiniteLoss``
+        naming ``iteration`` and the terms; the optimizer does not step then."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         images = images.to(self.device, non_blocking=True, memory_format=self.memory_format)
-        targets = [t.to(self.device) for t in targets]
+        host_targets, targets = targets, targets_to(targets, self.device)
         with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
             outputs = self.model(images)
+        check_labels(host_targets, outputs.cls_logits.shape[-1])
         losses = self.assigner(outputs, targets)
-        weights = self.assigner.loss_weights
-        total = weighted_total(losses, weights)
-        if not torch.isfinite(total):
-            terms = ", ".join(f"{k}={v.item():.4g} (x{weights[k]:g})" for k, v in losses.items())
-            raise NonFiniteLoss(f"non-finite loss {total.item()} at iteration {iteration}: {terms}")
-        optimizer_step(total, self.optimizer, self.model, self.scaler, self.grad_clip)
-        return {**{k: v.item() for k, v in losses.items()}, "loss": total.item()}
+        total = weighted_total(losses, self.assigner.loss_weights)
+
+        def check_finite() -> None:  # the step's one sync; a non-finite update is never applied
+            if not torch.isfinite(total):
+                weights = self.assigner.loss_weights
+                terms = ", ".join(f"{k}={v.item():.4g} (x{weights[k]:g})" for k, v in losses.items())
+                raise NonFiniteLoss(f"non-finite loss {total.item()} at iteration {iteration}: {terms}")
+
+        optimizer_step(total, self.optimizer, self.model, self.scaler, self.grad_clip, before_step=check_finite)
+        return {**{k: v.detach() for k, v in losses.items()}, "loss": total.detach()}
+
+
+class TermSums:
+    """Running sums of a step's loss terms, kept on the device in float64 (the same additions as
+    summing their Python floats) and read on the host only by ``means`` (one sync)."""
+
+    def __init__(self) -> None:
+        self.keys: tuple[str, ...] = ()
+        self.sums: Tensor | None = None
+        self.count = 0
+
+    def add(self, terms: dict[str, Tensor]) -> None:
+        values = torch.stack([v.detach().double() for v in terms.values()])
+        if self.sums is None:
+            self.keys, self.sums = tuple(terms), values
+        else:
+            assert tuple(terms) == self.keys, (tuple(terms), self.keys)
+            self.sums = self.sums + values
+        self.count += 1
+
+    def means(self) -> dict[str, float]:
+        """The mean of each term over the steps added (empty before the first)."""
+        if self.sums is None:
+            return {}
+        return {k: v / self.count for k, v in zip(self.keys, self.sums.tolist())}
 
 
 def optimizer_step(total: Tensor, optimizer: torch.optim.Optimizer, model: nn.Module,
-                   scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None) -> None:
+                   scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
+                   before_step: Callable[[], None] | None = None) -> None:
     """Backward of ``total`` and one step of ``optimizer`` over ``model``'s parameters: with
     ``scaler`` (fp16) the loss is scaled and the gradient unscaled before it is clipped to
-    ``grad_clip`` (None or 0: no clipping), and the scaler skips a step with inf/NaN gradients."""
+    ``grad_clip`` (None or 0: no clipping), and the scaler skips a step with inf/NaN gradients.
+    ``before_step`` runs between the backward pass and the step (raising there applies no update)."""
     optimizer.zero_grad(set_to_none=True)
     if scaler is not None:
         scaler.scale(total).backward()
@@ -88,6 +128,8 @@ def optimizer_step(total: Tensor, optimizer: torch.optim.Optimizer, model: nn.Mo
         total.backward()
     if grad_clip:
         nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if before_step is not None:
+        before_step()
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
@@ -103,6 +145,7 @@ def train_one_epoch(
     *,
     max_iters: int | None = None,
     on_step: Callable[[dict[str, float]], None] | None = None,
+    log_every: int = LOG_EVERY,
     skipped: list | None = None,
 ) -> dict[str, float]:
     """One pass of ``step`` over ``loader`` (at most ``max_iters`` steps), at ``lr_fn(global
@@ -110,14 +153,16 @@ def train_one_epoch(
     total trained on, ``lr`` at the end, ``iters_per_s``, ``images`` (trained on) and
     ``skipped_images`` (unreadable, left out; each one appended to ``skipped`` when given). A
     batch without a readable image takes no step; under data parallelism no worker steps then
-    (each worker must take the same steps). ``on_step`` sees each step's terms and ``lr``."""
+    (each worker must take the same steps). ``on_step`` sees each step's ``lr`` and, every
+    ``log_every`` steps, the mean terms since the last time: the terms stay on the device in
+    between (the only other host-device sync is the step's own finiteness check)."""
     step.model.train()
-    sums: dict[str, float] = defaultdict(float)
-    count = images_seen = n_skipped = 0
+    epoch, window = TermSums(), TermSums()
+    images_seen = n_skipped = 0
     lr = step.optimizer.param_groups[0]["lr"]
     start = time.perf_counter()
     for batch in loader:
-        if max_iters is not None and count >= max_iters:
+        if max_iters is not None and epoch.count >= max_iters:
             break
         images, _sizes, targets = batch
         dropped = getattr(batch, "skipped", ())
@@ -129,15 +174,16 @@ def train_one_epoch(
         lr = lr_fn(state.iteration)
         step_losses = step(images, targets, lr, state.iteration)
         state.iteration += 1
-        count += 1
         images_seen += images.shape[0]
-        for k, v in step_losses.items():
-            sums[k] += v
+        epoch.add(step_losses)
         if on_step is not None:
-            on_step({**step_losses, "lr": lr})
+            window.add(step_losses)
+            logged = window.means() if window.count >= log_every else {}
+            window = TermSums() if logged else window
+            on_step({**logged, "lr": lr})
+    means = epoch.means()  # waits for the last step
     elapsed = time.perf_counter() - start
-    means = {k: v / max(count, 1) for k, v in sums.items()}
-    means.update(lr=lr, iters_per_s=count / max(elapsed, 1e-9), images=images_seen, skipped_images=n_skipped)
+    means.update(lr=lr, iters_per_s=epoch.count / max(elapsed, 1e-9), images=images_seen, skipped_images=n_skipped)
     if not math.isfinite(means.get("loss", 0.0)):
         raise NonFiniteLoss(f"non-finite mean loss after iteration {state.iteration}")
     return means

@@ -71,6 +71,13 @@ def qfl_weights(s: Tensor, target: Tensor, beta: float = 2.0) -> tuple[Tensor, T
     return scale * target, scale * (1.0 - target)
 
 
+def vfl_weights(q: Tensor) -> tuple[Tensor, Tensor]:
+    """VarifocalNet (CVPR 2021, Eq. 2) on a positive as weights: its loss ``q * BCE(s, q)`` is
+    ``q^2 (-ln s) + q (1 - q) (-ln(1 - s))``, so ``(w_pos, w_neg) = (q^2, q (1 - q))``, neither
+    depending on s (the VFL row of ``dwlab.assign.table1``)."""
+    return q * q, q * (1.0 - q)
+
+
 def quality_focal_loss(
     cls_logits: Tensor,
     ctr_logits: Tensor | None,
@@ -113,7 +120,7 @@ def varifocal_loss(
     _check_reduction(reduction)
     log_s, log1m_s = joint_log_scores(cls_logits, ctr_logits)
     q = target.float()
-    w_pos, w_neg = q * q, q * (1.0 - q)  # table1.vfl: no dependence on s
+    w_pos, w_neg = vfl_weights(q)
     positive = q > 0
     w_neg = torch.where(positive, w_neg, alpha * log_s.exp().pow(gamma))
     w_pos = torch.where(positive, w_pos, torch.zeros_like(w_pos))

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+from dwlab.assign import ASSIGNERS
+
 IMAGES_PER_STEP = 16  # the paper's schedule: 8 GPUs x 2 images per optimizer step (Sec. 4) ...
 LR = 0.01  # ... at this learning rate
 
@@ -117,23 +119,18 @@ TABLE6: dict[tuple[str], PaperAP] = {
 }
 
 #: Our method name (``assigner.name``, ``+box_refine`` when ``model.box_refine``) -> the Table 6
-#: row it reproduces.
+#: row it reproduces: each method's ``paper_row`` in ``dwlab.assign.ASSIGNERS``, and DW with box
+#: refinement (Eq. 9-10). A method without a paper row is left out; the report names it by its
+#: sweep point's label.
 #:
 #: ``autoassign`` maps to "AutoAssign(weight loss)": dwlab implements AutoAssign in the form the
 #: DW paper argues for ("weights detached and applied to the loss"), which the paper's
 #: §4.4 reports as 36.6 AP ("we tried to detach the weights in Autoassign and assigned them to
 #: loss, but only obtained 39.8 and 36.6 AP, respectively"). "AutoAssign(detach)" (39.8) keeps the
 #: detached weights on the score, and "AutoAssign" (40.4) is the original with gradients through
-#: the weights; neither is what dwlab runs, so both stay reference rows.
-#: ``gfl`` is GFL's Quality Focal Loss on ATSS assignment (GFL row, not GFLv2).
+#: the weights. ``gfl`` is GFL's Quality Focal Loss on ATSS assignment (GFL row, not GFLv2).
 METHOD_TO_TABLE6: dict[str, str] = {
-    "fcos": "FCOS",
-    "atss": "ATSS",
-    "gfl": "GFL",
-    "vfl": "VFL",
-    "tood": "TOOD",
-    "autoassign": "AutoAssign(weight loss)",
-    "dw": "DW",
+    **{name: method.paper_row for name, method in ASSIGNERS.items() if method.paper_row},
     "dw+box_refine": "DW + box refine",
 }
 

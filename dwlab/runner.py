@@ -32,7 +32,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, Rando
 
 from dwlab import __version__, checkpoint, faults, paper
 from dwlab.assign import build_assigner
-from dwlab.assign.base import LabelAssigner
+from dwlab.assign.base import LabelAssigner, head_init
 from dwlab.config import Config, DataConfig, TrainConfig, dump_yaml, to_dict
 from dwlab.data.coco import CocoDetection, SkippedImage, collate
 from dwlab.data.sampler import GroupedBatchSampler, orientation_groups
@@ -154,6 +154,12 @@ def make_assigner(cfg: Config, num_classes: int) -> LabelAssigner:
         return build_assigner(cfg.assigner, num_classes)
     except ValueError as err:
         raise DwlabError(f"assigner.{cfg.assigner.name}: {err}") from None
+
+
+def build_detector(cfg: Config, num_classes: int, assigner: LabelAssigner) -> FCOS:
+    """``build_model`` with the head initialised as the method asks (``assign.base.head_init``:
+    e.g. an objectness prior on the centerness branch); the detector's default otherwise."""
+    return build_model(cfg.model, num_classes, centerness_bias=head_init(assigner).centerness_bias)
 
 
 def resolved_record(cfg: Config, assigner: LabelAssigner, device: torch.device) -> dict[str, Any]:
@@ -466,8 +472,8 @@ def _build_run(cfg: Config, out_dir: Path) -> _Run:
     num_classes = num_classes_of(cfg, train_set)
     device = pick_device(cfg.train.device)
     set_determinism(cfg.train.deterministic, device)
-    model = build_model(cfg.model, num_classes).to(device)
     assigner = make_assigner(cfg, num_classes)
+    model = build_detector(cfg, num_classes, assigner).to(device)
     resolved = resolved_record(cfg, assigner, device)
     assigner = faults.wrap(assigner, out_dir)  # itself unless $DWLAB_FAULTS names this run
     optimizer = make_optimizer(model, cfg)
@@ -519,9 +525,9 @@ def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
     iters = min(len(run.loader), cfg.train.max_iters_per_epoch or len(run.loader))
     progress, task = _progress(cfg.train.progress and rank() == 0, iters, f"epoch {epoch + 1}/{cfg.train.epochs}")
 
-    def on_step(step: dict[str, float]) -> None:
+    def on_step(step: dict[str, float]) -> None:  # the terms come every engine.LOG_EVERY steps
         shown = " ".join(f"{k}={v:.3f}" for k, v in step.items() if k.startswith("loss"))
-        progress.update(task, advance=1, losses=shown, rate=progress.tasks[0].speed or 0.0)
+        progress.update(task, advance=1, rate=progress.tasks[0].speed or 0.0, **({"losses": shown} if shown else {}))
 
     lr_kwargs = dict(base_lr=cfg.train.lr, warmup_iters=cfg.train.warmup_iters, warmup_ratio=cfg.train.warmup_ratio,
                      steps=cfg.train.lr_steps, gamma=cfg.train.lr_gamma)  # fmt: skip

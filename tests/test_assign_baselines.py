@@ -1,5 +1,6 @@
-"""The comparison assigners (ATSS, GFL, VFL, TOOD, AutoAssign) on hand-computed cases, on images
-without GTs, and trained end to end on the tiny config."""
+"""The comparison assigners (ATSS, GFL, VFL, TOOD, AutoAssign) on hand-computed cases; their
+assignments carry no gradient; every registered method trained end to end on the tiny config
+(the contract every method passes on random outputs is ``test_contract.py``)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dwlab.assign import build_assigner
+from dwlab.assign import ASSIGNERS, build_assigner
 from dwlab.assign.atss import ATSSAssigner
 from dwlab.assign.autoassign import AutoAssignAssigner
-from dwlab.assign.base import weighted_total
 from dwlab.assign.common import anchor_boxes, atss_match
 from dwlab.assign.gfl import GFLAssigner
 from dwlab.assign.table1 import TABLE1
@@ -29,7 +29,6 @@ from dwlab.models.outputs import Anchors, HeadOutputs
 from dwlab.runner import run_training
 from tests.conftest import tiny_config
 
-METHODS = ("atss", "gfl", "vfl", "tood", "autoassign")
 GT = [0.0, 0.0, 16.0, 16.0]
 LN = math.log
 
@@ -348,7 +347,7 @@ def test_autoassign_weights_and_loss_hand_case():
     assert losses["loss_neg"].item() == approx(0.75 * neg / (4 * math.exp(-0.25)), rel=1e-4)
 
 
-# ----------------------------------------------------------------------------- every method
+# ----------------------------------------------------------------------------- assignments carry no gradient
 
 
 def random_outputs(batch: int, num_classes: int = 3, seed: int = 0) -> HeadOutputs:
@@ -363,56 +362,32 @@ def random_outputs(batch: int, num_classes: int = 3, seed: int = 0) -> HeadOutpu
     )
 
 
-def detached_fields(method, assigner, outputs, targets) -> list[torch.Tensor]:
-    """The assignment's tensors (targets and weights) of each method."""
-    if method == "atss":
-        return list(assigner.match(outputs, targets)[0])
-    if method == "autoassign":
-        return [v for v in vars(assigner.assign(outputs, targets)).values() if isinstance(v, torch.Tensor)]
-    asg = assigner.assign(outputs, targets)
-    return [asg.matched, asg.quality, asg.box_weight, asg.pos.iou]
+#: Each method's assignment tensors (targets and weights), read through its own API (the
+#: contract test covers every method's terms and gradients; these APIs are each method's own).
+ASSIGNMENT_FIELDS = {
+    "atss": lambda a, out, t: list(a.match(out, t)[0]),
+    "autoassign": lambda a, out, t: [v for v in vars(a.assign(out, t)).values() if isinstance(v, torch.Tensor)],
+    "dw": lambda a, out, t: [v for v in vars(a.assign(out, t)).values() if isinstance(v, torch.Tensor)],
+    **{m: (lambda a, out, t: [(q := a.assign(out, t)).matched, q.quality, q.box_weight, q.pos.iou])
+       for m in ("gfl", "vfl", "tood")},
+}  # fmt: skip
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_images_without_gts_give_finite_loss_with_gradient(method):
+@pytest.mark.parametrize("method", list(ASSIGNMENT_FIELDS))
+def test_assignment_tensors_carry_no_gradient(method):
     assigner = build_assigner(AssignerConfig(name=method), 3)
     one = target([10.0, 12.0, 50.0, 40.0], [30.0, 30.0, 60.0, 62.0], labels=[0, 2])
     for targets in ([empty_target(), empty_target()], [one, empty_target()]):
-        out = random_outputs(2)
-        losses = assigner(out, targets)
-        total = weighted_total(losses, assigner.loss_weights)
-        assert torch.isfinite(total) and total.item() > 0, losses
-        total.backward()
-        assert out.cls_logits.grad is not None and torch.isfinite(out.cls_logits.grad).all()
-        assert out.cls_logits.grad.abs().sum() > 0
-        if targets[0] is one:  # positives exist: the boxes get gradient too
-            assert out.distances.grad is not None and out.distances.grad.abs().sum() > 0
-        fields = detached_fields(method, assigner, random_outputs(2), targets)
+        fields = ASSIGNMENT_FIELDS[method](assigner, random_outputs(2), targets)
         assert fields and not any(f.requires_grad for f in fields)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_weight_maps_cover_every_level(method):
-    assigner = build_assigner(AssignerConfig(name=method), 3)
-    out = random_outputs(1)
-    maps = assigner.weight_maps(out, [target([10.0, 12.0, 50.0, 40.0], labels=[1])])
-    assert list(maps) == ["P3", "P4", "P5", "P6", "P7"]
-    assert maps["P3"]["pos"].shape == (8, 8) and set(maps["P3"]) == {"score", "iou", "pos", "neg"}
-    assert all(bool((v >= 0).all()) and bool(torch.isfinite(v).all()) for lv in maps.values() for v in lv.values())
-    assert any(float(lv["pos"].max()) > 0 for lv in maps.values())
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_constructor_rejects_bad_values(method):
-    with pytest.raises(ValueError):
-        build_assigner(AssignerConfig(name=method), 0)
 
 
 # ----------------------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", list(ASSIGNERS))
 def test_trains_with_falling_loss_and_evaluates(tmp_path, synth_root, method):
+    """Every registered method trains the tiny detector end to end and is evaluated."""
     raw = tiny_config(synth_root, assigner={"name": method}, train={"epochs": 4, "threads": 1, "grad_clip": 10.0})
     losses = []
     result = run_training(validate(raw, "t"), tmp_path / "run", on_epoch_end=lambda r: losses.append(r.metrics["loss"]))

@@ -7,13 +7,9 @@ import math
 import pytest
 import torch
 
-from dwlab.assign.bags import (
-    candidate_prior,
-    candidate_prior_dense,
-    inside_pairs,
-    level_grids,
-    split_levels,
-)
+from dwlab.assign.bags import candidate_prior, candidate_prior_dense
+from dwlab.assign.common import inside_pairs
+from dwlab.assign.grid import level_grids, split_levels
 from dwlab.models.outputs import Anchors
 
 CPU = torch.device("cpu")
@@ -111,6 +107,28 @@ def test_grid_enumeration_equals_dense_mask_fallback():
     x, y = points[:, 0], points[:, 1]
     brute = (x[:, None] > boxes[:, 0]) & (y[:, None] > boxes[:, 1]) & (x[:, None] < boxes[:, 2]) & (y[:, None] < boxes[:, 3])
     assert len(fast[0]) == int(brute.sum()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_grid_ranges_are_exact_at_edges_off_the_grid_and_for_non_finite_boxes(dtype):
+    """The row and column ranges are searched on the grid's own coordinates with the comparisons
+    of the inside test, so no pair is enumerated that the test would drop, whatever the box:
+    edges on grid points or a rounding step away, outside the grid, infinite, NaN."""
+    points, strides, levels = grid([(12, 9), (6, 5), (3, 3)], [8, 16, 32])
+    step = 1e-5 if dtype == torch.float32 else 1e-12
+    inf, nan = float("inf"), float("nan")
+    boxes = torch.tensor(
+        [[36, 36, 44, 60], [36 - step, 36 + step, 44 + step, 60 - step], [-50, -50, -10, -10], [200, 4, 300, 100],
+         [-inf, 20, inf, 28], [-inf, -inf, inf, inf], [nan, 0, 50, 50], [0, 0, nan, 50], [0, nan, 50, 50],
+         [0, 0, 50, nan], [20, 20, 20, 40], [44, 44, 36, 36]],
+        dtype=dtype,
+    )  # fmt: skip
+    anchor, gt = inside_pairs(points, strides, levels, boxes)
+    x, y = points[:, 0], points[:, 1]
+    brute = (x[:, None] > boxes[:, 0]) & (y[:, None] > boxes[:, 1]) & (x[:, None] < boxes[:, 2]) & (y[:, None] < boxes[:, 3])
+    g, a = brute.T.nonzero(as_tuple=True)
+    assert torch.equal(anchor, a) and torch.equal(gt, g)
+    assert torch.bincount(gt, minlength=len(boxes)).tolist()[5] == len(points)
 
 
 def test_empty_gts_and_dense_view():

@@ -12,14 +12,13 @@ import torch
 from torchvision.ops import generalized_box_iou_loss
 
 from dwlab.assign import ASSIGNERS, WEIGHT_METHODS, assigner_class, build_assigner
-from dwlab.assign.base import LOSS_TERMS, weighted_total
+from dwlab.assign.base import weighted_total
 from dwlab.assign.dw import DWAssigner, DWParams
 from dwlab.box_ops import distances_to_boxes
 from dwlab.config import AssignerConfig
 from dwlab.data.target import Target
 from dwlab.models.outputs import Anchors, HeadOutputs
 
-METHODS = ("fcos", "atss", "gfl", "vfl", "tood", "autoassign", "dw")
 C = 3
 
 
@@ -39,29 +38,32 @@ def batch(seed: int = 0) -> tuple[HeadOutputs, list[Target]]:
     return outputs, targets
 
 
-def old_total(method: str, a, t: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The sum of the terms as each assigner returned them before the split (pre-weighted)."""
-    if method == "fcos":
-        return t["loss_cls"] + t["loss_box"] + t["loss_ctr"]
-    if method == "atss":
-        return t["loss_cls"] + a.box_weight * t["loss_box"] + t["loss_ctr"]
-    if method in ("gfl", "vfl", "tood"):
-        return t["loss_cls"] + a.box_weight * t["loss_box"]
-    if method == "autoassign":  # loss_pos_cls, loss_pos_reg (lambda inside), loss_neg
-        return a.pos_weight * t["loss_cls_pos"] + a.pos_weight * a.loc_lambda * t["loss_box"] + a.neg_weight * t["loss_neg"]
-    # dw: loss_cls_pos, loss_reg = pos_scale * beta * GIoU, loss_neg
-    return a.params.pos_scale * t["loss_cls_pos"] + a.params.pos_scale * a.params.beta * t["loss_box"] + t["loss_neg"]
+#: The methods that existed before the terms were split (unweighted terms + weight table), and
+#: the sum of the terms as each one returned them then (pre-weighted). Methods added later have
+#: no "before" to compare with; the contract test (``test_contract.py``) covers them.
+OLD_TOTALS = {
+    "fcos": lambda a, t: t["loss_cls"] + t["loss_box"] + t["loss_ctr"],
+    "atss": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"] + t["loss_ctr"],
+    "gfl": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],
+    "vfl": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],
+    "tood": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],
+    # loss_pos_cls, loss_pos_reg (lambda inside), loss_neg
+    "autoassign": lambda a, t: a.pos_weight * t["loss_cls_pos"] + a.pos_weight * a.loc_lambda * t["loss_box"]
+    + a.neg_weight * t["loss_neg"],
+    # loss_cls_pos, loss_reg = pos_scale * beta * GIoU, loss_neg
+    "dw": lambda a, t: a.params.pos_scale * t["loss_cls_pos"] + a.params.pos_scale * a.params.beta * t["loss_box"]
+    + t["loss_neg"],
+}
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_terms_are_from_the_vocabulary_and_weighted_total_is_the_old_total(method):
+@pytest.mark.parametrize("method", list(OLD_TOTALS))
+def test_weighted_total_is_the_total_before_the_split(method):
+    assert method in ASSIGNERS, f"{method} left ASSIGNERS: drop its OLD_TOTALS entry"
     assigner = build_assigner(AssignerConfig(name=method), C)
     outputs, targets = batch()
     terms = assigner(outputs, targets)
-    assert set(terms) == set(assigner.loss_weights) and set(terms) <= set(LOSS_TERMS)
-    assert all(v.dim() == 0 and torch.isfinite(v) for v in terms.values())
     total = weighted_total(terms, assigner.loss_weights)
-    assert float(total) == pytest.approx(float(old_total(method, assigner, terms)), rel=1e-6)
+    assert float(total) == pytest.approx(float(OLD_TOTALS[method](assigner, terms)), rel=1e-6)
 
 
 def test_weighted_total_refuses_mismatched_terms():
@@ -94,7 +96,6 @@ def test_the_method_table_the_config_names_and_the_config_sections_agree():
     literal = set(typing.get_args(AssignerConfig.model_fields["name"].annotation))
     sections = set(AssignerConfig.model_fields) - {"name"}
     assert literal == sections == set(ASSIGNERS)
-    assert set(METHODS) == set(ASSIGNERS)
     for name, method in ASSIGNERS.items():
         assert method.section in sections
         cls = assigner_class(name)

@@ -1,5 +1,5 @@
 """The shared loss primitives (``dwlab.losses``): reduction, empty input, float32, known cases;
-and the assign package's one-way structure (method modules share only ``common`` and ``losses``)."""
+and the assign package's one-way structure (method modules share only the toolkit and ``losses``)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,11 @@ import torch.nn.functional as F
 from torchvision.ops import sigmoid_focal_loss
 
 import dwlab.assign
+from dwlab.assign import ASSIGNERS
 from dwlab.losses import focal_neg_weights, quality_focal_loss, reduce, varifocal_loss, weighted_joint_bce
 
-METHOD_MODULES = ("fcos", "atss", "gfl", "vfl", "tood", "autoassign", "dw")
+METHOD_MODULES = {method.module for method in ASSIGNERS.values()}
+SHARED = {"dwlab.assign", "dwlab.assign.base", "dwlab.assign.common", "dwlab.assign.grid"}  # the toolkit
 C = 3
 
 
@@ -119,11 +121,24 @@ def _dwlab_imports(path: Path) -> set[str]:
     return {n for n in names if n.startswith("dwlab")}
 
 
-@pytest.mark.parametrize("method", METHOD_MODULES)
-def test_no_method_module_imports_another(method):
-    """The assign package is a star: method modules share ``common`` and ``dwlab.losses`` (and
-    DW its own ``bags``), never another method's module."""
-    package = Path(dwlab.assign.__file__).parent
-    others = {f"dwlab.assign.{m}" for m in METHOD_MODULES if m != method}
-    imported = _dwlab_imports(package / f"{method}.py")
-    assert not imported & others, f"{method}.py imports {sorted(imported & others)}"
+def _assign_imports(module: str) -> set[str]:
+    """The ``dwlab.assign`` modules ``module`` imports (names imported from one count as it)."""
+    path = Path(dwlab.assign.__file__).parent / f"{module.rsplit('.', 1)[1]}.py"
+    package = {f"dwlab.assign.{p.stem}" for p in path.parent.glob("*.py")} | {"dwlab.assign"}
+    names = {n if n in package else n.rsplit(".", 1)[0] for n in _dwlab_imports(path) if n.startswith("dwlab.assign")}
+    return names & package
+
+
+@pytest.mark.parametrize("module", sorted(METHOD_MODULES))
+def test_no_method_module_imports_another_or_its_helpers(module):
+    """The assign package is a star: method modules share the toolkit (``base``, ``common``,
+    ``grid``) and ``dwlab.losses``; any other module of the package one of them imports is that
+    method's own (DW's ``bags``), imported by no other method module."""
+    own = _assign_imports(module) - SHARED - {module}
+    assert not own & METHOD_MODULES, f"{module} imports {sorted(own & METHOD_MODULES)}"
+    for helper in own:  # nor through a helper (as vfl did through table1, which imports dw)
+        reached = _assign_imports(helper) & (METHOD_MODULES - {module})
+        assert not reached, f"{module} imports {helper}, which imports {sorted(reached)}"
+    for other in METHOD_MODULES - {module}:
+        shared = own & _assign_imports(other)
+        assert not shared, f"{module} and {other} both import {sorted(shared)}: move what they share to common"

@@ -68,7 +68,10 @@ TABLE6 = [
     ("dw+box_refine", {"model.box_refine": True}, [(0, "FINISHED", 0.42, 0.62, 0.40)]),
     # a method the config does not know yet: its params are written by hand below
     ("autoassign", {"assigner.name": "autoassign"}, [(0, "FAILED", None, None, None)]),
+    # a method the paper does not list: named by its sweep label (POINT_LABELS), after the paper's rows
+    ("simota", {"assigner.name": "simota"}, [(0, "FINISHED", 0.35, 0.55, 0.33)]),
 ]
+POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS"}
 SWEEPS = {"table2": TABLE2, "table3": TABLE3, "table4": TABLE4, "table5": TABLE5, "table6": TABLE6}
 
 
@@ -82,6 +85,7 @@ def _trial(client, exp_id, parent, table, point, overrides, seed, status, final,
         "dwlab.seed": str(seed), "dwlab.config_hash": f"h{point}", "dwlab.git_commit": "0123456789abcdef0123",
         "dwlab.version": "0.1.0", "dwlab.host": "testhost", "dwlab.device": "cpu", "dwlab.scale": "smoke",
         "dwlab.dataset": "synth", "dwlab.backbone": "resnet18", "dwlab.world_size": "1",
+        **({"dwlab.point_label": POINT_LABELS[point]} if point in POINT_LABELS else {}),
     }
     run_id = client.create_run(exp_id, tags=tags, run_name=f"{point}-s{seed}").info.run_id
     items = [Param(k, json.dumps(v) if isinstance(v, (list, dict)) else str(v)) for k, v in params.items()]
@@ -202,7 +206,9 @@ def test_other_tables_layouts(report):
     assert _line(t6, "DW + box refine (ours: dw+box_refine)")[1:4] == ["42.0 (n=1)", "42.2", "-0.2"]
     assert _line(t6, "AutoAssign(weight loss) (ours: autoassign)")[1:3] == ["— (1 failed)", "36.6"]
     assert _line(t6, "PAA")[1:3] == ["not run", "40.4"]
-    assert len([ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]) == 1 + len(paper.TABLE6)
+    rows = [ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]
+    assert len(rows) == 1 + len(paper.TABLE6) + 1 and rows[-1].startswith("| SimOTA |")  # not in the paper: last
+    assert _line(t6, "SimOTA")[1:3] == ["35.0 (n=1)", "—"]
 
 
 def test_figures_are_pngs_of_the_expected_size(report):

@@ -1,10 +1,20 @@
 """Label-assignment methods, one module each, all behind ``LabelAssigner`` (see base.py).
 
-``ASSIGNERS`` is the one table of methods: adding a method is its module, its config section
-(a field of ``AssignerConfig`` named like the method, and the name in its ``name`` Literal) and
-its row here. ``build_assigner``, the weight-map methods (``WEIGHT_METHODS``, ``dwlab plot
-weights``) and the CLI's method list read it. Method modules (they import torch) are imported
-only when an assigner is built, so the CLI can list the methods without torch.
+``ASSIGNERS`` is the one table of methods. Adding a method is four things:
+
+1. its module, ``dwlab/assign/<name>.py``: a class that subclasses ``base.LabelAssigner``, built
+   from the blocks of ``dwlab.assign.common`` (and ``dwlab.losses``), importing no other
+   method's module;
+2. its config section: a field of ``config.AssignerConfig`` named like the method, whose fields
+   are the class's keyword arguments with the paper's values as defaults;
+3. its row here;
+4. its row in ``experiments/table6.yaml`` (with a ``label``: the report's name for it).
+
+Everything else reads this table: the config's method names, ``build_assigner``, the weight-map
+methods (``WEIGHT_METHODS``, ``dwlab plot weights``), the CLI's method list, the report's Table 6
+rows (``paper.METHOD_TO_TABLE6``) and the tests, among them one contract every method passes
+without being named (``tests/test_contract.py``). Method modules (they import torch) are
+imported only when an assigner is built, so the CLI can list the methods without torch.
 """
 
 from __future__ import annotations
@@ -20,23 +30,30 @@ if TYPE_CHECKING:
 class Method(NamedTuple):
     """A row of ``ASSIGNERS``: the assigner class ``module.cls``, built by
     ``cls.from_config(getattr(cfg, section), num_classes)``; ``weight_maps``: the class draws
-    per-anchor weight maps (``weight_maps``, Fig. 5)."""
+    per-anchor weight maps (``weight_maps``, Fig. 5); ``paper_row``: the row of the paper's
+    Table 6 it reproduces (``paper.TABLE6``), None when the paper does not list it (the report
+    then names it by its sweep point's ``label``)."""
 
     module: str
     cls: str
     section: str
     weight_maps: bool
+    paper_row: str | None = None
 
 
 #: Every method, name -> its row, in Table 6 order.
 ASSIGNERS: dict[str, Method] = {
-    "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False),
-    "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True),
-    "autoassign": Method("dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True),
-    "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True),
-    "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True),
-    "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True),
-    "dw": Method("dwlab.assign.dw", "DWAssigner", "dw", weight_maps=True),
+    "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
+    "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
+    # AutoAssign with its weights detached and applied to the loss: the paper's "weight loss" row
+    "autoassign": Method(
+        "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,
+        paper_row="AutoAssign(weight loss)",
+    ),  # fmt: skip
+    "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
+    "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
+    "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),
+    "dw": Method("dwlab.assign.dw", "DWAssigner", "dw", weight_maps=True, paper_row="DW"),
 }
 
 #: Methods whose assigner draws per-anchor weight maps, in Table 6 order.

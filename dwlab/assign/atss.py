@@ -28,24 +28,24 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import sigmoid_focal_loss
 
+from dwlab.assign.base import LabelAssigner, check_positive
 from dwlab.assign.common import (
+    WeightMaps,
     ATSSMatch,
     atss_match,
     centerness_target,
     check_outputs,
     focus_maps,
-    level_maps,
-    pad_targets,
+        pad_targets,
     positives,
 )
 from dwlab.box_ops import boxes_to_distances
-from dwlab.config import ATSSAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
 from dwlab.models.outputs import HeadOutputs
 
 
-class ATSSAssigner:
+class ATSSAssigner(WeightMaps, LabelAssigner):
     """ATSS assignment with the FCOS-style loss of the ATSS paper (focal, GIoU, centerness).
 
     Returns ``{"loss_cls", "loss_box", "loss_ctr"}``, unweighted; ``loss_weights`` gives
@@ -62,18 +62,11 @@ class ATSSAssigner:
         focal_gamma: float = 2.0,
         box_weight: float = 2.0,
     ) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if topk < 1 or anchor_scale <= 0:
-            raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
+        check_positive(num_classes=num_classes, topk=topk, anchor_scale=anchor_scale)
         self.num_classes = num_classes
         self.topk, self.anchor_scale = topk, anchor_scale
         self.focal_alpha, self.focal_gamma, self.box_weight = focal_alpha, focal_gamma, box_weight
         self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight, "loss_ctr": 1.0}
-
-    @classmethod
-    def from_config(cls, cfg: ATSSAssignerConfig, num_classes: int) -> ATSSAssigner:
-        return cls(num_classes, **cfg.model_dump())
 
     @torch.no_grad()
     def match(self, outputs: HeadOutputs, targets: list[Target]) -> tuple[ATSSMatch, Tensor, Tensor]:
@@ -120,6 +113,3 @@ class ATSSAssigner:
             d["pos"] = torch.where(is_pos, self.focal_alpha * (1 - p).pow(self.focal_gamma), torch.zeros_like(p))
             d["neg"] = torch.where(is_pos, torch.zeros_like(p), (1 - self.focal_alpha) * p.pow(self.focal_gamma))
         return maps
-
-    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
-        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

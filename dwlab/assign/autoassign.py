@@ -8,7 +8,7 @@ Per GT n, its bag S_n holds the anchors whose point lies inside box n (all FPN l
 - Centre weighting: G(d) = exp(-(dx^2 + dy^2) / (2 sigma^2)), d the offset of the point from the
   GT centre in stride units. AutoAssign learns a mean and sigma per class through the weights'
   gradient; with detached weights nothing trains them, so the prior is fixed at AutoAssign's
-  initial values, mean 0 and sigma 1 (``bags.candidate_prior(kind="soft")``).
+  initial values, mean 0 and sigma 1 (``common.gaussian_prior``).
 - Confidence: P_i = P_cls * P_loc with P_cls the joint score s = sigmoid(cls) * sigmoid(ctr)
   (the centerness branch plays ImpObj's part: AutoAssign's P_cls is cls * objectness) and
   P_loc = exp(-lambda * GIoULoss_i), lambda 5.
@@ -35,10 +35,22 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from dwlab.assign.bags import candidate_prior
-from dwlab.assign.common import check_outputs, concat_targets, entry_minima, focus_maps, level_maps, pad_targets
-from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
-from dwlab.config import AutoAssignAssignerConfig
+from dwlab.assign.base import LabelAssigner, check_positive
+from dwlab.assign.common import (
+    WeightMaps,
+    centre_offsets,
+    check_outputs,
+    concat_targets,
+    entry_minima,
+    focus_maps,
+    gaussian_prior,
+    inside_pairs,
+        pad_targets,
+    pair_boxes,
+    pairwise_iou,
+)
+from dwlab.assign.grid import anchor_layout
+from dwlab.box_ops import aligned_iou
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
 from dwlab.losses import focal_neg_weights, log1m_joint_score, log_joint_score
@@ -77,7 +89,7 @@ def _per_gt(values: Tensor, gt: Tensor, num_gts: int, how: str) -> Tensor:
     return out.scatter_reduce(0, gt, values, how, include_self=False)
 
 
-class AutoAssignAssigner:
+class AutoAssignAssigner(WeightMaps, LabelAssigner):
     """AutoAssign's centre prior and confidence-weighted pos / neg weights, detached, on the loss.
 
     Returns ``{"loss_cls_pos", "loss_box", "loss_neg"}``, unweighted: ``sum w+ (-ln s)`` and
@@ -97,17 +109,10 @@ class AutoAssignAssigner:
         pos_weight: float = 0.25,
         neg_weight: float = 0.75,
     ) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if prior_sigma <= 0 or tau <= 0:
-            raise ValueError(f"prior_sigma and tau must be positive, got {prior_sigma} and {tau}")
+        check_positive(num_classes=num_classes, prior_sigma=prior_sigma, tau=tau)
         self.num_classes, self.prior_sigma, self.tau, self.loc_lambda = num_classes, prior_sigma, tau, loc_lambda
         self.neg_gamma, self.pos_weight, self.neg_weight = neg_gamma, pos_weight, neg_weight
         self.loss_weights = {"loss_cls_pos": pos_weight, "loss_box": pos_weight * loc_lambda, "loss_neg": neg_weight}
-
-    @classmethod
-    def from_config(cls, cfg: AutoAssignAssignerConfig, num_classes: int) -> AutoAssignAssigner:
-        return cls(num_classes, **cfg.model_dump())
 
     def _assign(self, outputs: HeadOutputs, targets: list[Target]) -> tuple[AutoAssignment, Tensor]:
         """The assignment, plus the pairs' GIoU loss ``Tensor[P]`` with gradient."""
@@ -116,13 +121,11 @@ class AutoAssignAssigner:
         device = outputs.cls_logits.device
         gt_boxes, gt_labels, gt_image = concat_targets(targets, device)
         anchors = outputs.anchors
-        anchor, gt, prior = candidate_prior(
-            anchors.points, anchors.strides, anchors.levels, gt_boxes, kind="soft", sigma=self.prior_sigma
-        )  # S_n and the centre weighting G
-        image, label = gt_image[gt], gt_labels[gt]
-        flat = image * a + anchor
-        pred = distances_to_boxes(anchors.points[anchor], outputs.distances.float().reshape(-1, 4)[flat])
-        giou_loss = 1.0 - aligned_giou(pred, gt_boxes[gt])  # [P], with gradient
+        points, strides = anchors.points, anchors.strides
+        anchor, gt = inside_pairs(points, strides, anchors.levels, gt_boxes, anchor_layout(anchors))  # S_n
+        prior = gaussian_prior(centre_offsets(points, strides, gt_boxes, anchor, gt), self.prior_sigma)  # G
+        pairs = pair_boxes(outputs, anchor, gt, gt_image, gt_labels, gt_boxes)
+        image, label, flat, pair_gt_boxes, pred, giou_loss = pairs
         num_gts = gt_boxes.shape[0]
         with torch.no_grad():
             score = outputs.scores().detach().float().reshape(-1)[flat * c + label]
@@ -131,13 +134,13 @@ class AutoAssignAssigner:
             w_pos = numer / _per_gt(numer, gt, num_gts, "sum")[gt].clamp(min=EPS)
             # negative weight: best IoU of the anchor's box with any GT of its image
             padded, _, valid = pad_targets(targets, device)
-            ious = aligned_iou(pred.detach()[:, None], padded[image])  # [P, G_max]
-            iou_max = torch.where(valid[image], ious, torch.zeros_like(ious)).amax(-1) if ious.numel() else score * 0
+            ious = pairwise_iou(pred.detach()[:, None], padded[image], valid[image])[:, 0]  # [P, G_max]
+            iou_max = ious.amax(-1) if ious.numel() else score * 0
             inv = 1.0 / (1.0 - iou_max).clamp(min=EPS)
             lo, hi = _per_gt(inv, gt, num_gts, "amin")[gt], _per_gt(inv, gt, num_gts, "amax")[gt]
             w_neg = 1.0 - (inv - lo + EPS) / (hi - lo + EPS)
             entry, (entry_w_neg,) = entry_minima(flat * c + label, w_neg)
-            pair_iou = aligned_iou(pred.detach(), gt_boxes[gt])
+            pair_iou = aligned_iou(pred.detach(), pair_gt_boxes)
         asg = AutoAssignment(
             image, anchor, gt, label, prior, score, pair_iou, iou_max, w_pos, w_neg,
             gt_image, gt_labels, entry, entry_w_neg,
@@ -196,6 +199,3 @@ class AutoAssignAssigner:
             d["pos"] = best.reshape(b, a)[i]
             d["neg"] = w_neg[i, rows, d["cls"]]
         return maps
-
-    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
-        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

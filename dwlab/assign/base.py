@@ -5,6 +5,34 @@ detector never changes between methods; only the assigner does (one module per m
 Assignment quantities (targets, weights) are computed without gradient; only the loss
 terms carry gradient back into the head.
 
+What a method is: a class ``LabelAssigner`` describes (subclass it to inherit ``from_config``),
+its config section (a field of ``config.AssignerConfig`` named like the method) and its row of
+``dwlab.assign.ASSIGNERS``. ``build_assigner`` calls ``cls.from_config(section, num_classes)``;
+the training step calls the assigner on each batch and trains on
+``weighted_total(terms, assigner.loss_weights)``.
+
+Required (``LabelAssigner``):
+
+- ``from_config(cfg, num_classes)``: the assigner from its config section (default:
+  ``cls(num_classes, **cfg.model_dump())``, so the constructor's keyword arguments are the
+  section's fields, with the paper's values as defaults). Raises ``ValueError`` on a bad value
+  (``num_classes < 1`` included); the runner turns it into a one-line error naming the section.
+- ``num_classes``: the number of classes C of the head's logits.
+- ``loss_weights``: the weight of each term ``__call__`` returns, the same keys.
+- ``__call__(outputs, targets)``: the loss terms of a batch (below).
+
+Optional hooks (an assigner has them or not; the code that uses one checks with ``hasattr``):
+
+- ``resolved_params() -> dict``: every constant the assigner resolved beyond its config (DW's
+  variant-dependent ones); the runner records it beside the config (``resolved.yaml``).
+- ``weight_maps(outputs, targets, image=0) -> {"P3": {"score", "iou", "pos", "neg": Tensor[H, W]},
+  ...}``: the per-anchor positive and negative weights of one image for ``dwlab plot weights``
+  (Fig. 5); the method's ``ASSIGNERS`` row says ``weight_maps=True``.
+- ``set_epoch(epoch: int)``: called by the training loop before each epoch (0-based), e.g. for
+  TOOD's ATSS warm-up epochs.
+- ``head_init: HeadInit``: how the method wants the shared head initialised (YOLOX-style
+  objectness prior on the centerness branch); without it the detector's default.
+
 Loss vocabulary. Every assigner returns normalised, *unweighted* terms, each a scalar, named
 from one list (``LOSS_TERMS``), and declares its weight table ``loss_weights`` with exactly the
 keys it returns; the training loss is ``weighted_total(losses, loss_weights)`` (DETR's
@@ -15,41 +43,82 @@ keys it returns; the training loss is ``weighted_total(losses, loss_weights)`` (
 - ``loss_cls_pos``: the positive classification term alone (DW, AutoAssign: ``w_pos * -ln s``).
 - ``loss_neg``: the negative classification term alone (DW, AutoAssign: ``w_neg * -ln(1 - s)``).
 - ``loss_box``: the box regression term (GIoU loss, weighted per anchor by the method).
-- ``loss_ctr``: the centerness BCE (FCOS, ATSS).
+- ``loss_ctr``: the centerness BCE against a geometric target (FCOS, ATSS).
+- ``loss_obj``: an objectness or quality term on the centerness branch with a learned target
+  (YOLOX's objectness BCE, PAA's IoU prediction, AutoAssign's ImpObj).
+
+Normalisers follow the released code's rule (``dwlab.distributed.normaliser``): averaged over
+workers, then clamped to at least 1. Under DDP the loss then equals one process's on the same
+global batch whenever that per-worker mean is at least 1; below 1 (a batch with almost no
+positives, a box-weight sum under 1 early in GFL/TOOD training) the clamp applies per worker and
+the two differ (``tests/test_distributed_rule.py`` pins by how much). Kept as released, so that
+runs compare with the paper's code. Images without GTs contribute negatives only.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import math
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from torch import Tensor
 
 from dwlab.data.target import Target
 from dwlab.models.outputs import HeadOutputs
 
-LOSS_TERMS = ("loss_cls", "loss_cls_pos", "loss_neg", "loss_box", "loss_ctr")
+LOSS_TERMS = ("loss_cls", "loss_cls_pos", "loss_neg", "loss_box", "loss_ctr", "loss_obj")
+
+
+@dataclass(frozen=True)
+class HeadInit:
+    """How a method wants the shared head initialised; None keeps the detector's default.
+
+    centerness_prior: the starting probability of the centerness (objectness) branch, its bias
+    set to ``log(p / (1 - p))`` (YOLOX: 0.01). None: bias 0, probability 0.5 (FCOS).
+    """
+
+    centerness_prior: float | None = None
+
+    def __post_init__(self) -> None:
+        p = self.centerness_prior
+        if p is not None and not 0.0 < p < 1.0:
+            raise ValueError(f"centerness_prior must be in (0, 1), got {p}")
+
+    @property
+    def centerness_bias(self) -> float | None:
+        p = self.centerness_prior
+        return None if p is None else math.log(p / (1.0 - p))
 
 
 class LabelAssigner(Protocol):
+    """The required part of an assigner (the module docstring lists the optional hooks)."""
+
+    num_classes: int
     loss_weights: dict[str, float]
     """The weight of each term ``__call__`` returns (same keys): the method's loss weights."""
 
+    @classmethod
+    def from_config(cls, cfg: Any, num_classes: int) -> LabelAssigner:
+        """The assigner from its config section: ``cls(num_classes, **cfg.model_dump())``."""
+        return cls(num_classes, **cfg.model_dump())
+
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         """Loss terms of a batch, each a normalised, unweighted scalar named from ``LOSS_TERMS``;
-        the loss is ``weighted_total(terms, self.loss_weights)``.
-
-        Normalisers follow the released code's rule (``dwlab.distributed.normaliser``): averaged
-        over workers, then clamped to at least 1. Under DDP the loss then equals one process's
-        on the same global batch whenever that per-worker mean is at least 1; below 1 (a
-        batch with almost no positives, a box-weight sum under 1 early in GFL/TOOD training)
-        the clamp applies per worker and the two differ (``tests/test_distributed_rule.py``
-        pins by how much). Kept as released, so that runs compare with the paper's code.
-        Images without GTs contribute negatives only.
-
-        Optional: ``set_epoch(epoch: int)`` (0-based), which the training loop calls before
-        each epoch on an assigner that has it (e.g. TOOD's ATSS warm-up epochs).
-        """
+        the loss is ``weighted_total(terms, self.loss_weights)``. ``targets`` holds one
+        ``Target`` per image, on the outputs' device; an image may have no GT."""
         ...
+
+
+def check_positive(**values: float) -> None:
+    """``ValueError`` naming the first of ``values`` that is not > 0 (constructor checks)."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+
+
+def head_init(assigner: object) -> HeadInit:
+    """The assigner's ``head_init`` hook, or the detector's default."""
+    return getattr(assigner, "head_init", HeadInit())
 
 
 def weighted_total(losses: dict[str, Tensor], weights: dict[str, float]) -> Tensor:

@@ -36,8 +36,10 @@ from torch import Tensor
 from torchvision.ops import box_iou
 
 from dwlab.assign.bags import BAG_KINDS, candidate_prior
-from dwlab.assign.common import check_outputs, concat_targets, entry_minima, level_maps
-from dwlab.box_ops import aligned_giou, aligned_iou, distances_to_boxes
+from dwlab.assign.base import LabelAssigner, check_positive
+from dwlab.assign.common import WeightMaps, check_outputs, concat_targets, entry_minima, pair_boxes
+from dwlab.assign.grid import anchor_layout
+from dwlab.box_ops import aligned_iou
 from dwlab.config import DWAssignerConfig
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
@@ -287,7 +289,7 @@ class DWParams:
         return cls(**cfg.model_dump())
 
 
-class DWAssigner:
+class DWAssigner(WeightMaps, LabelAssigner):
     """Dual Weighting assigner and loss (paper Eq. 3-8, 11-12), one module per method.
 
     ``params``: every DW constant, resolved (``DWParams``; the paper's by default). Returns
@@ -296,8 +298,7 @@ class DWAssigner:
     """
 
     def __init__(self, num_classes: int, params: DWParams = DWParams()) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        check_positive(num_classes=num_classes)
         self.num_classes, self.params = num_classes, params
         p = params
         self.loss_weights = {"loss_cls_pos": p.pos_scale, "loss_box": p.pos_scale * p.beta, "loss_neg": 1.0}
@@ -318,7 +319,7 @@ class DWAssigner:
         anchor, gt, prior = candidate_prior(
             anchors.points, anchors.strides, anchors.levels, gt_boxes,
             kind=self.params.bag, radius=self.params.bag_radius, topk=self.params.bag_topk,
-            sigma=self.params.prior_sigma,
+            sigma=self.params.prior_sigma, layout=anchor_layout(anchors),
         )  # fmt: skip
         return anchor, gt, prior, gt_image, gt_labels, gt_boxes
 
@@ -328,13 +329,8 @@ class DWAssigner:
         b, a, c = outputs.cls_logits.shape
         device = outputs.cls_logits.device
         anchor, gt, prior, gt_image, gt_labels, gt_boxes = self._pairs(outputs.anchors, targets, device)
-        image, label = gt_image.index_select(0, gt), gt_labels.index_select(0, gt)
-        flat = image * a + anchor  # index into B * A
-        points = outputs.anchors.points.index_select(0, anchor)
-        distances = outputs.distances.float().reshape(-1, 4).index_select(0, flat)
-        pred = distances_to_boxes(points, distances)  # [P, 4] xyxy, with gradient
-        pair_gt_boxes = gt_boxes.index_select(0, gt)
-        giou_loss = 1.0 - aligned_giou(pred, pair_gt_boxes)  # [P], with gradient
+        pairs = pair_boxes(outputs, anchor, gt, gt_image, gt_labels, gt_boxes)
+        image, label, flat, pair_gt_boxes, pred, giou_loss = pairs
         with torch.no_grad():
             cls = outputs.cls_logits.detach().float().reshape(-1)
             ctr = outputs.centerness.detach().float().reshape(-1)
@@ -375,7 +371,7 @@ class DWAssigner:
         cls_pos, neg = weighted_joint_bce(outputs.cls_logits, outputs.centerness, pos_entry, asg.w_pos, w_neg)
         reg = (asg.w_pos * giou_loss).sum()
         device = outputs.cls_logits.device
-        num_gts = torch.tensor(float(asg.gt_labels.shape[0]), device=device)
+        num_gts = torch.full((), float(asg.gt_labels.shape[0]), device=device)
         neg_norm = (1.0 - asg.entry_p_neg).sum()
         return LossSums(cls_pos, reg, neg, num_gts, neg_norm)
 
@@ -436,10 +432,3 @@ class DWAssigner:
                      in_bag=in_bag, focus_gt=focus)
             )  # fmt: skip
         return maps
-
-    def weight_maps(
-        self, outputs: HeadOutputs, targets: list[Target], image: int = 0
-    ) -> dict[str, dict[str, Tensor]]:
-        """``weights`` of one image as ``{"P3": {"score", "iou", "pos", "neg": Tensor[H, W]}, ...}``,
-        the input of ``dwlab.plots.plot_weight_maps``."""
-        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
-from dwlab.assign.common import centerness_target, check_outputs, pad_targets
-from dwlab.box_ops import boxes_to_distances, box_centers
-from dwlab.config import FCOSAssignerConfig
+from dwlab.assign.base import LabelAssigner, check_positive
+from dwlab.assign.common import centerness_target, centre_region, check_outputs, one_gt_per_anchor, pad_targets
+from dwlab.box_ops import boxes_to_distances
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
 from dwlab.models.outputs import Anchors, HeadOutputs
@@ -42,29 +42,25 @@ def fcos_match(
     dist = boxes_to_distances(points, boxes)  # [B, A, G, 4]
     inside_box = dist.min(-1).values > 0
     # (i) center sampling: the point is inside the radius*stride square around g's centre, within g
-    radius = (anchors.strides * center_radius)[None, :, None]  # [1, A, 1]
-    centers = box_centers(boxes)  # [B, 1, G, 2]
-    sampling = torch.cat(
-        [
-            torch.maximum(centers - radius[..., None], boxes[..., :2]),
-            torch.minimum(centers + radius[..., None], boxes[..., 2:]),
-        ],
-        dim=-1,
-    )
-    in_center = boxes_to_distances(points, sampling).min(-1).values > 0
+    in_center = centre_region(points, anchors.strides[None, :, None], boxes, center_radius)
     # (ii) the level's size range
     bounds = torch.tensor(size_ranges, device=gt_boxes.device)
     lo, hi = bounds[anchors.levels][None, :, None], bounds[anchors.levels + 1][None, :, None]
     max_dist = dist.max(-1).values
     in_range = (max_dist >= lo) & (max_dist <= hi)
     match = inside_box & in_center & in_range & gt_valid[:, None, :]
+    # several GTs: the one of smallest area
     area = ((gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1]))[:, None, :]
-    area = torch.where(match, area.expand_as(match), torch.full_like(match, float("inf"), dtype=area.dtype))
-    min_area, idx = area.min(-1)
-    return torch.where(torch.isinf(min_area), torch.full_like(idx, -1), idx)
+    return one_gt_per_anchor(match, area.expand_as(match), largest=False)
 
 
-class FCOSAssigner:
+class FCOSAssigner(LabelAssigner):
+    """FCOS's assignment (centre sampling, size ranges, smallest area) and loss (focal, GIoU,
+    centerness BCE, each over the number of positives).
+
+    Returns ``{"loss_cls", "loss_box", "loss_ctr"}``, unweighted, all weights 1.
+    """
+
     def __init__(
         self,
         num_classes: int,
@@ -74,6 +70,7 @@ class FCOSAssigner:
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
     ) -> None:
+        check_positive(num_classes=num_classes, center_radius=center_radius)
         if len(size_ranges) != 6:
             raise ValueError(f"size_ranges needs 6 bounds for P3-P7, got {list(size_ranges)}")
         self.num_classes = num_classes
@@ -81,10 +78,6 @@ class FCOSAssigner:
         self.size_ranges = list(size_ranges)
         self.focal_alpha, self.focal_gamma = focal_alpha, focal_gamma
         self.loss_weights = {"loss_cls": 1.0, "loss_box": 1.0, "loss_ctr": 1.0}
-
-    @classmethod
-    def from_config(cls, cfg: FCOSAssignerConfig, num_classes: int) -> FCOSAssigner:
-        return cls(num_classes, **cfg.model_dump())
 
     def __call__(self, outputs: HeadOutputs, targets: list[Target]) -> dict[str, Tensor]:
         check_outputs(outputs, targets, self.num_classes)

@@ -27,14 +27,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dwlab.assign.common import QualityAssignment, atss_positives, class_target, focus_maps, level_maps
-from dwlab.config import GFLAssignerConfig
+from dwlab.assign.base import LabelAssigner, check_positive
+from dwlab.assign.common import QualityAssignment, WeightMaps, atss_positives, class_target, focus_maps
 from dwlab.data.target import Target
 from dwlab.losses import qfl_weights, quality_focal_loss
 from dwlab.models.outputs import HeadOutputs
 
 
-class GFLAssigner:
+class GFLAssigner(WeightMaps, LabelAssigner):
     """ATSS assignment + QFL on the joint score + quality-weighted GIoU (no DFL).
 
     Returns ``{"loss_cls", "loss_box"}``, unweighted; ``loss_weights`` gives ``loss_box`` the
@@ -44,17 +44,10 @@ class GFLAssigner:
     def __init__(
         self, num_classes: int, *, topk: int = 9, anchor_scale: float = 8.0, beta: float = 2.0, box_weight: float = 2.0
     ) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if topk < 1 or anchor_scale <= 0:
-            raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
+        check_positive(num_classes=num_classes, topk=topk, anchor_scale=anchor_scale)
         self.num_classes, self.topk, self.anchor_scale = num_classes, topk, anchor_scale
         self.beta, self.box_weight = beta, box_weight
         self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
-
-    @classmethod
-    def from_config(cls, cfg: GFLAssignerConfig, num_classes: int) -> GFLAssigner:
-        return cls(num_classes, **cfg.model_dump())
 
     def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
         """ATSS positives; quality = IoU of the predicted box with its GT; box weight = the
@@ -82,6 +75,3 @@ class GFLAssigner:
             w_pos, w_neg = qfl_weights(s, torch.where(is_pos, d["iou"], torch.zeros_like(s)), self.beta)
             d["pos"], d["neg"] = w_pos, w_neg  # on negatives (target 0): 0 and s^beta
         return maps
-
-    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
-        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

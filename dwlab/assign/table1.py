@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from dwlab.assign.dw import p_neg
-from dwlab.losses import qfl_weights
+from dwlab.losses import qfl_weights, vfl_weights
 
 EPS = 1e-12  # the released AutoAssign code's EPS in its min-max normalisation
 
@@ -58,8 +58,7 @@ def gfl(s: Tensor, iou: Tensor, *, beta: float = 2.0) -> tuple[Tensor, Tensor]:
 def vfl(s: Tensor, iou: Tensor) -> tuple[Tensor, Tensor]:
     """VFL (Zhang et al., CVPR 2021): a positive's loss is ``q * BCE(s, q)`` with ``q = IoU``,
     so ``w_pos = q^2``, ``w_neg = q (1 - q)``; neither depends on ``s``."""
-    q = iou + torch.zeros_like(s)  # broadcast to the common shape
-    return q * q, q * (1.0 - q)
+    return vfl_weights(iou + torch.zeros_like(s))  # broadcast to the common shape
 
 
 def tood(

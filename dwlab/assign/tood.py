@@ -38,20 +38,22 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from dwlab.assign.base import LabelAssigner, check_positive
 from dwlab.assign.common import (
+    WeightMaps,
     QualityAssignment,
     atss_positives,
     centerness_target,
     check_outputs,
     class_target,
     focus_maps,
-    level_maps,
+        one_gt_per_anchor,
     pad_targets,
+    pairwise_iou,
     points_inside,
     positives,
 )
-from dwlab.box_ops import aligned_iou, boxes_to_distances
-from dwlab.config import TOODAssignerConfig
+from dwlab.box_ops import boxes_to_distances
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
 from dwlab.losses import qfl_weights, quality_focal_loss
@@ -102,23 +104,20 @@ def task_aligned_match(
             torch.zeros(b, 0, g, dtype=torch.long, device=device),
         )  # fmt: skip
     s = scores.float().gather(2, gt_labels[:, None, :].expand(b, a, g))  # [B, A, G]
-    u = aligned_iou(pred_boxes.float()[:, :, None], gt_boxes[:, None])  # [B, A, G]
+    u = pairwise_iou(pred_boxes.float(), gt_boxes, gt_valid)  # [B, A, G]
     t = s.pow(alpha) * u.pow(beta)  # the anchor alignment metric
     cand_t, cand = t.topk(min(topk, a), dim=1)  # [B, m, G]
     inside = points_inside(points[cand], gt_boxes[:, None])  # [B, m, G]
     pos = inside & (cand_t > 0) & gt_valid[:, None]
     # several GTs: the highest IoU wins (a candidate appears once per GT column)
-    cand_u = u.gather(1, cand)
-    overlap = torch.full((b, a, g), -1.0, device=device)
-    overlap.scatter_(1, cand, torch.where(pos, cand_u, torch.full_like(cand_u, -1.0)))
-    best, idx = overlap.max(-1)
-    is_pos = best >= 0
-    matched = torch.where(is_pos, idx, torch.full_like(idx, -1))
-    safe = idx.unsqueeze(-1)
-    metric = torch.where(is_pos, t.gather(2, safe).squeeze(-1), torch.zeros_like(best))
-    iou = torch.where(is_pos, u.gather(2, safe).squeeze(-1), torch.zeros_like(best))
+    matched = one_gt_per_anchor(torch.zeros_like(u, dtype=torch.bool).scatter_(1, cand, pos), u, largest=True)
+    is_pos = matched >= 0
+    safe = matched.clamp(min=0).unsqueeze(-1)
+    zeros = torch.zeros_like(u[..., 0])
+    metric = torch.where(is_pos, t.gather(2, safe).squeeze(-1), zeros)
+    iou = torch.where(is_pos, u.gather(2, safe).squeeze(-1), zeros)
     # t_hat = t / (max_t + eps) * max_u over each GT's positives
-    key = (torch.arange(b, device=device)[:, None] * g + idx)[is_pos]  # flat (image, GT) index
+    key = (torch.arange(b, device=device)[:, None] * g + matched)[is_pos]  # flat (image, GT) index
     zeros = torch.zeros(b * g, device=device)
     t_max = zeros.scatter_reduce(0, key, metric[is_pos], "amax", include_self=False)
     u_max = zeros.scatter_reduce(0, key, iou[is_pos], "amax", include_self=False)
@@ -127,7 +126,7 @@ def task_aligned_match(
     return TaskAlignedMatch(matched, metric, iou, target, cand)
 
 
-class TOODAssigner:
+class TOODAssigner(WeightMaps, LabelAssigner):
     """Task-aligned assignment + focal-style loss on t_hat + t_hat-weighted GIoU, after
     ``initial_epochs`` epochs of ATSS assignment and loss (see the module docstring).
 
@@ -148,24 +147,15 @@ class TOODAssigner:
         initial_topk: int = 9,
         anchor_scale: float = 8.0,
     ) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if topk < 1:
-            raise ValueError(f"topk must be >= 1, got {topk}")
+        check_positive(num_classes=num_classes, topk=topk, initial_topk=initial_topk, anchor_scale=anchor_scale)
         if initial_epochs < 0:
             raise ValueError(f"initial_epochs must be >= 0, got {initial_epochs}")
-        if initial_topk < 1 or anchor_scale <= 0:
-            raise ValueError(f"need initial_topk >= 1 and anchor_scale > 0, got {initial_topk} and {anchor_scale}")
         self.num_classes, self.topk, self.alpha, self.beta = num_classes, topk, alpha, beta
         self.qfl_beta, self.box_weight = qfl_beta, box_weight
         self.initial_epochs = initial_epochs
         self.initial_topk, self.anchor_scale = initial_topk, anchor_scale  # the warm-up's ATSS match
         self.epoch: int | None = None  # set by the training loop; None: past the warm-up
         self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
-
-    @classmethod
-    def from_config(cls, cfg: TOODAssignerConfig, num_classes: int) -> TOODAssigner:
-        return cls(num_classes, **cfg.model_dump())
 
     def set_epoch(self, epoch: int) -> None:
         """The training loop's epoch, 0-based: before ``initial_epochs`` the ATSS warm-up."""
@@ -235,6 +225,3 @@ class TOODAssigner:
         for i, d in enumerate(maps):
             d["pos"], d["neg"] = qfl_weights(d["score"], m.target[i], self.qfl_beta)
         return maps
-
-    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
-        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

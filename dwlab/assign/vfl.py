@@ -23,17 +23,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dwlab.assign.common import QualityAssignment, atss_positives, class_target, focus_maps, level_maps
-from dwlab.assign.table1 import vfl as vfl_weights
-from dwlab.config import VFLAssignerConfig
+from dwlab.assign.base import LabelAssigner, check_positive
+from dwlab.assign.common import QualityAssignment, WeightMaps, atss_positives, class_target, focus_maps
 from dwlab.data.target import Target
-from dwlab.losses import varifocal_loss
+from dwlab.losses import varifocal_loss, vfl_weights
 from dwlab.models.outputs import HeadOutputs
 
 MIN_IOU = 1e-6  # positives' IoU target floor (released code), keeps them on the q > 0 branch
 
 
-class VFLAssigner:
+class VFLAssigner(WeightMaps, LabelAssigner):
     """ATSS assignment + Varifocal Loss on the joint score + IoU-weighted GIoU.
 
     Returns ``{"loss_cls", "loss_box"}``, unweighted; ``loss_weights`` gives ``loss_box`` the
@@ -50,17 +49,10 @@ class VFLAssigner:
         gamma: float = 2.0,
         box_weight: float = 2.0,
     ) -> None:
-        if num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if topk < 1 or anchor_scale <= 0:
-            raise ValueError(f"need topk >= 1 and anchor_scale > 0, got {topk} and {anchor_scale}")
+        check_positive(num_classes=num_classes, topk=topk, anchor_scale=anchor_scale)
         self.num_classes, self.topk, self.anchor_scale = num_classes, topk, anchor_scale
         self.alpha, self.gamma, self.box_weight = alpha, gamma, box_weight
         self.loss_weights = {"loss_cls": 1.0, "loss_box": box_weight}
-
-    @classmethod
-    def from_config(cls, cfg: VFLAssignerConfig, num_classes: int) -> VFLAssigner:
-        return cls(num_classes, **cfg.model_dump())
 
     def assign(self, outputs: HeadOutputs, targets: list[Target]) -> QualityAssignment:
         """ATSS positives; quality q = IoU of the predicted box with its GT (>= 1e-6), also the box weight."""
@@ -79,16 +71,13 @@ class VFLAssigner:
 
     @torch.no_grad()
     def weights(self, outputs: HeadOutputs, targets: list[Target]) -> list[dict[str, Tensor]]:
-        """Per-image ``Tensor[A]`` maps: positives ``table1.vfl`` (q^2, q (1 - q)); others pos 0,
+        """Per-image ``Tensor[A]`` maps: positives ``losses.vfl_weights`` (q^2, q (1 - q)); others pos 0,
         neg alpha s^gamma."""
         asg = self.assign(outputs, targets)
         maps = focus_maps(outputs, targets, asg.matched, outputs.scores())
         for d in maps:
             s, is_pos = d["score"], d["is_pos"]
-            w_pos, w_neg = vfl_weights(s, d["iou"].clamp(min=MIN_IOU))
+            w_pos, w_neg = vfl_weights(d["iou"].clamp(min=MIN_IOU))
             d["pos"] = torch.where(is_pos, w_pos, torch.zeros_like(s))
             d["neg"] = torch.where(is_pos, w_neg, self.alpha * s.pow(self.gamma))
         return maps
-
-    def weight_maps(self, outputs: HeadOutputs, targets: list[Target], image: int = 0) -> dict[str, dict[str, Tensor]]:
-        return level_maps(self.weights(outputs, targets)[image], outputs.anchors)

@@ -39,7 +39,9 @@ class FCOS(nn.Module):
         )
 
 
-def build_model(cfg: ModelConfig, num_classes: int) -> FCOS:
+def build_model(cfg: ModelConfig, num_classes: int, *, centerness_bias: float | None = None) -> FCOS:
+    """The detector of ``cfg``; ``centerness_bias``: the centerness branch's initial bias when
+    the method asks for one (``assign.base.HeadInit``; None: 0)."""
     pretrained = cfg.pretrained
     if pretrained == "synth":  # the cached domain-pretrained trunk (dwlab.pretrain)
         from dwlab.pretrain import cached_backbone
@@ -63,5 +65,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FCOS:
         box_refine=cfg.box_refine,
         refine_sampler=cfg.refine_sampler,
         anchor_offset=cfg.anchor_offset,
+        centerness_bias=0.0 if centerness_bias is None else centerness_bias,
     )
     return FCOS(backbone, head, cfg.anchor_offset)

@@ -32,6 +32,7 @@ class FCOSHead(nn.Module):
         box_refine: bool = False,
         refine_sampler: str = "deform_conv",
         anchor_offset: float = 0.5,
+        centerness_bias: float = 0.0,
     ) -> None:
         super().__init__()
         self.strides = strides
@@ -47,6 +48,7 @@ class FCOSHead(nn.Module):
                 nn.init.zeros_(module.bias)
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.constant_(self.bbox_pred.bias, reg_bias_init)
+        nn.init.constant_(self.centerness.bias, centerness_bias)  # 0; an assigner's HeadInit may set a prior
         self.refine = None
         if box_refine:
             from dwlab.models.refine import BoxRefine

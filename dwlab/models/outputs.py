@@ -21,12 +21,16 @@ class Anchors:
     strides: ``Tensor[A]`` stride of each point's level, float.
     levels: ``Tensor[A]`` level index (0 = P3), long.
     level_sizes: number of points per level, P3 first; sums to A.
+    recipe: what ``grid`` made the points from (feature sizes, strides, offset, device), so
+        that equal recipes mean equal points (a cache key: ``dwlab.assign.grid.anchor_layout``);
+        None for points made otherwise.
     """
 
     points: Tensor
     strides: Tensor
     levels: Tensor
     level_sizes: tuple[int, ...]
+    recipe: tuple | None = None
 
     @staticmethod
     def grid(
@@ -46,6 +50,7 @@ class Anchors:
             strides=torch.cat(stride_list),
             levels=torch.cat(levels),
             level_sizes=tuple(h * w for h, w in feature_sizes),
+            recipe=(tuple((int(h), int(w)) for h, w in feature_sizes), tuple(strides), float(offset), str(device)),
         )
 
     def __len__(self) -> int:

@@ -137,18 +137,23 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
     )))
     for name in report.tables:
         _weight_map_figure(name, runs, client, out, report)
-    reproduction = out / "REPRODUCTION.md"
-    reproduction.write_text(claims.render(report.tables, runs))
-    report.files.append(reproduction)
-    verdicts = [c[3] for c in claims.claims(report.tables, runs)]
-    report.index.append((reproduction.name, (
-        f"the paper's {len(verdicts)} claims, each with a verdict: "
-        + ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
-    )))
+    _write_reproduction(report, runs)
     readme = out / "README.md"
     readme.write_text(render_index(report, experiments))
     report.files.append(readme)
     return report
+
+
+def _write_reproduction(report: Report, runs: pd.DataFrame) -> None:
+    """``REPRODUCTION.md``: the paper's claims, each with ours and a verdict (``claims``)."""
+    path = report.out / "REPRODUCTION.md"
+    path.write_text(claims.render(report.tables, runs))
+    report.files.append(path)
+    verdicts = [c[3] for c in claims.claims(report.tables, runs)]
+    report.index.append((path.name, (
+        f"the paper's {len(verdicts)} claims, each with a verdict: "
+        + ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
+    )))
 
 
 def _weight_map_figure(name: str, runs: pd.DataFrame, client, out: Path, report: Report) -> None:

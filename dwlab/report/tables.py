@@ -152,6 +152,7 @@ class TableSpec:
     key: Callable[[dict], tuple]  # resolved params (dotted, strings) -> paper key
     label: Callable[[tuple], str]
     blocks: Callable[[list[tuple]], list[tuple[str, list[tuple]]]]
+    sweep_labels: bool = False  # a row the paper does not list is named by its sweep point's label
 
 
 SPECS: dict[str, TableSpec] = {
@@ -174,6 +175,7 @@ SPECS: dict[str, TableSpec] = {
     "table6": TableSpec(
         "table6", "Table 6: label-assignment methods on the same FCOS detector", ("method",),
         "method (paper row)", _table6_row_key, _table6_row_label, _one_block_in_paper_order(list(paper.TABLE6)),
+        sweep_labels=True,
     ),
 }
 
@@ -225,6 +227,7 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             "n_running": int(group["status"].isin(RUNNING).sum()),
             "n_failed": int(group["status"].isin(FAILED).sum()),
             "seeds": ",".join(sorted(str(s) for s in group.get(column(Tag.SEED), pd.Series()).dropna())),
+            "point_label": next(iter(group.get(column(Tag.POINT_LABEL), pd.Series()).dropna()), None),
         }
         for m in METRICS + SIZE_METRICS:
             col = done.get(f"metrics.{m}", pd.Series(dtype=float))
@@ -338,6 +341,8 @@ def layout(spec: TableSpec, agg: pd.DataFrame) -> pd.DataFrame:
             for rec in recs:
                 line = dict(rec, block=block)
                 label = spec.label(key) if key[0] != "?" else str(key[1])
+                if spec.sweep_labels and ref is None and rec.get("point_label"):
+                    label = rec["point_label"]
                 line["label"] = label if len(recs) == 1 else f"{label} [{rec['point']}]"
                 for name, value in zip(spec.key_names, key if key[0] != "?" else (None,) * len(spec.key_names)):
                     line[name] = value
