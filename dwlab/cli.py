@@ -332,6 +332,26 @@ def plot_table1_cmd(
     typer.echo(f"wrote {plot_table1(out)}")
 
 
+@app.command()
+@user_errors
+def bundle(
+    python: Annotated[str, typer.Option(help="The GPU host's Python, major.minor, e.g. 3.12.")],
+    out: Annotated[Path, typer.Option(help="Folder to write; must not exist yet, or be empty.")],
+    backbone: Annotated[str, typer.Option(help="Preset whose domain-pretrained backbone travels along (built here if not cached).")] = "mini",
+    host_has: Annotated[str, typer.Option(help="Comma-separated distributions the host already has, e.g. pandas,scipy,matplotlib: left out with what they require.")] = "",
+) -> None:
+    """An offline install for a GPU host that has torch and torchvision: one archive of dwlab and
+    the rest of its stack (pinned to this environment), the pretrained backbone, a manifest."""
+    from dwlab.bundle import build_bundle
+
+    names = tuple(name.strip() for name in host_has.split(",") if name.strip())
+    record = build_bundle(python, out, backbone=backbone, host_has=names, log=typer.echo)
+    for name, entry in record["files"].items():
+        typer.echo(f"{out / name}: {entry['bytes'] / 2**20:.2f} MiB")
+    typer.echo(f"{len(record['distributions'])} distributions, dwlab {record['dwlab']['commit'][:12]}; "
+               "on the host: README.md, 'Run on an offline GPU host'")  # fmt: skip
+
+
 def main() -> None:
     app(prog_name="dwlab")
 

@@ -77,8 +77,12 @@ def ui_command(uri: str | None = None) -> str:
 
 
 def git_commit() -> str:
-    """The commit of the checkout dwlab is imported from (read from ``.git``, no subprocess)."""
-    git = Path(__file__).resolve().parents[2] / ".git"
+    """The commit of the checkout dwlab is imported from (read from ``.git``, no subprocess), or
+    the one ``dwlab bundle`` recorded in the package (an offline host has no ``.git``)."""
+    package = Path(__file__).resolve().parents[1]
+    if (package / "COMMIT").is_file():
+        return (package / "COMMIT").read_text().strip()
+    git = package.parent / ".git"
     try:
         if git.is_file():  # a worktree: "gitdir: <path>"
             git = Path(git.read_text().split(":", 1)[1].strip())
