@@ -51,6 +51,7 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FCOS:
         norm=cfg.norm,
         frozen_stages=cfg.frozen_stages,
         fpn_channels=cfg.fpn_channels,
+        dcn=cfg.backbone_dcn,
     )
     head = FCOSHead(
         cfg.fpn_channels,
@@ -63,5 +64,6 @@ def build_model(cfg: ModelConfig, num_classes: int) -> FCOS:
         box_refine=cfg.box_refine,
         refine_sampler=cfg.refine_sampler,
         anchor_offset=cfg.anchor_offset,
+        dcn_last=cfg.head_dcn,
     )
     return FCOS(backbone, head, cfg.anchor_offset)
