@@ -235,7 +235,7 @@ def report(
         Optional[str], typer.Option(help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db).")
     ] = None,
 ) -> None:
-    """Rebuild the paper's Tables 2-6 from the sweeps' runs: markdown, CSV, figures, README."""
+    """Rebuild the paper's Tables 2-7 from the sweeps' runs: markdown, CSV, figures, README."""
     from dwlab.report import build_report
 
     result = build_report(experiment or None, out, tracking_uri=tracking_uri)

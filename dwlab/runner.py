@@ -338,9 +338,10 @@ def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = N
     it, the detections (``detections.json``) if given."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    state = checkpoint.load(Path(checkpoint_path))
     _, val = build_datasets(cfg)
     device = pick_device(cfg.train.device)
-    model = load_model(cfg, Path(checkpoint_path), num_classes_of(cfg, val))
+    model = model_with_weights(cfg, state, num_classes_of(cfg, val), Path(checkpoint_path))
     detections = None if out_path is None else Path(out_path).with_name(DETECTIONS)
     metrics = evaluate(model.to(device), val, cfg, device, detections)
     if out_path is not None:
@@ -348,9 +349,9 @@ def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = N
     return metrics
 
 
-def load_model(cfg: Config, checkpoint_path: Path, num_classes: int) -> FCOS:
-    """The config's detector with a checkpoint's weights (no pretrained weights loaded first)."""
-    state = checkpoint.load(checkpoint_path)
+def model_with_weights(cfg: Config, state: dict[str, Any], num_classes: int, checkpoint_path: Path) -> FCOS:
+    """The config's detector with the weights of checkpoint ``state`` (read from
+    ``checkpoint_path``); no pretrained weights are loaded first."""
     model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes)
     try:
         model.load_state_dict(state["model"])
@@ -370,27 +371,30 @@ def run_detection(cfg: Config, checkpoint_path: Path, ann_file: Path, image_dir:
     """Detect on the images listed in ``ann_file`` (an image-info json: its ``annotations``, if
     any, are not used) under ``image_dir`` at the eval settings, and write the COCO results json
     (a list of image_id, category_id, bbox xywh, score) that COCO's evaluation server takes.
-    Returns the number of detections written. An image that cannot be read is left out with
-    a warning; none readable is an error."""
+    Labels map to the file's category ids in sorted order, as training maps its split's (COCO's
+    image-info files list the same 80 categories as instances_train2017.json). Returns the
+    number of detections written. An image that cannot be read is left out with a warning;
+    none readable is an error."""
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    state = checkpoint.load(Path(checkpoint_path))
     size = dict(min_size=cfg.data.min_size, max_size=cfg.data.max_size)
     images = CocoDetection(ann_file, image_dir, images_only=True, **size)
     device = pick_device(cfg.train.device)
-    model = load_model(cfg, Path(checkpoint_path), num_classes_of(cfg, images))
+    model = model_with_weights(cfg, state, num_classes_of(cfg, images), Path(checkpoint_path))
     results, image_ids, skipped = detect(model.to(device), images, cfg, device)
     if skipped and not image_ids:
         raise DwlabError(f"{ann_file}: no image could be read; {_skipped_line(skipped)}")
     if skipped:
         _warn(f"warning: {ann_file}: {_skipped_line(skipped)}, left out of the results")
-    _write_json(Path(out_path), results)
+    _write_json(Path(out_path), results, indent=None)  # test-dev: 2 million entries, one line
     return len(results)
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def _write_json(path: Path, payload: dict | list, indent: int | None = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
     tmp.replace(path)
 
 
