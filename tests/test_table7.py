@@ -200,12 +200,21 @@ def test_multiscale_draws_each_shorter_side_from_the_seeded_rng(synth_root):
     assert set(_shorter_sides(fixed)) == {64}
 
 
-def test_train_split_is_multiscale_and_val_is_not(synth_root):
-    from dwlab.runner import build_datasets
+def test_train_split_is_multiscale_and_val_is_not_and_loader_workers_repeat_their_draws(synth_root):
+    """Through the training loader with a worker process (the paper presets' path), the
+    loader's seeded generator fixes the draws."""
+    from dwlab.runner import build_datasets, make_loader
 
-    cfg = validate(tiny_config(synth_root, data={"train_min_size_range": [64, 96]}), "t")
+    cfg = validate(tiny_config(synth_root, data={"train_min_size_range": [64, 96], "num_workers": 1}), "t")
     train, val = build_datasets(cfg)
     assert train.min_size_range == (64, 96) and val.min_size_range is None
+
+    def sides(seed: int) -> list[int]:
+        loader = make_loader(train, 4, cfg, train=True, generator=torch.Generator().manual_seed(seed))
+        return [round(t.scale * min(t.orig_size)) for _, _, targets in loader for t in targets]
+
+    first = sides(0)
+    assert first == sides(0) != sides(1) and all(64 <= s <= 96 for s in first)
 
 
 # ----------------------------------------------------------------------------- preset, sweep file

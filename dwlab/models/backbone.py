@@ -74,15 +74,14 @@ def resnet(name: str, pretrained: bool | str, norm: str) -> nn.Module:
     return net
 
 
-def add_dcn(net: nn.Module) -> int:
+def add_dcn(net: nn.Module) -> None:
     """Replace ``conv2`` (the 3x3) of every bottleneck in ``DCN_STAGES`` by a DCNv2 carrying its
-    weight; returns how many. A trunk of basic blocks is refused (MMDetection has no DCN there)."""
+    weight. A trunk of basic blocks is refused (MMDetection has no DCN there)."""
     blocks = [block for stage in DCN_STAGES for block in getattr(net, stage)]
     if not all(isinstance(block, models.resnet.Bottleneck) for block in blocks):
         raise DwlabError("model.backbone_dcn: DCNv2 goes into bottleneck blocks (resnet50, resnet101, resnext101_64x4d)")
     for block in blocks:
         block.conv2 = ModulatedDeformConv2d.from_conv(block.conv2)
-    return len(blocks)
 
 
 def _freeze(net: nn.Module, frozen_stages: int) -> None:

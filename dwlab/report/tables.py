@@ -444,6 +444,8 @@ def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> Table
     """One table: layout, header, gaps, agreement and its markdown."""
     runs = runs[runs[column(Tag.TABLE)] == spec.name]
     header = header_info(runs)
+    for key in spec.varied:  # differs between rows on purpose: not a "mixed" warning
+        header[key] = header[key].replace(" (mixed)", " (by row)")
     rows, ibest = _mark_gaps(layout(spec, agg), header["scale"] == "paper")
     result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest))
     if header["scale"] != "paper":
@@ -454,7 +456,7 @@ def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> Table
         )
     if spec.note:
         result.notes.append(spec.note)
-    mixed = [k for k in ("dataset", "scale", "backbone", "schedule") if "(mixed)" in header[k] and k not in spec.varied]
+    mixed = [k for k in ("dataset", "scale", "backbone", "schedule") if "(mixed)" in header[k]]
     if mixed:
         result.notes.append(
             f"**Mixed settings** ({', '.join(mixed)}): runs measured differently are pooled here; "
