@@ -103,13 +103,26 @@ def eval_(
     config: Annotated[str, typer.Argument(help="Config file or preset name.")],
     checkpoint: Annotated[Path, typer.Option(help="Checkpoint file (.pt).")],
     set_: SetOption = None,
-    out: Annotated[Optional[Path], typer.Option(help="Where to write eval.json (default: beside the checkpoint).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Where to write eval.json (default: beside the checkpoint); with --images-only, the results json.")] = None,
+    images_only: Annotated[Optional[Path], typer.Option(help="An image-info json without labels (COCO's annotations/image_info_test-dev2017.json): detect on its images and write the results json the evaluation server takes, no metrics.")] = None,
+    image_dir: Annotated[Optional[Path], typer.Option(help="With --images-only: the folder of its images (COCO's test2017).")] = None,
 ) -> None:
-    """Evaluate a checkpoint on the config's val set (COCO bbox AP through pycocotools)."""
+    """Evaluate a checkpoint on the config's val set (COCO bbox AP through pycocotools), or
+    write its detections on an unlabelled split for COCO's evaluation server (--images-only)."""
     from dwlab.config import load_config
+
+    if (images_only is None) != (image_dir is None):
+        raise DwlabError("--images-only and --image-dir go together (the image-info json and its image folder)")
+    cfg = load_config(config, set_ or [])
+    if images_only is not None:
+        from dwlab.runner import results_name, run_detection
+
+        path = out or checkpoint.parent / results_name(images_only)
+        count = run_detection(cfg, checkpoint, images_only, image_dir, path)
+        typer.echo(f"wrote {count} detections to {path} (COCO results format; README: \"Test-dev\")")
+        return
     from dwlab.runner import run_evaluation
 
-    cfg = load_config(config, set_ or [])
     metrics = run_evaluation(cfg, checkpoint, out or checkpoint.parent / "eval.json")
     typer.echo(" ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
 
@@ -222,7 +235,7 @@ def report(
         Optional[str], typer.Option(help="MLflow store (default: $MLFLOW_TRACKING_URI, else ./mlruns/mlflow.db).")
     ] = None,
 ) -> None:
-    """Rebuild the paper's Tables 2-6 from the sweeps' runs: markdown, CSV, figures, README."""
+    """Rebuild the paper's Tables 2-7 from the sweeps' runs: markdown, CSV, figures, README."""
     from dwlab.report import build_report
 
     result = build_report(experiment or None, out, tracking_uri=tracking_uri)

@@ -38,13 +38,24 @@ class DataConfig(Strict):
     train_images: str = "train"
     val_ann: str = "instances_val.json"
     val_images: str = "val"
-    min_size: int = Field(800, ge=16)  # shorter side after resize
+    min_size: int = Field(800, ge=16)  # shorter side after resize (every split; see below)
     max_size: int = Field(1333, ge=16)  # longer side at most
+    # multi-scale training: [lo, hi], each train image's shorter side drawn uniformly from the
+    # integers lo..hi (MMDetection's 'range' mode; the released DW 2x configs: [480, 960]), the
+    # longer side still at most max_size; the val split stays at min_size. null: min_size
+    train_min_size_range: tuple[int, int] | None = None
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)
     size_divisor: int = Field(32, ge=1)
     num_workers: int = Field(2, ge=0)
     group_by_aspect: bool = False  # train batches of one orientation (less padding at 1333x800)
     synth: SynthConfig = SynthConfig()
+
+    @field_validator("train_min_size_range")
+    @classmethod
+    def _check_range(cls, value: tuple[int, int] | None) -> tuple[int, int] | None:
+        if value is not None and not 16 <= value[0] <= value[1]:
+            raise ValueError("expected [lo, hi] with 16 <= lo <= hi")
+        return value
 
 
 class PretrainConfig(Strict):
@@ -75,8 +86,15 @@ class PretrainConfig(Strict):
         return 2 if value is None else value
 
 
+BASIC_BLOCK_BACKBONES = ("resnet10", "resnet18", "resnet34")
+
+
 class ModelConfig(Strict):
-    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101"] = "resnet50"
+    backbone: Literal["resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnext101_64x4d"] = "resnet50"
+    # DCNv2 in the 3x3 conv of every bottleneck of C3-C5 (the paper's "ResNet-101-DCN"; the
+    # offset convs start at zero, the rest loads the ImageNet trunk); bottleneck backbones only
+    backbone_dcn: bool = False
+    head_dcn: bool = False  # the last conv of each head tower a DCNv2 (released DW DCN config)
     # True: torchvision's ImageNet weights; "synth": the cached domain-pretrained backbone
     # (``pretrain`` below, built on first use or by ``dwlab pretrain``); another str: a local
     # state_dict path; false: random init
@@ -101,6 +119,13 @@ class ModelConfig(Strict):
                 f"fpn_channels={self.fpn_channels} is not divisible by "
                 f"head_norm_groups={self.head_norm_groups}"
             )
+        if self.backbone_dcn and self.backbone in BASIC_BLOCK_BACKBONES:
+            raise ValueError(
+                f"backbone_dcn needs a bottleneck backbone (resnet50, resnet101, resnext101_64x4d), "
+                f"not {self.backbone}"
+            )
+        if self.head_dcn and not self.head_convs:
+            raise ValueError("head_dcn needs head_convs >= 1 (its last tower conv becomes a DCNv2)")
         return self
 
 

@@ -119,7 +119,9 @@ def prepare_inputs(cfg: Config, log: Callable[[str], None] = print) -> None:
 def build_datasets(cfg: Config) -> tuple[CocoDetection, CocoDetection]:
     train_ann, train_images, val_ann, val_images = data_paths(cfg.data)
     size = dict(min_size=cfg.data.min_size, max_size=cfg.data.max_size)
-    train = CocoDetection(train_ann, train_images, flip_prob=cfg.data.flip_prob, **size)
+    train = CocoDetection(
+        train_ann, train_images, flip_prob=cfg.data.flip_prob, min_size_range=cfg.data.train_min_size_range, **size
+    )
     val = CocoDetection(val_ann, val_images, flip_prob=0.0, **size)
     if val.cat_ids != train.cat_ids:
         raise DwlabError(f"{val_ann}: categories differ from {train_ann}")
@@ -286,15 +288,7 @@ def evaluate(
 
     Under data parallelism every rank must call it: each scores its shard of the images, rank 0
     gathers the detections, writes them and runs COCOeval, and every rank gets the metrics."""
-    # its own generator: evaluating must not advance the global RNG that training draws from
-    loader = make_loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
-    skipped: list[SkippedImage] = []
-    detections, targets = predict(
-        model, loader, device, skipped=skipped, score_thresh=cfg.eval.score_thresh,
-        pre_nms_topk=cfg.eval.pre_nms_topk, nms_thresh=cfg.eval.nms_thresh, max_dets=cfg.eval.max_dets,
-    )  # fmt: skip
-    image_ids = [t.image_id for t in targets]
-    results = to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids)
+    results, image_ids, skipped = detect(model, dataset, cfg, device)
     if is_distributed():
         results, image_ids, skipped = _gather_shards(results, image_ids, skipped)
         if rank() != 0:
@@ -311,6 +305,23 @@ def evaluate(
     if is_distributed():
         dist.broadcast_object_list([metrics], src=0)
     return metrics
+
+
+def detect(
+    model: FCOS, dataset: CocoDetection, cfg: Config, device: torch.device
+) -> tuple[list[dict], list[int], list[SkippedImage]]:
+    """``model``'s detections on ``dataset`` at ``eval.*`` settings, as COCO result entries
+    (image_id, category_id, bbox xywh in the image's pixels, score); the ids of the images
+    scored and the images that could not be read."""
+    # its own generator: evaluating must not advance the global RNG that training draws from
+    loader = make_loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
+    skipped: list[SkippedImage] = []
+    detections, targets = predict(
+        model, loader, device, skipped=skipped, score_thresh=cfg.eval.score_thresh,
+        pre_nms_topk=cfg.eval.pre_nms_topk, nms_thresh=cfg.eval.nms_thresh, max_dets=cfg.eval.max_dets,
+    )  # fmt: skip
+    image_ids = [t.image_id for t in targets]
+    return to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids), image_ids, skipped
 
 
 def _gather_shards(results: list[dict], image_ids: list[int], skipped: list) -> tuple[list[dict], list[int], list]:
@@ -350,11 +361,7 @@ def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = N
     state = checkpoint.load(Path(checkpoint_path))
     _, val = build_datasets(cfg)
     device = pick_device(cfg.train.device)
-    model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes_of(cfg, val))
-    try:
-        model.load_state_dict(state["model"])
-    except (RuntimeError, KeyError) as err:
-        raise DwlabError(f"{checkpoint_path}: does not match the config's model ({str(err).splitlines()[0]})") from None
+    model = model_with_weights(cfg, state, num_classes_of(cfg, val), Path(checkpoint_path))
     detections = None if out_path is None else Path(out_path).with_name(DETECTIONS)
     metrics = evaluate(model.to(device), val, cfg, device, detections)
     if out_path is not None:
@@ -362,10 +369,52 @@ def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = N
     return metrics
 
 
-def _write_json(path: Path, payload: dict) -> None:
+def model_with_weights(cfg: Config, state: dict[str, Any], num_classes: int, checkpoint_path: Path) -> FCOS:
+    """The config's detector with the weights of checkpoint ``state`` (read from
+    ``checkpoint_path``); no pretrained weights are loaded first."""
+    model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes)
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, KeyError) as err:
+        raise DwlabError(f"{checkpoint_path}: does not match the config's model ({str(err).splitlines()[0]})") from None
+    return model
+
+
+def results_name(ann_file: Path) -> str:
+    """The evaluation server's file name for the detections on ``ann_file``'s images:
+    ``image_info_test-dev2017.json`` -> ``detections_test-dev2017_dwlab_results.json``."""
+    split = Path(ann_file).stem.removeprefix("image_info_").removeprefix("instances_")
+    return f"detections_{split}_dwlab_results.json"
+
+
+def run_detection(cfg: Config, checkpoint_path: Path, ann_file: Path, image_dir: Path, out_path: Path) -> int:
+    """Detect on the images listed in ``ann_file`` (an image-info json: its ``annotations``, if
+    any, are not used) under ``image_dir`` at the eval settings, and write the COCO results json
+    (a list of image_id, category_id, bbox xywh, score) that COCO's evaluation server takes.
+    Labels map to the file's category ids in sorted order, as training maps its split's (COCO's
+    image-info files list the same 80 categories as instances_train2017.json). Returns the
+    number of detections written. An image that cannot be read is left out with a warning;
+    none readable is an error."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    state = checkpoint.load(Path(checkpoint_path))
+    size = dict(min_size=cfg.data.min_size, max_size=cfg.data.max_size)
+    images = CocoDetection(ann_file, image_dir, images_only=True, **size)
+    device = pick_device(cfg.train.device)
+    model = model_with_weights(cfg, state, num_classes_of(cfg, images), Path(checkpoint_path))
+    results, image_ids, skipped = detect(model.to(device), images, cfg, device)
+    if skipped and not image_ids:
+        raise DwlabError(f"{ann_file}: no image could be read; {_skipped_line(skipped)}")
+    if skipped:
+        _warn(f"warning: {ann_file}: {_skipped_line(skipped)}, left out of the results")
+    _write_json(Path(out_path), results, indent=None)  # test-dev: 2 million entries, one line
+    return len(results)
+
+
+def _write_json(path: Path, payload: dict | list, indent: int | None = 2) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload, indent=2) + "\n")
+    tmp.write_text(json.dumps(payload, indent=indent) + "\n")
     tmp.replace(path)
 
 

@@ -74,8 +74,10 @@ def _check_bbox(ann: Any, ann_file: Path) -> None:
         )
 
 
-def load_coco(ann_file: Path) -> COCO:
-    """Load and check an instances json; one-line errors for a missing file or a non-COCO json."""
+def load_coco(ann_file: Path, images_only: bool = False) -> COCO:
+    """Load and check an instances json; one-line errors for a missing file or a non-COCO json.
+    ``images_only``: a file without ``annotations`` (an image-info file) is read as one with
+    none."""
     try:
         raw = json.loads(Path(ann_file).read_text())
     except OSError as err:
@@ -84,10 +86,11 @@ def load_coco(ann_file: Path) -> COCO:
         raise DwlabError(f"{ann_file}: not valid JSON ({err.msg} at line {err.lineno})") from None
     except UnicodeDecodeError as err:
         raise DwlabError(f"{ann_file}: not a text file ({err.reason} at byte {err.start})") from None
+    if images_only and isinstance(raw, dict):
+        raw.setdefault("annotations", [])
     if not isinstance(raw, dict) or any(not isinstance(raw.get(k), list) for k in REQUIRED_KEYS):
-        raise DwlabError(
-            f"{ann_file}: not a COCO instances file (needs lists 'images', 'annotations', 'categories')"
-        )
+        kind, keys = ("image-info", REQUIRED_KEYS[::2]) if images_only else ("instances", REQUIRED_KEYS)
+        raise DwlabError(f"{ann_file}: not a COCO {kind} file (needs lists {', '.join(map(repr, keys))})")
     if not raw["categories"]:
         raise DwlabError(f"{ann_file}: 'categories' is empty")
     for ann in raw["annotations"]:  # pycocotools' COCOeval needs these; real COCO has them
@@ -146,6 +149,13 @@ class CocoDetection(Dataset):
     the same frame (see ``Target``). An image that cannot be decoded gives a ``SkippedImage``
     instead (see the module docstring).
 
+    ``min_size_range`` ``(lo, hi)``: multi-scale training, each item's shorter side drawn
+    uniformly from the integers lo..hi instead of ``min_size``. Like the flip, the draw comes
+    from torch's default generator, which the run seeds (in a DataLoader worker: the seed the
+    loader's generator gives it), so the same seed draws the same sizes.
+    ``images_only``: the annotation file may lack ``annotations`` (COCO's
+    ``image_info_test-dev2017.json``): every image then has an empty target.
+
     ``skipped``: ``{reason: [annotation id, ...]}`` of the boxes left out of the targets
     (reasons ``SKIP_REASONS``); ``clipped``: ids of the boxes clipped to their image.
     """
@@ -158,12 +168,15 @@ class CocoDetection(Dataset):
         min_size: int,
         max_size: int,
         flip_prob: float = 0.0,
+        min_size_range: tuple[int, int] | None = None,
+        images_only: bool = False,
         warn: Callable[[str], None] | None = None,
     ) -> None:
         self.ann_file = Path(ann_file)
         self.image_dir = Path(image_dir)
-        self.coco = load_coco(self.ann_file)
+        self.coco = load_coco(self.ann_file, images_only=images_only)
         self.min_size, self.max_size, self.flip_prob = min_size, max_size, flip_prob
+        self.min_size_range = min_size_range
         self.image_ids = sorted(self.coco.imgs)
         self.cat_ids = sorted(self.coco.cats)
         self.label_of_cat = {cat: i for i, cat in enumerate(self.cat_ids)}
@@ -247,6 +260,13 @@ class CocoDetection(Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def shorter_side(self) -> int:
+        """``min_size``, or a draw from ``min_size_range`` (torch's default generator)."""
+        if self.min_size_range is None:
+            return self.min_size
+        lo, hi = self.min_size_range
+        return int(torch.randint(lo, hi + 1, ()))
+
     def image_path(self, image_id: int) -> Path:
         return self.image_dir / self.coco.imgs[image_id]["file_name"]
 
@@ -284,7 +304,7 @@ class CocoDetection(Dataset):
             return SkippedImage(image_id, str(self.image_path(image_id)), str(err))
         orig_size = (image.shape[1], image.shape[2])
         boxes, labels = self.raw_target(image_id, orig_size)
-        image, boxes, scale = resize_keep_ratio(image, boxes, self.min_size, self.max_size)
+        image, boxes, scale = resize_keep_ratio(image, boxes, self.shorter_side(), self.max_size)
         if self.flip_prob > 0 and torch.rand(()) < self.flip_prob:
             image, boxes = hflip(image, boxes)
         return normalize(image), Target(boxes, labels, image_id, scale, orig_size)

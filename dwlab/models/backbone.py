@@ -1,7 +1,14 @@
-"""ResNet + FPN (P3-P7) from torchvision parts.
+"""ResNet / ResNeXt + FPN (P3-P7) from torchvision parts.
 
 P3-P5 come from ResNet stages 2-4 (C3-C5); P6 and P7 from P5's output (P6 = conv(P5),
 P7 = conv(relu(P6))), torchvision's ``LastLevelP6P7`` with equal in/out channels.
+
+The trunks are torchvision's definitions (``resnet101``, ``resnext101_64x4d``, ...) and, with
+``pretrained=True``, torchvision's ImageNet weights (``IMAGENET1K_V1``). ``dcn=True`` turns the
+3x3 conv of every bottleneck of C3-C5 into a DCNv2 (``dwlab.models.dcn``; MMDetection's
+``stage_with_dcn=(False, True, True, True)``) after the trunk's weights are loaded: torchvision
+has no DCN weights, so the ImageNet trunk loads as it is and only the offset convs are new
+(zero, so the network starts on the regular grid).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
 from dwlab.errors import DwlabError
+from dwlab.models.dcn import ModulatedDeformConv2d
 
 STAGE_CHANNELS = {  # output channels of layer2, layer3, layer4
     "resnet10": [128, 256, 512],  # ResNet-18's blocks, one per stage: for CPU smoke runs
@@ -24,7 +32,9 @@ STAGE_CHANNELS = {  # output channels of layer2, layer3, layer4
     "resnet34": [128, 256, 512],
     "resnet50": [512, 1024, 2048],
     "resnet101": [512, 1024, 2048],
+    "resnext101_64x4d": [512, 1024, 2048],
 }
+DCN_STAGES = ("layer2", "layer3", "layer4")  # C3-C5
 STRIDES = (8, 16, 32, 64, 128)
 
 
@@ -64,6 +74,16 @@ def resnet(name: str, pretrained: bool | str, norm: str) -> nn.Module:
     return net
 
 
+def add_dcn(net: nn.Module) -> None:
+    """Replace ``conv2`` (the 3x3) of every bottleneck in ``DCN_STAGES`` by a DCNv2 carrying its
+    weight. A trunk of basic blocks is refused (MMDetection has no DCN there)."""
+    blocks = [block for stage in DCN_STAGES for block in getattr(net, stage)]
+    if not all(isinstance(block, models.resnet.Bottleneck) for block in blocks):
+        raise DwlabError("model.backbone_dcn: DCNv2 goes into bottleneck blocks (resnet50, resnet101, resnext101_64x4d)")
+    for block in blocks:
+        block.conv2 = ModulatedDeformConv2d.from_conv(block.conv2)
+
+
 def _freeze(net: nn.Module, frozen_stages: int) -> None:
     """Freeze the stem (0) and stages 1..frozen_stages; -1 freezes nothing."""
     if frozen_stages < 0:
@@ -75,10 +95,13 @@ def _freeze(net: nn.Module, frozen_stages: int) -> None:
 
 
 def build_backbone(
-    name: str, *, pretrained: bool | str, norm: str, frozen_stages: int, fpn_channels: int
+    name: str, *, pretrained: bool | str, norm: str, frozen_stages: int, fpn_channels: int, dcn: bool = False
 ) -> BackboneWithFPN:
-    """ResNet-FPN returning 5 maps (P3..P7) of ``fpn_channels`` channels each."""
+    """ResNet-FPN returning 5 maps (P3..P7) of ``fpn_channels`` channels each; ``dcn``: DCNv2
+    in C3-C5 (``add_dcn``)."""
     net = resnet(name, pretrained, norm)
+    if dcn:
+        add_dcn(net)
     _freeze(net, frozen_stages)
     return BackboneWithFPN(
         net,

@@ -53,6 +53,7 @@ def build_model(cfg: ModelConfig, num_classes: int, *, centerness_bias: float | 
         norm=cfg.norm,
         frozen_stages=cfg.frozen_stages,
         fpn_channels=cfg.fpn_channels,
+        dcn=cfg.backbone_dcn,
     )
     head = FCOSHead(
         cfg.fpn_channels,
@@ -66,5 +67,6 @@ def build_model(cfg: ModelConfig, num_classes: int, *, centerness_bias: float | 
         refine_sampler=cfg.refine_sampler,
         anchor_offset=cfg.anchor_offset,
         centerness_bias=0.0 if centerness_bias is None else centerness_bias,
+        dcn_last=cfg.head_dcn,
     )
     return FCOS(backbone, head, cfg.anchor_offset)

@@ -17,7 +17,9 @@ def _tower(channels: int, num_convs: int, groups: int) -> nn.Sequential:
 
 class FCOSHead(nn.Module):
     """Per level: cls logits (C), centerness logit (on the reg tower) and (l, t, r, b) distances
-    = ReLU(scale_level * conv(reg tower)) * stride, optionally refined (paper Eq. 9-10)."""
+    = ReLU(scale_level * conv(reg tower)) * stride, optionally refined (paper Eq. 9-10).
+    ``dcn_last``: the last conv of each tower is a DCNv2 (``dwlab.models.dcn``) with the same
+    initial weights, as the released DW code's DCN config (``dcn_on_last_conv``)."""
 
     def __init__(
         self,
@@ -33,6 +35,7 @@ class FCOSHead(nn.Module):
         refine_sampler: str = "deform_conv",
         anchor_offset: float = 0.5,
         centerness_bias: float = 0.0,
+        dcn_last: bool = False,
     ) -> None:
         super().__init__()
         self.strides = strides
@@ -49,6 +52,11 @@ class FCOSHead(nn.Module):
         nn.init.constant_(self.cls_logits.bias, -math.log((1 - prior_prob) / prior_prob))
         nn.init.constant_(self.bbox_pred.bias, reg_bias_init)
         nn.init.constant_(self.centerness.bias, centerness_bias)  # 0; an assigner's HeadInit may set a prior
+        if dcn_last and num_convs:  # MMDetection's dcn_on_last_conv: each tower's last conv is a DCNv2
+            from dwlab.models.dcn import ModulatedDeformConv2d
+
+            for tower in (self.cls_tower, self.reg_tower):
+                tower[-3] = ModulatedDeformConv2d.from_conv(tower[-3])
         self.refine = None
         if box_refine:
             from dwlab.models.refine import BoxRefine

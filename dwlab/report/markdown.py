@@ -65,15 +65,15 @@ def _escape(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def lines_table(row_header: str, rows: pd.DataFrame) -> list[str]:
+def lines_table(row_header: str, rows: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> list[str]:
     head = [row_header]
-    for m in METRICS:
+    for m in metrics:
         head += [f"{m} ours", f"{m} paper", f"Δ{m}"]
     head += ["gap to best here", "runs"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in rows.iterrows():
         cells = [r["label"]]
-        for m in METRICS:
+        for m in metrics:
             cells += [ours_cell(r, m), paper_cell(r, m), diff_cell(r, m)]
         cells += [gap_cell(r), runs_cell(r)]
         out.append("| " + " | ".join(_escape(c) for c in cells) + " |")
@@ -116,13 +116,13 @@ def render_table(spec, result) -> str:
     h = result.header
     out = [f"# {result.title}", ""]
     out += [f"- **{k}**: {v}" for k, v in h.items()]
-    out += [f"- **paper**: {paper.SETTING}", ""]
+    out += [f"- **paper**: {paper.setting(spec.name)}", ""]
     for note in result.notes:
         out += [f"> {note}", ""]
     for block, part in result.rows.groupby("block", sort=False):
         if block:
             out += [f"**{block}**", ""]
-        out += lines_table(spec.row_header, part) + [""]
+        out += lines_table(spec.row_header, part, spec.metrics) + [""]
     out += [
         "Ours: COCO AP in percent, mean ± sample std over seeds (n finished); Δ = ours - paper; "
         "gap = our AP - our best AP.",

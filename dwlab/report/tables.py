@@ -91,6 +91,35 @@ def _table6_row_key(p: dict) -> tuple:
     return (paper.METHOD_TO_TABLE6.get(name, name),)
 
 
+def table7_backbone(p: dict) -> str:
+    """``model.backbone`` with ``+dcn`` (``model.backbone_dcn``) and ``+head_dcn`` (``model.head_dcn``)."""
+    name = p["model.backbone"]
+    name += "+dcn" if _truthy(p.get("model.backbone_dcn", "false")) else ""
+    return name + ("+head_dcn" if _truthy(p.get("model.head_dcn", "false")) else "")
+
+
+def _table7_row_key(p: dict) -> tuple:
+    name, backbone = method_name(p), table7_backbone(p)
+    return (paper.METHOD_TO_TABLE7.get(name, name), paper.BACKBONE_TO_TABLE7.get(backbone, backbone))
+
+
+_OURS_BY_TABLE7_ROW = {v: k for k, v in paper.METHOD_TO_TABLE7.items()}
+
+
+def _table7_row_label(k: tuple) -> str:
+    """``"DW + box refine, ResNet-101 [aux.] (ours: dw+box_refine)"``: unique across blocks."""
+    aux = " [aux.]" if k in paper.TABLE7_AUX else ""
+    ours = _OURS_BY_TABLE7_ROW.get(k[0])
+    return f"{k[0]}, {k[1]}{aux}" + (f" (ours: {ours})" if ours else "")
+
+
+def _backbone_blocks(keys: list[tuple]) -> list[tuple[str, list[tuple]]]:
+    """Table 7: one block per backbone (the paper's three first), rows in the paper's order."""
+    every = _by_order(list(paper.TABLE7), keys)
+    backbones = list(dict.fromkeys([*paper.TABLE7_BACKBONES, *(k[1] for k in every)]))
+    return [(b, [k for k in every if k[1] == b]) for b in backbones]
+
+
 def _bag_label(k: tuple) -> str:
     kind, value = k
     return {"threshold": f"threshold r={_number(value)}", "topk": f"top-k k={_number(value)}"}.get(
@@ -152,6 +181,9 @@ class TableSpec:
     key: Callable[[dict], tuple]  # resolved params (dotted, strings) -> paper key
     label: Callable[[tuple], str]
     blocks: Callable[[list[tuple]], list[tuple[str, list[tuple]]]]
+    metrics: tuple[str, ...] = METRICS  # the columns with the paper's number beside ours
+    varied: tuple[str, ...] = ()  # header settings the rows differ in by design (not "mixed")
+    note: str = ""  # printed under the header
     sweep_labels: bool = False  # a row the paper does not list is named by its sweep point's label
 
 
@@ -176,6 +208,14 @@ SPECS: dict[str, TableSpec] = {
         "table6", "Table 6: label-assignment methods on the same FCOS detector", ("method",),
         "method (paper row)", _table6_row_key, _table6_row_label, _one_block_in_paper_order(list(paper.TABLE6)),
         sweep_labels=True,
+    ),
+    "table7": TableSpec(
+        "table7", "Table 7: one-stage detectors with larger backbones, 2x multi-scale", ("method", "backbone"),
+        "method, backbone (paper row)", _table7_row_key, _table7_row_label, _backbone_blocks,
+        METRICS + SIZE_METRICS, varied=("backbone",),
+        note="**Ours: COCO val2017; the paper's: test-dev2017.** A sweep evaluates on the config's val "
+        "split (labelled); test-dev's labels are not public, so its numbers come from COCO's "
+        "evaluation server: `dwlab eval --images-only` writes the file to submit (README \"Test-dev\").",
     ),
 }
 
@@ -346,7 +386,7 @@ def layout(spec: TableSpec, agg: pd.DataFrame) -> pd.DataFrame:
                 line["label"] = label if len(recs) == 1 else f"{label} [{rec['point']}]"
                 for name, value in zip(spec.key_names, key if key[0] != "?" else (None,) * len(spec.key_names)):
                     line[name] = value
-                for m in METRICS:
+                for m in spec.metrics:
                     line[f"{m}_paper"] = getattr(ref, m) if ref else math.nan
                     line[f"{m}_diff"] = line[f"{m}_mean"] - line[f"{m}_paper"]
                 lines.append(line)
@@ -409,14 +449,18 @@ def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> Table
     """One table: layout, header, gaps, agreement and its markdown."""
     runs = runs[runs[column(Tag.TABLE)] == spec.name]
     header = header_info(runs)
+    for key in spec.varied:  # differs between rows on purpose: not a "mixed" warning
+        header[key] = header[key].replace(" (mixed)", " (by row)")
     rows, ibest = _mark_gaps(layout(spec, agg), header["scale"] == "paper")
     result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest))
     if header["scale"] != "paper":
         result.notes.append(
             f"**Not a COCO reproduction.** Measured at scale '{header['scale']}' on dataset "
-            f"'{header['dataset']}'; the paper's numbers are {paper.SETTING}. Absolute values and "
+            f"'{header['dataset']}'; the paper's numbers are {paper.setting(spec.name)}. Absolute values and "
             "differences are not comparable; compare orderings (Kendall tau) only."
         )
+    if spec.note:
+        result.notes.append(spec.note)
     mixed = [k for k in ("dataset", "scale", "backbone", "schedule") if "(mixed)" in header[k]]
     if mixed:
         result.notes.append(
@@ -432,9 +476,9 @@ def csv_frame(result: TableResult) -> pd.DataFrame:
     spec = SPECS[result.name]
     cols = ["table", "block", "label", "point", *spec.key_names, "n_runs", "n_finished", "n_running",
             "n_failed", "seeds"]
-    for m in METRICS:
+    for m in spec.metrics:
         cols += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_diff"]
-    for m in SIZE_METRICS:
+    for m in (m for m in SIZE_METRICS if m not in spec.metrics):
         cols += [f"{m}_mean", f"{m}_std"]
     cols += ["images_seen", "gap_to_best", "gap_threshold", "significant"]
     return result.rows.reindex(columns=cols)

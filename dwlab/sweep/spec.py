@@ -4,8 +4,9 @@ A sweep file names a base config, a list of points (each a mapping of dotted ove
 ``grid`` whose Cartesian product is a set of points), seeds per point and resources per trial::
 
     name: table2                 # experiment name (default: the file's stem)
-    table: table2                # which paper table it reproduces (table2 .. table6)
+    table: table2                # which paper table it reproduces (table2 .. table7)
     base: null                   # config preset or path (relative to this file); null: the scale preset
+                                 # or per scale, {paper: paper-2x-ms}: a scale left out gets its preset
     scale: smoke                 # smoke | mini | paper (--scale overrides)
     seeds: 1                     # seeds 0 .. seeds-1 per point (--seeds overrides), or per scale
     set: {train.epochs: 8}       # overrides applied to every point (or per scale, like resources)
@@ -41,7 +42,7 @@ from dwlab.config import Config, flatten, load_config, parse_override, read_yaml
 from dwlab import paper
 from dwlab.errors import DwlabError
 
-TABLES = ("table2", "table3", "table4", "table5", "table6")
+TABLES = ("table2", "table3", "table4", "table5", "table6", "table7")
 SCALES = ("smoke", "mini", "paper")
 PAPER_IMAGES_PER_BATCH, PAPER_LR = paper.IMAGES_PER_STEP, paper.LR
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+=,-]{0,99}$")
@@ -94,8 +95,8 @@ class SweepFile(_Strict):
     """The YAML schema; ``points`` items and ``resources`` are checked further in ``expand``."""
 
     name: str | None = None
-    table: Literal["table2", "table3", "table4", "table5", "table6"] | None = None
-    base: str | None = None
+    table: Literal["table2", "table3", "table4", "table5", "table6", "table7"] | None = None
+    base: str | dict[Literal["smoke", "mini", "paper"], str] | None = None
     scale: Literal["smoke", "mini", "paper"] = "smoke"
     seeds: SeedCount | dict[Literal["smoke", "mini", "paper"], SeedCount] = 1
     set: dict[str, Any] = {}
@@ -261,18 +262,21 @@ def _expand_item(item: Any, index: int) -> list[tuple[dict[str, Any], str | None
     ]
 
 
-def _resolve_base(base: str | None, scale: str, sweep_dir: Path, file: Path) -> str:
+def _resolve_base(base: str | dict[str, str] | None, scale: str, sweep_dir: Path, file: Path) -> str:
+    where = f"base.{scale}" if isinstance(base, dict) else "base"
+    if isinstance(base, dict):
+        base = base.get(scale)
     if base is None:
         return str(resolve_path(scale))
     if not isinstance(base, str) or not base.strip():
-        raise DwlabError(f"{file}: base: expected a config preset name or path, got {base!r}")
+        raise DwlabError(f"{file}: {where}: expected a config preset name or path, got {base!r}")
     candidate = sweep_dir / base
     if candidate.is_file():
         return str(candidate)
     try:
         return str(resolve_path(base))
     except DwlabError as err:
-        raise DwlabError(f"{file}: base: {err}") from None
+        raise DwlabError(f"{file}: {where}: {err}") from None
 
 
 def _per_scale(raw: dict[str, Any], scale: str, where: str) -> dict[str, Any]:
