@@ -4,6 +4,7 @@ scored on the generated data's ``tune`` split, never on val::
     search:
       algorithm: tpe        # tpe: Optuna's TPE through Ray Tune's OptunaSearch | random: Ray Tune's
       seed: 0               # the search algorithm's seed
+      startup_trials: null  # tpe: trials sampled at random before TPE models (null: Optuna's 10)
       budget: {trials: 8}   # or {trial_epochs: 60}: epochs over all trials (needs a scheduler)
       scheduler: null       # or {asha: {grace_period: 3, reduction_factor: 3}}: stops weak trials
       trial_seed: 1000      # train.seed of every tuning trial (the final runs take the sweep's seeds)
@@ -73,6 +74,7 @@ class Budget(_Strict):
 class _Common(_Strict):
     algorithm: Literal["tpe", "random"] = "tpe"
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    startup_trials: int | None = Field(None, ge=1, le=10_000)
     budget: Budget | None = None
     scheduler: Scheduler | None = None
 
@@ -155,6 +157,7 @@ class MethodSearch:
     space: dict[str, Param]
     algorithm: str
     seed: int
+    startup_trials: int | None  # tpe: random trials before TPE models (None: Optuna's default)
     trials: int | None
     trial_epochs: int | None
     asha: Asha | None
@@ -181,7 +184,8 @@ class MethodSearch:
         trials, ASHA (grace 3, reduction 3: rungs at epochs 3, 9)"``."""
         budget = f"{self.trials} trials x {self.epochs} epochs" if self.trials else (
             f"{self.trial_epochs} trial-epochs of {self.epochs}-epoch trials")
-        text = f"{self.algorithm} seed {self.seed}, {budget}"
+        startup = f" (first {self.startup_trials} at random)" if self.startup_trials else ""
+        text = f"{self.algorithm}{startup} seed {self.seed}, {budget}"
         if self.asha:
             a = self.asha
             text += (f", ASHA (grace {a.grace_period}, reduction {a.reduction_factor:g}: rungs at epochs "
@@ -207,7 +211,7 @@ def apply_sampled(config: dict[str, Any], sampled: dict[str, Any]) -> Config:
 def trial_digest(search: MethodSearch) -> str:
     text = json.dumps({
         "config": to_dict(search.config), "space": {k: [p.kind, list(p.values)] for k, p in search.space.items()},
-        "algorithm": search.algorithm, "seed": search.seed, "trials": search.trials,
+        "algorithm": search.algorithm, "seed": search.seed, "startup_trials": search.startup_trials, "trials": search.trials,
         "trial_epochs": search.trial_epochs, "asha": search.asha.model_dump() if search.asha else None,
     }, sort_keys=True, default=str)  # fmt: skip
     return hashlib.sha256(text.encode()).hexdigest()
@@ -261,6 +265,8 @@ def _method(section: SearchSection, method: MethodSpec, where: str, ctx: Context
     if budget is None:
         raise DwlabError(f"{where}: no budget (give search.budget or {where.split(' ')[0]}.budget: {{trials: N}} or {{trial_epochs: N}})")
     asha = common["scheduler"].asha if common["scheduler"] else None
+    if common["startup_trials"] is not None and common["algorithm"] != "tpe":
+        raise DwlabError(f"{src['startup_trials']}: only for algorithm tpe (this search's is {common['algorithm']})")
     if budget.trial_epochs is not None and asha is None:
         raise DwlabError(f"{src['budget']}.trial_epochs: needs a scheduler (without one every trial trains all "
                          "its epochs: give budget.trials)")  # fmt: skip
@@ -270,7 +276,7 @@ def _method(section: SearchSection, method: MethodSpec, where: str, ctx: Context
         _check_rungs(asha, config, f"{src['scheduler']}.asha")
     search = MethodSearch(
         id=method.id, label=method.label, overrides=raw_set, space=space, algorithm=common["algorithm"],
-        seed=common["seed"], trials=budget.trials, trial_epochs=budget.trial_epochs, asha=asha, config=config,
+        seed=common["seed"], startup_trials=common["startup_trials"], trials=budget.trials, trial_epochs=budget.trial_epochs, asha=asha, config=config,
         run_root=ctx.runs_root / method.id / "tune", digest="",
     )  # fmt: skip
     return MethodSearch(**{**search.__dict__, "digest": trial_digest(search)})

@@ -1,8 +1,9 @@
 """The Ray Tune pieces of one method's search: its search algorithm and scheduler.
 
 - ``tpe``: Optuna's TPE through Ray Tune's ``OptunaSearch`` (seeded: ``TPESampler(seed=...)``,
-  Optuna's defaults of the pinned version), behind a ``ConcurrencyLimiter`` so that it sees
-  results before it suggests again; ``random``: Ray Tune's ``BasicVariantGenerator`` (seeded).
+  Optuna's defaults of the pinned version, which samples its first 10 trials at random unless
+  ``startup_trials`` says otherwise), behind a ``ConcurrencyLimiter`` so that it sees results
+  before it suggests again; ``random``: Ray Tune's ``BasicVariantGenerator`` (seeded).
 - ``asha``: Ray Tune's ``ASHAScheduler`` on the trials' ``epoch``, one bracket, never stopping
   a trial that reached its last epoch (``stop_last_trials=False``, so it ends normally).
 
@@ -125,9 +126,12 @@ def search_algorithm(search: MethodSearch, limit: int):
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # not a line per trial on the driver's console
+    seeding: dict[str, Any] = {"seed": search.seed}  # OptunaSearch builds TPESampler(seed=...)
+    if search.startup_trials is not None:
+        seeding = {"sampler": optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup_trials)}
     searcher = BudgetedOptuna(
-        space=OptunaSearch.convert_search_space(space), metric=SCORE, mode="max", seed=search.seed,
-        epochs=search.epochs, budget_epochs=search.trial_epochs,
+        space=OptunaSearch.convert_search_space(space), metric=SCORE, mode="max", epochs=search.epochs,
+        budget_epochs=search.trial_epochs, **seeding,
     )  # fmt: skip
     return ConcurrencyLimiter(searcher, max_concurrent=limit), {}
 

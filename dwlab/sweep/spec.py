@@ -636,10 +636,11 @@ def describe_searches(plan: Plan) -> list[str]:
         lines.append(f"{search.id}: {search.describe()}")
         lines += [f"  {key}: {param}" for key, param in search.space.items()]
         lines.append("  its trials: " + " ".join(f"{k}={_fmt_value(v)}" for k, v in diff.items()))
-    roles = f"{DEFAULTS} and {TUNED}" if plan.search_defaults else TUNED
+    roles = [DEFAULTS, TUNED] if plan.search_defaults else [TUNED]
     lines.append(
-        f"phase 2: per method, {roles} x seeds {', '.join(map(str, plan.seeds))} = {n_final} runs scored on val, "
-        f"in {plan.runs_dir / plan.name}/<method>.<{'|'.join(roles.split(' and '))}>/seed<k>"
+        f"phase 2: per method, {' and '.join(roles)} at seeds {', '.join(map(str, plan.seeds))}: "
+        f"{n_final * len(plan.searches)} runs scored on val, in {plan.runs_dir / plan.name}/<method>."
+        + (f"{{{','.join(roles)}}}" if len(roles) > 1 else roles[0]) + "/seed<k>"
     )
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return lines
