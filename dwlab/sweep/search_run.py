@@ -122,14 +122,16 @@ def _drop_checkpoints(trial: Trial) -> None:
 
 def run_searches(plan: Plan, tracker: SweepTracker, outcome: Outcome, console: Console, ray_session: RaySession,
                  *, max_concurrent: int | None, resume: bool) -> None:  # fmt: skip
-    """Phase 1 (each method's search), then phase 2 (the final runs); see the module doc."""
+    """Phase 1 (each method's search), then phase 2 (the final runs); see the module doc. The
+    parent run is opened when something runs (an interrupted invocation's, with ``resume``)."""
     states = tracker.search_states(resume=resume)
     reuse = tracker.unfinished_parent() if resume else None
     tracker.close_parents({reuse} if reuse else set())
     todo = [s for s in plan.searches if not states[s.id].finished]
-    prepare_all([_as_trial(s) for s in todo], console)
-    ray_session.start()  # before any run is opened: a bad --address writes nothing
-    tracker.start_parent(reuse, sum(s.max_trials for s in todo), len(plan.searches) - len(todo))
+    if todo:
+        prepare_all([_as_trial(s) for s in todo], console)
+        ray_session.start()  # before any run is opened: a bad --address writes nothing
+        tracker.start_parent(reuse, sum(s.max_trials for s in todo), len(plan.searches) - len(todo))
     summaries: dict[str, SearchSummary] = {}
     status = "KILLED"
     try:
@@ -138,14 +140,25 @@ def run_searches(plan: Plan, tracker: SweepTracker, outcome: Outcome, console: C
                                                max_concurrent=max_concurrent, resume=resume)  # fmt: skip
         status = "FINISHED"
     finally:
-        if status == "KILLED":
+        if status == "KILLED" and tracker.parent_id is not None:
             tracker.end_parent("KILLED", {"finished": len(outcome.finished), "failed": len(outcome.failed)})
     outcome.searches = {k: s.chosen for k, s in summaries.items()}
     for key, summary in summaries.items():
         if summary.chosen is None:
             outcome.failed[f"search {key}"] = "no tuning trial completed: nothing chosen"
-    trials = _final_trials(plan, summaries)
+    _final_phase(plan, _final_trials(plan, summaries), reuse, tracker, outcome, console, ray_session,
+                 max_concurrent=max_concurrent, resume=resume)  # fmt: skip
+
+
+def _final_phase(plan: Plan, trials: list[Trial], reuse: str | None, tracker: SweepTracker, outcome: Outcome,
+                 console: Console, ray_session: RaySession, *, max_concurrent: int | None, resume: bool) -> None:  # fmt: skip
+    """Phase 2 under the parent run of phase 1, or (no search ran) the interrupted one's or a new one."""
     existing = tracker.reconcile(resume=resume, trials=trials, parents=False)
+    if tracker.parent_id is None and any(not existing[t.key].finished for t in trials):
+        ray_session.start()
+        tracker.start_parent(reuse, len(trials), 0)
+    elif tracker.parent_id is None and reuse is not None:  # nothing left to run for the interrupted one
+        tracker.close(reuse, "KILLED", "sweep driver was interrupted")
     console.print(f"sweep {plan.name}: the final runs, scored on val")
     run_grid(plan, trials, existing, tracker, outcome, console, ray_session, max_concurrent=max_concurrent,
              resume=resume, parent=tracker.parent_id)  # fmt: skip
@@ -174,11 +187,12 @@ def _one_search(plan: Plan, search: MethodSearch, state: SearchState, tracker: S
                 console: Console, *, max_concurrent: int | None, resume: bool) -> SearchSummary:  # fmt: skip
     """One method's search (or its earlier FINISHED run's choice)."""
     if state.finished:
-        console.print(f"search {search.id}: already FINISHED with the same search, chose {_values(state.chosen)}")
+        console.print(f"search {search.id}: already FINISHED with the same search, chose {_values(state.chosen)}",
+                      soft_wrap=True)  # fmt: skip
         return SearchSummary(state.chosen, state.run_id, state.score)
     run_id = tracker.start_search(search, state.run_id)
     limit = concurrency(plan, search.max_trials, max_concurrent, console)
-    console.print(f"search {search.id}: {search.describe()}, {limit} at a time, scored on the tune split")
+    console.print(f"search {search.id}: {search.describe()}, {limit} at a time, scored on the tune split", soft_wrap=True)
     progress = SweepProgress([], console, title=f"search {search.id}", expected=search.trials, epochs=search.epochs)
     callback = SearchCallback(tracker, search, run_id, progress, outcome, plan.resources.workers)
     restored = resume and state.run_id is not None
@@ -196,7 +210,7 @@ def _one_search(plan: Plan, search: MethodSearch, state: SearchState, tracker: S
         _close_search(tracker, search, run_id, callback, status, summary)
     console.print(f"search {search.id}: " + (f"chose {_values(summary.chosen)} (AP {100 * summary.score:.1f} on the "
                   f"tune split)" if summary.chosen is not None else "no trial completed: nothing chosen")
-                  + " | " + ", ".join(f"{n} {k}" for k, n in summary.counts.items()))  # fmt: skip
+                  + " | " + ", ".join(f"{n} {k}" for k, n in summary.counts.items()), soft_wrap=True)  # fmt: skip
     return summary
 
 
@@ -206,7 +220,7 @@ def _tuner(plan: Plan, search: MethodSearch, limit: int, callback: SearchCallbac
     path = plan.runs_dir / "_ray" / f"{plan.name}.search.{search.id}"
     if restore and tune.Tuner.can_restore(str(path)):
         LIVE[search.id] = callback
-        console.print(f"search {search.id}: resuming Ray Tune's saved state ({path})")
+        console.print(f"search {search.id}: resuming Ray Tune's saved state ({path})", soft_wrap=True)
         return tune.Tuner.restore(str(path), trainable(plan), resume_unfinished=True, resume_errored=False,
                                   restart_errored=False)  # fmt: skip
     shutil.rmtree(path, ignore_errors=True)  # a new search: nothing of an earlier one

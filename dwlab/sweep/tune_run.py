@@ -409,7 +409,7 @@ def run_grid(
         console.print(f"{len(outcome.skipped)} trial(s) already FINISHED with the same config: skipped")
     if not todo:
         console.print(f"sweep {plan.name}: nothing to run")
-        if parent is not None:
+        if parent is not None:  # a search sweep's, whose searches ran
             tracker.end_parent("FAILED" if outcome.failed else "FINISHED", {"finished": 0, "failed": len(outcome.failed), "killed": 0})
         return
     prepare_all(todo, console)
