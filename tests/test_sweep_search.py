@@ -161,36 +161,40 @@ def test_a_search_nests_its_trials_scores_on_tune_then_trains_the_choice_and_is_
 
 
 def test_asha_stops_weak_trials_failures_end_and_optuna_learns_each_as_it_ended(in_store):
-    """TPE + ASHA on a trial-epochs budget, one trial at a time; lr 1e6 diverges at once."""
-    space = {"train.lr": {"choice": [0.004, 0.00002, 1000000.0]}}
+    """TPE + ASHA on a trial-epochs budget, one trial at a time. Two knobs make the outcomes
+    certain: score threshold 0.99 leaves an untrained detector no detection (AP 0: weak), lr 1e6
+    diverges at once (failed). TPE's seed 6 draws, at random before it models: strong, weak,
+    diverging, diverging, strong, weak (tests/test_sweep_search_spec's searcher, same draws)."""
+    space = {"eval.score_thresh": {"choice": [0.0, 0.99]}, "train.lr": {"choice": [0.004, 1000000.0]}}
     search = {"budget": {"trial_epochs": 12}, "scheduler": {"asha": {"grace_period": 1, "reduction_factor": 2}},
-              "defaults": False, "methods": [{"id": "fcos", "set": {"assigner.name": "fcos"}, "space": space}]}  # fmt: skip
+              "seed": 6, "defaults": False,
+              "methods": [{"id": "fcos", "set": {"assigner.name": "fcos"}, "space": space}]}  # fmt: skip
     f = search_file(in_store, "asha", search, epochs=4, max_retries=0)
     result = run_cli("sweep", str(f), "--max-concurrent", "1")
     assert result.exit_code == 0, result.output
     trials = runs_of(in_store, "asha", "tune_trial")
-    ended = {t.data.tags["dwlab.ray_trial_id"]: t for t in trials}
+    sampled = [json.loads(t.data.tags["dwlab.point_overrides"]) for t in trials]
     outcomes = [t.data.tags["dwlab.tune_outcome"] for t in trials]
-    assert {"complete", "stopped", "failed"} <= set(outcomes), outcomes
-    spent = [max(t.data.metrics.get("epochs_trained", 0), 1) for t in trials]
+    expected = {(0.0, 0.004): "complete", (0.99, 0.004): "stopped", (0.0, 1e6): "failed", (0.99, 1e6): "failed"}
+    assert outcomes == [expected[(p["eval.score_thresh"], p["train.lr"])] for p in sampled]
+    assert outcomes[:2] == ["complete", "stopped"] and "failed" in outcomes
+    spent = [max(int(t.data.metrics.get("epochs_trained", 0)), 1) for t in trials]
     assert sum(spent) >= 12 and sum(spent[:-1]) < 12  # the last trial started below the budget
-    assert "STOPPED by the scheduler after epoch" in result.stdout and "FAILED: NonFiniteLoss" in result.stdout
+    assert "STOPPED by the scheduler after epoch 1/4, AP 0.0" in result.stdout
+    assert "FAILED: NonFiniteLoss" in result.stdout
+
     S = optuna.trial.TrialState
     told = {"complete": S.COMPLETE, "stopped": S.PRUNED, "failed": S.FAIL}
     study = optuna_trials(in_store, "asha.search.fcos")
-    assert len(study) == len(trials) and not [t for t in study if t.state == S.RUNNING]
-    lrs = {t.params["space/train.lr"] for t in study}
-    by_lr = {}
-    for t in trials:
-        by_lr.setdefault((json.loads(t.data.tags["dwlab.point_overrides"])["train.lr"], told[t.data.tags["dwlab.tune_outcome"]]), []).append(t)
-    for t in study:  # each Optuna trial was told what its Tune trial really was
-        assert (t.params["space/train.lr"], t.state) in by_lr, (t.params, t.state)
-        if t.state == S.COMPLETE:
-            assert t.value in [r.data.metrics["AP"] for r in by_lr[(t.params["space/train.lr"], t.state)]]
-    assert 1000000.0 in lrs
+    assert len(study) == len(trials) and not [t for t in study if t.state == S.RUNNING]  # none left pending
+    for ot, run, ended in zip(study, trials, outcomes):  # each told what its Tune trial really was
+        assert {k.removeprefix("space/"): v for k, v in ot.params.items()} == json.loads(run.data.tags["dwlab.point_overrides"])
+        assert ot.state == told[ended]
+        assert ot.value == (run.data.metrics["AP"] if ended != "failed" else None)  # a stopped one: its AP when stopped
+        evaluated = {"complete": [1, 2, 3, 4], "stopped": [1], "failed": []}[ended]  # each epoch evaluates
+        assert sorted(ot.intermediate_values) == evaluated
     chosen = json.loads(runs_of(in_store, "asha", "search")[0].data.tags["dwlab.chosen"])
-    complete = [t for t in ended.values() if t.data.tags["dwlab.tune_outcome"] == "complete"]
-    assert chosen == json.loads(max(complete, key=lambda t: t.data.metrics["AP"]).data.tags["dwlab.point_overrides"])
+    assert chosen == {"eval.score_thresh": 0.0, "train.lr": 0.004}  # never a stopped or failed trial's
     tuned, = runs_of(in_store, "asha", "trial")  # defaults: false
     assert tuned.data.tags["dwlab.point"] == "fcos.tuned" and tuned.info.status == "FINISHED"
 

@@ -209,14 +209,14 @@ def test_a_stopped_trial_is_pruned_a_failed_or_nan_one_failed_a_full_one_complet
         assert "x" in searcher.suggest(trial_id)["space"]
     searcher.on_trial_result("a", {"epoch": 1, "score": 0.2, "scored": True})
     searcher.on_trial_result("a", {"epoch": 2, "score": 0.2, "scored": False})  # stale: not an intermediate value
-    searcher.on_trial_complete("a", {"epoch": 2, "score": 0.2})  # stopped by ASHA after epoch 2
+    searcher.on_trial_complete("a", {"epoch": 2, "score": 0.25, "scored": True})  # ASHA stopped it at this result
     searcher.on_trial_complete("b", {"epoch": 4, "score": 0.3, "final": True})
     searcher.on_trial_complete("c", {"epoch": 4, "score": math.nan})
     searcher.on_trial_complete("d", {"epoch": 1, "score": 0.1}, error=True)
     searcher.on_trial_complete("e", None)
     states = {t.number: (t.state, t.value, t.intermediate_values) for t in searcher._ot_study.trials}
     S = optuna.trial.TrialState
-    assert states == {0: (S.PRUNED, 0.2, {1: 0.2}), 1: (S.COMPLETE, 0.3, {}), 2: (S.FAIL, None, {}),
+    assert states == {0: (S.PRUNED, 0.25, {1: 0.2, 2: 0.25}), 1: (S.COMPLETE, 0.3, {}), 2: (S.FAIL, None, {}),
                       3: (S.FAIL, None, {}), 4: (S.FAIL, None, {})}  # fmt: skip
     assert not [t for t in searcher._ot_study.trials if t.state == S.RUNNING]  # none left pending
 

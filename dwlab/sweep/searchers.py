@@ -104,18 +104,24 @@ class BudgetedOptuna(OptunaSearch):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.ledger.result(trial_id, result)
-        score = result.get(SCORE)
-        if result.get(SCORED) and trial_id in self._ot_trials and trial_id not in self._completed_trials:
-            if isinstance(score, (int, float)) and math.isfinite(score):
-                self._ot_trials[trial_id].report(float(score), int(result["epoch"]))
+        self._intermediate(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.ledger.ended(trial_id, result)
         ended = outcome(result, error, self.epochs)
+        if ended == STOPPED:  # Tune hands the result that stopped a trial to on_trial_complete only
+            self._intermediate(trial_id, result)
         if ended == COMPLETE:  # OptunaSearch tells COMPLETE with the metric's value
             super().on_trial_complete(trial_id, {self.metric: float(result[SCORE])}, False)
         else:  # no value: OptunaSearch tells PRUNED, or FAIL with error
             super().on_trial_complete(trial_id, None, ended == FAILED)
+
+    def _intermediate(self, trial_id: str, result: dict) -> None:
+        """An evaluated epoch's score as the Optuna trial's intermediate value at that epoch."""
+        score = result.get(SCORE)
+        if result.get(SCORED) and trial_id in self._ot_trials and trial_id not in self._completed_trials:
+            if isinstance(score, (int, float)) and math.isfinite(score):
+                self._ot_trials[trial_id].report(float(score), int(result["epoch"]))
 
 
 def search_algorithm(search: MethodSearch, limit: int):
