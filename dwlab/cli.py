@@ -164,7 +164,9 @@ def sweep(
     dry_run: Annotated[bool, typer.Option(help="Print the expanded trials and their config differences; run nothing.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where trial run directories and Ray's results go.")] = Path("runs/sweeps"),
 ) -> None:
-    """Run a sweep file's trials (one per point and seed) on Ray Tune, tracked in MLflow."""
+    """Run a sweep file's trials (one per point and seed) on Ray Tune, tracked in MLflow; for a
+    sweep file with a search: each method's search (scored on the tune split), then the final
+    runs of the chosen values (scored on val)."""
     from dwlab.sweep.spec import describe, load_plan
 
     if max_concurrent is not None and max_concurrent < 1:

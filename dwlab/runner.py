@@ -74,12 +74,13 @@ class RunResult:
 
 
 def data_paths(cfg: DataConfig) -> tuple[Path, Path, Path, Path]:
-    """(train_ann, train_images, val_ann, val_images); the embedded dataset when root is null."""
+    """(train_ann, train_images, val_ann, val_images); the embedded dataset when root is null
+    (with its tune split when ``val_ann`` names it: a search's trials score there)."""
     if cfg.root is None:
-        from dwlab.data.synth import default_dataset
+        from dwlab.data.synth import default_dataset, tune_names, tune_split
 
         check_generated_names(cfg)
-        root = default_dataset(cfg.synth)
+        root = tune_split(cfg.synth) if cfg.val_ann == tune_names()["val_ann"] else default_dataset(cfg.synth)
     else:
         root = Path(cfg.root)
         if not root.is_dir():
@@ -89,13 +90,14 @@ def data_paths(cfg: DataConfig) -> tuple[Path, Path, Path, Path]:
 
 def check_generated_names(cfg: DataConfig) -> None:
     """With ``data.root`` null, the file names must be the generated dataset's (either split's:
-    evaluating on the train images is allowed); checked before anything is generated."""
-    from dwlab.data.synth import data_names
+    evaluating on the train images is allowed; a search's trials evaluate on the tune split);
+    checked before anything is generated."""
+    from dwlab.data.synth import data_names, tune_names
 
-    own = data_names()
+    own, tune = data_names(), tune_names()
     for key in own:
         kind = ("train_ann", "val_ann") if key.endswith("_ann") else ("train_images", "val_images")
-        allowed = sorted({own[k] for k in kind})
+        allowed = sorted({own[k] for k in kind} | ({tune[key]} if key in tune else set()))
         if getattr(cfg, key) not in allowed:
             fix = " ".join(f"data.{k}={v}" for k, v in own.items())
             raise DwlabError(

@@ -4,7 +4,9 @@ renames it on both sides.
 
 Layout of a sweep in the store (see ``dwlab.sweep.tracking``): one experiment per sweep; one
 parent run per ``dwlab sweep`` invocation (``Tag.KIND = SWEEP``); one nested run per
-(point, seed) (``Tag.KIND = TRIAL``). A reader sees a tag ``t`` of a run as the pandas
+(point, seed) (``Tag.KIND = TRIAL``). A search sweep adds, under the parent, one run per
+method's search (``SEARCH``) with one nested run per tuning trial (``TUNE_TRIAL``); its final
+runs are TRIAL runs with a ``Tag.ROLE``. A reader sees a tag ``t`` of a run as the pandas
 column ``column(t)`` (MLflow's ``tags.<name>`` convention).
 """
 
@@ -61,6 +63,18 @@ class Tag:
     ERROR = "dwlab.error"
     LAST_ERROR = "dwlab.last_error"
     CLOSED_REASON = "dwlab.closed_reason"
+    # a search sweep: its search runs, their tuning trials and its final runs
+    SEARCH = "dwlab.search"  # the method's id in the sweep file (search, tuning trial and final runs)
+    SEARCH_HASH = "dwlab.search_hash"  # search runs: what makes two searches the same one
+    SEARCH_DESC = "dwlab.search_desc"  # algorithm, seed, budget, scheduler in words
+    SEARCH_SPACE = "dwlab.search_space"  # the keys and their ranges (json)
+    SEARCH_RUN = "dwlab.search_run"  # final tuned runs: the search run that chose their values
+    CHOSEN = "dwlab.chosen"  # the chosen values (json): search runs and final tuned runs
+    CHOSEN_TRIAL = "dwlab.chosen_trial"  # search runs: the tuning trial whose values were chosen
+    TUNE_SCORE = "dwlab.tune_score"  # final tuned runs: the chosen trial's AP on the tune split
+    RAY_TRIAL_ID = "dwlab.ray_trial_id"  # tuning trials: Ray Tune's trial id (stable on restore)
+    TUNE_OUTCOME = "dwlab.tune_outcome"  # tuning trials: complete, stopped (by the scheduler), failed, lost
+    ROLE = "dwlab.role"  # final runs of a search sweep: defaults or tuned
 
 
 #: MLflow 3 opens an experiment on the view its kind names (the GenAI "Traces" page when unset)
@@ -69,10 +83,13 @@ EXPERIMENT_KIND = "custom_model_development"  # the "Model training" view: runs,
 
 TRIAL = "trial"  # values of Tag.KIND
 SWEEP = "sweep"
+SEARCH = "search"
+TUNE_TRIAL = "tune_trial"
+ROLE_DEFAULTS, ROLE_TUNED = "defaults", "tuned"  # values of Tag.ROLE
 
 
 def kind_filter(kind: str) -> str:
-    """The ``search_runs`` filter for runs of ``kind`` (TRIAL or SWEEP)."""
+    """The ``search_runs`` filter for runs of ``kind`` (TRIAL, SWEEP, SEARCH or TUNE_TRIAL)."""
     return f"tags.`{Tag.KIND}` = '{kind}'"
 
 

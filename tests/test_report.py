@@ -394,3 +394,65 @@ def test_table7_layout_six_metrics_per_backbone_block(report):
     frame = pd.read_csv(report.out / "table7.csv")
     row = frame[frame["label"] == "DW, ResNet-101 (ours: dw)"].iloc[0]
     assert (row["method"], row["backbone"], row["APs_paper"], row["APl_paper"]) == ("DW", "ResNet-101", 27.1, 58.5)
+
+
+
+def test_tuned_columns_come_from_search_sweeps_final_runs_never_rows_the_latest_search_per_method(tmp_path):
+    """Table 6 from a grid sweep plus two search sweeps' final runs (role-tagged): they fill the
+    tuned columns of their method's row, are not pooled into its AP, and every search is listed."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+
+    def sweep(name, points):  # points: (point, overrides, extra tags, [(seed, AP)])
+        exp_id = client.create_experiment(name, tags={"dwlab.table": "table6"})
+        parent = client.create_run(exp_id, tags={"dwlab.kind": "sweep"}).info.run_id
+        for point, overrides, tags, seeds in points:
+            for seed, ap in seeds:
+                _trial(client, exp_id, parent, "table6", point, overrides, seed, "FINISHED", (ap, ap, ap))
+                run = client.search_runs([exp_id], f"tags.`dwlab.point` = '{point}' and tags.`dwlab.seed` = '{seed}'")[0]
+                for k, v in tags.items():
+                    client.set_tag(run.info.run_id, k, v)
+
+    def role(role, search_run, chosen, desc):
+        tags = {"dwlab.role": role, "dwlab.search": "fcos" if "fcos" in search_run else "dw", "dwlab.search_desc": desc}
+        if role == "tuned":
+            tags.update({"dwlab.search_run": search_run, "dwlab.chosen": json.dumps(chosen), "dwlab.tune_score": "0.33"})
+        return tags
+
+    fcos, dw = {"assigner.name": "fcos"}, {"assigner.name": "dw"}
+    sweep("table6", [("fcos", fcos, {}, [(0, 0.30), (1, 0.31)]), ("dw", dw, {}, [(0, 0.40), (1, 0.42)])])
+    early = {"assigner.fcos.center_radius": 2.0}
+    sweep("tune-a", [("fcos.tuned", {**fcos, **early}, role("tuned", "fcosA", early, "tpe seed 0, 8 trials x 3 epochs"),
+                      [(0, 0.34), (1, 0.36)])])  # fmt: skip
+    late, beta = {"assigner.fcos.center_radius": 1.0}, {"assigner.dw.beta": 3.0}
+    sweep("tune-b", [
+        ("fcos.tuned", {**fcos, **late}, role("tuned", "fcosB", late, "random seed 1, 24 trial-epochs"), [(0, 0.31), (1, 0.31)]),
+        ("dw.defaults", dw, role("defaults", "dwB", None, "tpe seed 0"), [(0, 0.40), (1, 0.41)]),
+        ("dw.tuned", {**dw, **beta}, role("tuned", "dwB", beta, "tpe seed 0"), [(0, 0.41), (1, 0.42)]),
+    ])  # fmt: skip
+    build_report(None, tmp_path / "out", tracking_uri=uri)
+    md = (tmp_path / "out" / "table6.md").read_text()
+    assert "| tuned values | AP at defaults | AP tuned | tuned - defaults |" in md
+    # fcos: the latest search (tune-b); no defaults runs there: the row's own AP (30.5 ± 0.7);
+    # 31.0 - 30.5 = +0.5 < 2 * sqrt((0 + 0.5) / 2) = 1.0: noise
+    cells = _line(md, "FCOS (ours: fcos)")
+    assert cells[1] == "30.5 ± 0.7 (n=2)"  # its AP: the grid's runs only
+    assert cells[-4:] == ["center_radius=1", "30.5 ± 0.7 (n=2)", "31.0 ± 0.0 (n=2)", "+0.5 (noise)"]
+    # dw: its defaults runs (40.5 ± 0.7) against tuned 41.5 ± 0.7: +1.0 < 1.41, noise
+    cells = _line(md, "DW (ours: dw)")
+    assert cells[1] == "41.0 ± 1.4 (n=2)"
+    assert cells[-4:] == ["beta=3", "40.5 ± 0.7 (n=2)", "41.5 ± 0.7 (n=2)", "+1.0 (noise)"]
+    assert "fcos.tuned" not in md.split("**Tuned**")[0] and "dw.defaults" not in md.split("**Tuned**")[0]
+    listed = [ln for ln in md.splitlines() if ln.startswith("- fcos in sweep") or ln.startswith("- dw in sweep")]
+    assert listed == [
+        "- fcos in sweep tune-a: tpe seed 0, 8 trials x 3 epochs; chose assigner.fcos.center_radius=2 (AP 33.0 on "
+        "the tune split); on val tuned 35.0 ± 1.4 (n=2), at defaults the table's own runs.",
+        "- fcos in sweep tune-b: random seed 1, 24 trial-epochs; chose assigner.fcos.center_radius=1 (AP 33.0 on the "
+        "tune split); on val tuned 31.0 ± 0.0 (n=2), at defaults the table's own runs.",
+        "- dw in sweep tune-b: tpe seed 0; chose assigner.dw.beta=3 (AP 33.0 on the tune split); on val tuned "
+        "41.5 ± 0.7 (n=2), at defaults 40.5 ± 0.7 (n=2).",
+    ]
+    header = (tmp_path / "out" / "table6.csv").read_text().splitlines()[0]
+    assert header.endswith("tuned_values,AP_defaults_mean,AP_defaults_std,AP_defaults_n,AP_tuned_mean,AP_tuned_std,"
+                           "AP_tuned_n,tuned_gap,tuned_significant,tuned_search")  # fmt: skip
+    assert "2 method(s) tuned by a search" in (tmp_path / "out" / "README.md").read_text()

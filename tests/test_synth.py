@@ -209,3 +209,31 @@ def test_another_datasets_file_names_without_a_root_are_one_line_before_generati
                                   "data.synth.n_train=4", "data.synth.n_val=2", "data.synth.image_size=48"]).data
     assert data_paths(small)[2:] == (tmp_path / "synth-n4-v2-s0-48" / "instances_train.json",
                                      tmp_path / "synth-n4-v2-s0-48" / "train")  # either split's names
+
+
+def test_the_tune_split_is_its_own_stream_as_large_as_val_made_once_beside_it(tmp_path, monkeypatch):
+    from dwlab.config import load_config
+    from dwlab.runner import data_paths
+
+    monkeypatch.setenv("DWLAB_CACHE", str(tmp_path))
+    path = synth.default_dataset(CFG)
+    before = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
+    assert synth.tune_split(CFG) == path
+    ann, images = synth.split_files("tune")
+    tune = COCO(str(path / ann))
+    assert len(tune.getImgIds()) == CFG.n_val  # as large as val
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    assert digest(path / images / "000001.png") != digest(path / "val" / "000001.png")  # not val's images
+    pixels, _ = synth.render(CFG.seed, synth.TUNE_STREAM, 0, CFG.image_size)  # its own stream
+    assert np.array_equal(np.asarray(Image.open(path / images / "000001.png")), pixels)
+    assert {p.name: p.stat().st_mtime_ns for p in path.iterdir() if p.name != images} == before  # train, val untouched
+    assert [p.name for p in (path / images).iterdir() if ".tmp-" in p.name] == []
+    stamp = (path / ann).stat().st_mtime_ns
+    assert synth.tune_split(CFG) == path and (path / ann).stat().st_mtime_ns == stamp  # cached
+    other = tmp_path / "again"
+    monkeypatch.setenv("DWLAB_CACHE", str(other))
+    assert digest(synth.tune_split(CFG) / ann) == digest(path / ann)  # deterministic
+    # a config that evaluates on the tune split finds (or makes) it through data_paths
+    cfg = load_config("smoke", {"data.synth.n_train": 4, "data.synth.n_val": 2, "data.synth.image_size": 48,
+                                **{f"data.{k}": v for k, v in synth.tune_names().items()}})
+    assert data_paths(cfg.data)[2:] == (other / path.name / ann, other / path.name / images)

@@ -14,6 +14,10 @@ Annotations are real COCO: ``bbox`` is the box of the whole shape (occluded part
 less than 20% visible is dropped. Category ids are deliberately not contiguous (1, 3, 5, ...).
 Everything comes from numpy Generators seeded from ``(seed, split, image index)``: the same seed
 gives the same files, and train and val are different streams.
+
+A third split, ``tune``, is made on demand (``tune_split``) beside train and val: as many images
+as val, from a stream of its own (``TUNE_STREAM``). A sweep's search scores its trials on it, so
+that tuning never sees the val set the tables report.
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ CATEGORIES = [  # (COCO id, name); ids are not contiguous on purpose
     (9, "cross"),
     (11, "ring"),
 ]
-SPLITS = {"train": 0, "val": 1}
+SPLITS = {"train": 0, "val": 1}  # the splits every generated dataset has
 PRETRAIN_STREAM = 2  # the images a domain-pretrained backbone learns from (dwlab.pretrain)
+TUNE_SPLIT, TUNE_STREAM = "tune", 3  # the held-out split a search scores its trials on (tune_split)
+STREAMS = {**SPLITS, TUNE_SPLIT: TUNE_STREAM}
 MIN_SIZE = 8.0  # px, longer box side of the smallest object
 MAX_SIZE_FRAC = 0.7  # of the longer image side
 MAX_OBJECTS = 8
@@ -81,7 +87,10 @@ def generate(
 
 
 def split_files(split: str) -> tuple[str, str]:
-    """(annotation file, image folder) of a split, relative to the generated dataset's folder."""
+    """(annotation file, image folder) of a split, relative to the generated dataset's folder.
+    The tune split keeps its annotations inside its folder, so that it appears in one rename."""
+    if split == TUNE_SPLIT:
+        return f"{TUNE_SPLIT}/instances_{TUNE_SPLIT}.json", TUNE_SPLIT
     return f"instances_{split}.json", split
 
 
@@ -89,6 +98,12 @@ def data_names() -> dict[str, str]:
     """The generated dataset's file names as ``data.*`` config keys."""
     (train_ann, train_images), (val_ann, val_images) = split_files("train"), split_files("val")
     return {"train_ann": train_ann, "train_images": train_images, "val_ann": val_ann, "val_images": val_images}
+
+
+def tune_names() -> dict[str, str]:
+    """The ``data.val_*`` config keys that score on the tune split instead of val."""
+    ann, images = split_files(TUNE_SPLIT)
+    return {"val_ann": ann, "val_images": images}
 
 
 def render_processes(n: int, image_size: int) -> int:
@@ -139,6 +154,30 @@ def default_dataset(cfg: SynthConfig) -> Path:
     return target
 
 
+def tune_split(cfg: SynthConfig) -> Path:
+    """The cached embedded dataset (``default_dataset``) with its ``tune`` split: ``cfg.n_val``
+    images from ``TUNE_STREAM``, generated on first use into a temp folder that is renamed into
+    place (absent or complete; when two processes race, the loser discards its copy)."""
+    target = default_dataset(cfg)
+    ann_file, image_dir = split_files(TUNE_SPLIT)
+    if (target / ann_file).is_file():
+        return target
+    _remove_stale_temps(target, image_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{image_dir}.tmp-", dir=target))
+    try:
+        workers = render_processes(cfg.n_val, cfg.image_size)
+        coco = _write_split(tmp, TUNE_SPLIT, cfg.n_val, cfg.seed, cfg.image_size, workers)
+        (tmp / Path(ann_file).name).write_text(json.dumps(coco))
+        try:
+            os.replace(tmp, target / image_dir)
+        except OSError as err:  # lost the race: the split exists (and is complete)
+            if not (target / ann_file).is_file():
+                raise DwlabError(f"cannot place the tune split at {target / image_dir} ({err}); remove it and retry") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def _is_complete(path: Path) -> bool:
     return all((path / split_files(split)[0]).is_file() for split in SPLITS)
 
@@ -161,7 +200,7 @@ def _rng(seed: int, *keys: int) -> np.random.Generator:
 
 
 def render(seed: int, stream: int, index: int, size: int) -> tuple[np.ndarray, list]:
-    """Image ``index`` of a stream (``SPLITS`` values, or ``PRETRAIN_STREAM``), never empty:
+    """Image ``index`` of a stream (``STREAMS`` values, or ``PRETRAIN_STREAM``), never empty:
     (uint8 HxWx3 pixels, [(bbox xywh, area, category id), ...])."""
     return _render_image(_rng(seed, stream, index), size, empty=False)
 
@@ -170,7 +209,7 @@ def _write_split(image_dir: Path, split: str, n: int, seed: int, size: int, work
     """Render ``n`` images into ``image_dir`` and return the COCO dict. Images are rendered by
     ``workers`` processes; each is seeded by its index and the dict is built in index order,
     so the files do not depend on the pool."""
-    split_id = SPLITS[split]
+    split_id = STREAMS[split]
     image_dir.mkdir(parents=True, exist_ok=True)
     n_empty = int(round(EMPTY_FRAC * n))
     empty = set(_rng(seed, split_id).choice(n, size=n_empty, replace=False).tolist())

@@ -13,6 +13,7 @@ from dwlab import paper
 from dwlab.errors import DwlabError
 from dwlab.store import Tag, column
 from dwlab.report import claims, figures, load
+from dwlab.report.tuned import split_roles
 from dwlab.report.tables import SPECS, TableResult, aggregate, build_table, csv_frame, run_labels
 
 
@@ -42,6 +43,10 @@ def table_reading(t: TableResult) -> str:
                  f"{' / '.join(agr['paper_best'])} at {agr['paper_best_ap']:.1f}")
         text += f"; Kendall tau {_number_or_na(agr['tau'], '.2f')} over {agr['n_tau']} points"
         text += f"; {len(agr['within_noise'])} point(s) within seed noise of the best"
+    tuned = t.rows[t.rows["tuned_values"].notna()].drop_duplicates("label")
+    if len(tuned):
+        gaps = ", ".join(f"{r['label']} {r['tuned_gap']:+.1f}" for _, r in tuned.iterrows() if not math.isnan(r["tuned_gap"]))
+        text += f"; {len(tuned)} method(s) tuned by a search (tuned - defaults: {gaps or 'n/a'})"
     return text + "."
 
 
@@ -101,13 +106,10 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
             f"({', '.join(SPECS)}); {Tag.TABLE} tags found: {', '.join(map(str, found)) or 'none'}"
         )
     out.mkdir(parents=True, exist_ok=True)
-    agg = aggregate(runs[runs[column(Tag.TABLE)].isin(known)])
+    rows_runs = split_roles(runs)[0]  # a search sweep's final runs are columns, not rows
+    agg = aggregate(rows_runs[rows_runs[column(Tag.TABLE)].isin(known)])
     report = Report(out, uri, {})
-    for tag in found:
-        if tag not in SPECS:
-            n = int((runs[column(Tag.TABLE)] == tag).sum())
-            why = "their sweep names no table" if tag == "" else f"tagged {Tag.TABLE}={tag!r}, not a paper table"
-            report.skipped.append(f"{n} trial run(s) in no table: {why}")
+    report.skipped += _untabled(runs, found)
     for name in known:
         t = build_table(SPECS[name], agg, runs)
         report.tables[name] = t
@@ -137,7 +139,7 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
     )))
     for name in report.tables:
         _weight_map_figure(name, runs, client, out, report)
-    _write_reproduction(report, runs)
+    _write_reproduction(report, rows_runs)
     readme = out / "README.md"
     readme.write_text(render_index(report, experiments))
     report.files.append(readme)
@@ -154,6 +156,17 @@ def _write_reproduction(report: Report, runs: pd.DataFrame) -> None:
         f"the paper's {len(verdicts)} claims, each with a verdict: "
         + ", ".join(f"{verdicts.count(v)} {v}" for v in dict.fromkeys(verdicts))
     )))
+
+
+def _untabled(runs: pd.DataFrame, found: list[str]) -> list[str]:
+    """A line per ``dwlab.table`` tag of the runs that names no table this report knows."""
+    out = []
+    for tag in found:
+        if tag not in SPECS:
+            n = int((runs[column(Tag.TABLE)] == tag).sum())
+            why = "their sweep names no table" if tag == "" else f"tagged {Tag.TABLE}={tag!r}, not a paper table"
+            out.append(f"{n} trial run(s) in no table: {why}")
+    return out
 
 
 def _weight_map_figure(name: str, runs: pd.DataFrame, client, out: Path, report: Report) -> None:

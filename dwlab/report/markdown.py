@@ -2,7 +2,8 @@
 
 Cells: ours ``"41.5 ± 0.1 (n=3)"`` (``"41.5 (n=1)"`` with one seed), ``"— (1 running, 2 failed)"``
 for a point with no finished run, ``"not run"`` for a paper row nobody ran; the paper's value
-``"41.5"``; the difference ours - paper ``"+0.3"``.
+``"41.5"``; the difference ours - paper ``"+0.3"``. A table that a search sweep tuned has four
+more columns (``report.tuned``): the chosen values, AP at defaults, AP tuned, tuned - defaults.
 """
 
 from __future__ import annotations
@@ -65,19 +66,57 @@ def _escape(text: str) -> str:
     return str(text).replace("|", "\\|")
 
 
-def lines_table(row_header: str, rows: pd.DataFrame, metrics: tuple[str, ...] = METRICS) -> list[str]:
+def stat_cell(mean: float, std: float, n: int) -> str:
+    """``"41.5 ± 0.1 (n=3)"``, ``"41.5 (n=1)"``, or a dash without a finished seed."""
+    if _nan(n) or not n:
+        return DASH
+    return f"{mean:.1f} (n=1)" if n == 1 else f"{mean:.1f} ± {std:.1f} (n={int(n)})"
+
+
+def tuned_cells(row) -> list[str]:
+    """The tuned columns of a row: chosen values, AP at defaults, AP tuned, tuned - defaults."""
+    if row.get("tuned_values") is None or _nan(row.get("tuned_values")):
+        return ["", "", "", ""]
+    gap = row["tuned_gap"]
+    word = {True: "sig.", False: "noise", None: "n<2"}[row["tuned_significant"]]
+    return [row["tuned_values"], stat_cell(row["AP_defaults_mean"], row["AP_defaults_std"], row["AP_defaults_n"]),
+            stat_cell(row["AP_tuned_mean"], row["AP_tuned_std"], row["AP_tuned_n"]),
+            "" if _nan(gap) else f"{gap:+.1f} ({word})"]  # fmt: skip
+
+
+def lines_table(row_header: str, rows: pd.DataFrame, metrics: tuple[str, ...] = METRICS,
+                tuned: bool = False) -> list[str]:
     head = [row_header]
     for m in metrics:
         head += [f"{m} ours", f"{m} paper", f"Δ{m}"]
     head += ["gap to best here", "runs"]
+    if tuned:
+        head += ["tuned values", "AP at defaults", "AP tuned", "tuned - defaults"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for _, r in rows.iterrows():
         cells = [r["label"]]
         for m in metrics:
             cells += [ours_cell(r, m), paper_cell(r, m), diff_cell(r, m)]
-        cells += [gap_cell(r), runs_cell(r)]
+        cells += [gap_cell(r), runs_cell(r)] + (tuned_cells(r) if tuned else [])
         out.append("| " + " | ".join(_escape(c) for c in cells) + " |")
     return out
+
+
+def searches_lines(found: pd.DataFrame) -> list[str]:
+    """Every search behind the tuned columns, one line each (the row shows the latest of a method's)."""
+    if found.empty:
+        return []
+    out = ["**Tuned** (each method's search scored its trials on the tune split, never on val; the "
+           "chosen values were then trained at fresh seeds and scored on val)", ""]  # fmt: skip
+    for _, s in found.sort_values("started").iterrows():
+        chosen = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in s["chosen"].items())
+        tune = "" if _nan(s["tune_score"]) else f" (AP {s['tune_score']:.1f} on the tune split)"
+        defaults = stat_cell(s["AP_defaults_mean"], s["AP_defaults_std"], s["AP_defaults_n"])
+        if not s["AP_defaults_n"]:
+            defaults = "the table's own runs"
+        out.append(f"- {s['method']} in sweep {s['experiment']}: {s['description']}; chose {chosen}{tune}; on val "
+                   f"tuned {stat_cell(s['AP_tuned_mean'], s['AP_tuned_std'], s['AP_tuned_n'])}, at defaults {defaults}.")  # fmt: skip
+    return out + [""]
 
 
 def _num(x: float, fmt: str = ".1f") -> str:
@@ -119,10 +158,12 @@ def render_table(spec, result) -> str:
     out += [f"- **paper**: {paper.setting(spec.name)}", ""]
     for note in result.notes:
         out += [f"> {note}", ""]
+    tuned = bool(result.rows["tuned_values"].notna().any())
     for block, part in result.rows.groupby("block", sort=False):
         if block:
             out += [f"**{block}**", ""]
-        out += lines_table(spec.row_header, part, spec.metrics) + [""]
+        out += lines_table(spec.row_header, part, spec.metrics, tuned) + [""]
+    out += searches_lines(result.searches)
     out += [
         "Ours: COCO AP in percent, mean ± sample std over seeds (n finished); Δ = ours - paper; "
         "gap = our AP - our best AP.",

@@ -25,6 +25,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from dwlab import paper
+from dwlab.report import tuned
 from dwlab.report.markdown import render_table
 from dwlab.store import Tag, column
 
@@ -290,6 +291,7 @@ class TableResult:
     agreement: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # warnings printed under the header
     markdown: str = ""
+    searches: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuned.searches: every search of the table
 
     @property
     def paper_scale(self) -> bool:
@@ -446,13 +448,17 @@ def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
 
 
 def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> TableResult:
-    """One table: layout, header, gaps, agreement and its markdown."""
+    """One table: layout, header, gaps, agreement, the tuned columns (``tuned``) and its
+    markdown. ``agg`` aggregates the runs that are rows (``tuned.split_roles``)."""
     runs = runs[runs[column(Tag.TABLE)] == spec.name]
     header = header_info(runs)
     for key in spec.varied:  # differs between rows on purpose: not a "mixed" warning
         header[key] = header[key].replace(" (mixed)", " (by row)")
-    rows, ibest = _mark_gaps(layout(spec, agg), header["scale"] == "paper")
-    result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest))
+    paper_scale = header["scale"] == "paper"
+    rows, ibest = _mark_gaps(layout(spec, agg), paper_scale)
+    found = tuned.searches(tuned.split_roles(runs)[1], lambda run: run_key(spec, run))
+    rows = tuned.attach(rows, found, lambda sa, na, sb, nb: noise_threshold(sa, na, sb, nb, paper_scale))
+    result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest), searches=found)
     if header["scale"] != "paper":
         result.notes.append(
             f"**Not a COCO reproduction.** Measured at scale '{header['scale']}' on dataset "
@@ -481,6 +487,8 @@ def csv_frame(result: TableResult) -> pd.DataFrame:
     for m in (m for m in SIZE_METRICS if m not in spec.metrics):
         cols += [f"{m}_mean", f"{m}_std"]
     cols += ["images_seen", "gap_to_best", "gap_threshold", "significant"]
+    if result.rows["tuned_values"].notna().any():
+        cols += list(tuned.COLUMNS)
     return result.rows.reindex(columns=cols)
 
 

@@ -2,6 +2,9 @@
 loss, AP, time) and the ETA. Elsewhere (a log file, a pipe, CI): one line per event, e.g.
 
     [0:07:12] beta=5,mu=5/seed0 epoch 3/15 loss 2.9001 AP 8.9 | 0/4 finished, 2 running | ETA 0:21:40
+
+A search's trials are not known in advance: each gets its row when it starts (``add``), and a
+trial the scheduler stops early ends STOPPED.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ if TYPE_CHECKING:
 
     from dwlab.sweep.spec import Trial
 
-_STYLE = {"PENDING": "dim", "RUNNING": "cyan", "FINISHED": "green", "FAILED": "red", "RETRYING": "yellow"}
+_STYLE = {"PENDING": "dim", "RUNNING": "cyan", "FINISHED": "green", "STOPPED": "magenta", "FAILED": "red",
+          "RETRYING": "yellow"}  # fmt: skip
+_ENDED = ("FINISHED", "STOPPED", "FAILED")
 
 
 @dataclass
@@ -35,11 +40,20 @@ class Row:
 
 
 class SweepProgress:
-    def __init__(self, trials: list[Trial], console: Console):
+    """``expected``: how many trials there will be (a search's budget; default: ``trials``),
+    ``epochs`` the length of those not started yet."""
+
+    def __init__(self, trials: list[Trial], console: Console, *, title: str = "sweep",
+                 expected: int | None = None, epochs: int = 0):  # fmt: skip
         self.console = console
         self.rows = {t.key: Row(epochs=t.config.train.epochs) for t in trials}
+        self.title, self.expected, self.epochs = title, expected, epochs
         self.t0 = time.monotonic()
         self.lines = not console.is_terminal  # one line per event instead of the live table
+
+    def add(self, key: str, epochs: int) -> None:
+        """A row for a trial that was not known in advance (a search's)."""
+        self.rows.setdefault(key, Row(epochs=epochs))
 
     def _line(self, key: str, event: str) -> None:
         if self.lines:
@@ -83,6 +97,13 @@ class SweepProgress:
         ap = f", AP {100 * row.ap:.1f}" if row.ap is not None else ""
         self._line(key, f"FINISHED in {_hms(row.ended - row.started) if row.started else '?'}{ap}")
 
+    def stopped(self, key: str) -> None:
+        """The scheduler stopped the trial early (ASHA)."""
+        row = self.rows[key]
+        row.status, row.ended = "STOPPED", time.monotonic()
+        ap = f", AP {100 * row.ap:.1f}" if row.ap is not None else ""
+        self._line(key, f"STOPPED by the scheduler after epoch {row.epoch}/{row.epochs}{ap}")
+
     def failed(self, key: str, error: str) -> None:
         row = self.rows[key]
         row.status, row.ended, row.note = "FAILED", time.monotonic(), error[:80]
@@ -96,17 +117,19 @@ class SweepProgress:
         if not times:
             return None
         per_epoch = sum(times) / len(times)
-        left = sum(r.epochs - r.epoch for r in self.rows.values() if r.status not in ("FINISHED", "FAILED"))
+        left = sum(r.epochs - r.epoch for r in self.rows.values() if r.status not in _ENDED)
+        left += max(0, (self.expected or 0) - len(self.rows)) * self.epochs  # not started yet
         running = sum(r.status == "RUNNING" for r in self.rows.values())
         return left * per_epoch / max(running, 1)
 
     def summary(self) -> str:
-        """``"1/4 finished, 2 running, 0 failed | ETA 0:12:00"``"""
+        """``"1/4 finished, 2 running, 0 failed | ETA 0:12:00"`` (``, 1 stopped`` in a search)"""
         counts = {s: sum(r.status == s for r in self.rows.values()) for s in _STYLE}
         eta = self.eta_s()
+        stopped = f", {counts['STOPPED']} stopped" if counts["STOPPED"] else ""
         return (
-            f"{counts['FINISHED']}/{len(self.rows)} finished, {counts['RUNNING']} running, "
-            f"{counts['FAILED']} failed | ETA " + (_hms(eta) if eta is not None else "?")
+            f"{counts['FINISHED']}/{max(len(self.rows), self.expected or 0)} finished{stopped}, "
+            f"{counts['RUNNING']} running, {counts['FAILED']} failed | ETA " + (_hms(eta) if eta is not None else "?")
         )
 
     def render(self):
@@ -114,7 +137,7 @@ class SweepProgress:
 
         now = time.monotonic()
         caption = f"{self.summary()} | elapsed {_hms(now - self.t0)}"
-        table = Table(title="sweep", caption=caption, expand=False)
+        table = Table(title=self.title, caption=caption, expand=False)
         table.add_column("trial", overflow="fold")
         for name in ("status", "epoch", "loss", "AP", "time"):
             table.add_column(name, no_wrap=True)

@@ -24,6 +24,10 @@ A sweep file names a base config, a list of points (each a mapping of dotted ove
 The sweep is the union of the points in order, de-duplicated on the resolved config. Every
 point is resolved with ``load_config`` before anything starts, so a bad key, value or path
 stops the sweep with one line naming the sweep file, the key and the problem.
+
+Instead of ``points``, a sweep file may name a ``search`` (``dwlab.sweep.search_spec``): per
+method, a Ray Tune search scored on the tune split; its plan has no trials until the searches
+have chosen (``final_trials``), and ``only.<scale>`` then names method ids.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from dwlab.config import Config, flatten, load_config, parse_override, read_yaml, resolve_path, to_dict
 from dwlab import paper
 from dwlab.errors import DwlabError
+from dwlab.store import ROLE_DEFAULTS, ROLE_TUNED, TRIAL
+from dwlab.sweep.search_spec import Context, MethodSearch, expand_search
 
 TABLES = ("table2", "table3", "table4", "table5", "table6", "table7")
 SCALES = ("smoke", "mini", "paper")
@@ -100,7 +106,8 @@ class SweepFile(_Strict):
     scale: Literal["smoke", "mini", "paper"] = "smoke"
     seeds: SeedCount | dict[Literal["smoke", "mini", "paper"], SeedCount] = 1
     set: dict[str, Any] = {}
-    points: list[dict[str, Any]]
+    points: list[dict[str, Any]] | None = None
+    search: Any = None  # checked by search_spec.expand_search
     only: dict[Literal["smoke", "mini", "paper"], list[str]] = {}
     resources: dict[str, Any] = {}
     max_retries: int = Field(1, ge=0, le=100)
@@ -122,10 +129,13 @@ class Trial:
     config_hash: str
     run_dir: Path
     workers: int = 1  # data-parallel workers (resources): a checkpoint resumes only on as many
+    kind: str = TRIAL  # or store.TUNE_TRIAL: a search's trial
+    tags: dict[str, str] = field(default_factory=dict, hash=False)  # more MLflow tags of its run
 
     @property
     def key(self) -> str:
-        return f"{self.point.id}/seed{self.seed}"
+        """``<point>/seed<k>``; a search's trial: ``<method>/<Ray trial id>`` (its point's id)."""
+        return f"{self.point.id}/seed{self.seed}" if self.kind == TRIAL else self.point.id
 
 
 @dataclass
@@ -149,6 +159,10 @@ class Plan:
     warnings: list[str] = field(default_factory=list)
     resource_flags: dict[str, float] = field(default_factory=dict)  # resources set by --*-per-trial
     left_out: int = 0  # points the file's ``only`` leaves out at this scale (--all-points: 0)
+    file_set: dict[str, Any] = field(default_factory=dict)  # the file's ``set`` at this scale
+    cli_set: dict[str, Any] = field(default_factory=dict)  # --set
+    searches: list[MethodSearch] = field(default_factory=list)  # a search sweep's, in order
+    search_defaults: bool = True  # a search sweep's final runs include each method at its defaults
 
     @property
     def world_size(self) -> int:
@@ -382,43 +396,97 @@ def _load_plan(
     name = _sweep_name(spec, file, scale)
     resources = _resources(spec.resources, scale, flags)
     base = _resolve_base(spec.base, scale, file.parent, file)
-
-    def resolve(overrides: dict[str, Any], where: str) -> Config:
-        try:
-            return load_config(base, overrides)
-        except DwlabError as err:
-            raise DwlabError(f"{where}: {_strip_source(_one_line(str(err)), base)}") from None
-
-    base_config = resolve({}, "base")
-    resolve(dict(file_set), "set")
-    resolve({**file_set, **cli_set}, "--set")
-    points = _expand_points(spec, lambda overrides, where: resolve({**file_set, **overrides, **cli_set}, where))
-    n_points = len(points)
-    if not all_points and scale in spec.only:
-        points = _only(points, spec.only[scale], scale)
-    runs_dir = runs_dir.resolve()
-    trials = []
-    for point in points:
-        user = {**file_set, **point.overrides, **cli_set}
-        extra = {"train.progress": False}  # runtime: a trial has no terminal
-        if "train.threads" not in user:
-            extra["train.threads"] = resources.threads
-        for seed in range(n_seeds):
-            cfg = resolve({**user, **extra, "train.seed": seed}, f"point {point.id} seed {seed}")
-            run_dir = runs_dir / name / point.id / f"seed{seed}"
-            trials.append(Trial(point, seed, cfg, config_hash(cfg), run_dir, resources.workers))
+    base_config = resolve(base, {}, "base")
+    resolve(base, dict(file_set), "set")
+    resolve(base, {**file_set, **cli_set}, "--set")
     plan = Plan(
         file=file, name=name, table=spec.table, scale=scale, base=base, base_config=base_config,
-        overrides={**file_set, **cli_set}, points=points, seeds=list(range(n_seeds)), trials=trials,
+        overrides={**file_set, **cli_set}, points=[], seeds=list(range(n_seeds)), trials=[],
         resources=resources, max_retries=spec.max_retries, checkpoint_artifact=spec.checkpoint_artifact,
-        runs_dir=runs_dir, left_out=n_points - len(points), resource_flags=flags,
+        runs_dir=runs_dir.resolve(), resource_flags=flags, file_set=file_set, cli_set=cli_set,
     )  # fmt: skip
+    if spec.search is not None:
+        _plan_searches(plan, spec, all_points)
+    else:
+        points = _expand_points(spec, lambda overrides, where: resolve(base, {**file_set, **overrides, **cli_set}, where))
+        plan.points = _only(points, spec.only[scale], scale) if not all_points and scale in spec.only else points
+        plan.left_out = len(points) - len(plan.points)
+        plan.trials = trials_for(plan, plan.points)
     plan.warnings.extend(_warnings(plan, cli_set))
     return plan
 
 
+def resolve(base: str, overrides: dict[str, Any], where: str) -> Config:
+    """``load_config(base, overrides)``; an error names ``where`` instead of the base file."""
+    try:
+        return load_config(base, overrides)
+    except DwlabError as err:
+        raise DwlabError(f"{where}: {_strip_source(_one_line(str(err)), base)}") from None
+
+
+def _runtime(plan: Plan, user: dict[str, Any]) -> dict[str, Any]:
+    """What a trial sets at run time: no progress bar (no terminal), its CPU threads."""
+    extra: dict[str, Any] = {"train.progress": False}
+    if "train.threads" not in user:
+        extra["train.threads"] = plan.resources.threads
+    return extra
+
+
+def trials_for(plan: Plan, points: list[Point]) -> list[Trial]:
+    """One trial per point and seed of ``plan``: its config resolved, its run directory."""
+    trials = []
+    for point in points:
+        user = {**plan.file_set, **point.overrides, **plan.cli_set}
+        extra = _runtime(plan, user)
+        for seed in plan.seeds:
+            cfg = resolve(plan.base, {**user, **extra, "train.seed": seed}, f"point {point.id} seed {seed}")
+            run_dir = plan.runs_dir / plan.name / point.id / f"seed{seed}"
+            trials.append(Trial(point, seed, cfg, config_hash(cfg), run_dir, plan.resources.workers))
+    return trials
+
+
+def _plan_searches(plan: Plan, spec: SweepFile, all_points: bool) -> None:
+    """A search sweep's methods (``only.<scale>`` names method ids)."""
+    def checked(overrides: dict[str, Any], where: str) -> Config:
+        cfg = resolve(plan.base, overrides, where)
+        _check_assigner(cfg, where)
+        return cfg
+
+    ctx = Context(
+        file_set=plan.file_set, cli_set=plan.cli_set, resolve=checked, name_ok=lambda n: bool(_NAME_RE.match(n)),
+        runs_root=plan.runs_dir / plan.name, seeds=plan.seeds, runtime=_runtime(plan, {**plan.file_set, **plan.cli_set}),
+    )  # fmt: skip
+    section, searches = expand_search(spec.search, ctx, _format_pydantic)
+    plan.search_defaults = section.defaults
+    if not all_points and plan.scale in spec.only:
+        known = [s.id for s in searches]
+        unknown = [i for i in spec.only[plan.scale] if i not in known]
+        if unknown:
+            raise DwlabError(f"only.{plan.scale}: no method has id {unknown[0]!r} (ids: {', '.join(known)})")
+        plan.left_out = len(searches) - len(spec.only[plan.scale])
+        searches = [s for s in searches if s.id in spec.only[plan.scale]]
+    plan.searches = searches
+
+
+DEFAULTS, TUNED = ROLE_DEFAULTS, ROLE_TUNED  # the roles of a search sweep's final runs
+
+
+def final_points(plan: Plan, chosen: dict[str, dict[str, Any] | None]) -> list[tuple[MethodSearch, str, Point]]:
+    """A search sweep's final points: per method, its defaults (``search.defaults``) and its
+    chosen values (``chosen[id]``; None: its search chose nothing), as (search, role, point)."""
+    out = []
+    for search in plan.searches:
+        label = search.label or search.id
+        if plan.search_defaults:
+            out.append((search, DEFAULTS, Point(f"{search.id}.{DEFAULTS}", dict(search.overrides), f"{label} (defaults)")))
+        if chosen.get(search.id) is not None:
+            values = {**search.overrides, **chosen[search.id]}
+            out.append((search, TUNED, Point(f"{search.id}.{TUNED}", values, f"{label} (tuned)")))
+    return out
+
+
 def _read_spec(file: Path) -> SweepFile:
-    """The sweep file, parsed and validated (at least one point)."""
+    """The sweep file, parsed and validated (at least one point, or a search)."""
     raw = read_yaml(file)
     if not isinstance(raw, dict):
         raise DwlabError(f"expected a mapping with 'points', got {type(raw).__name__}")
@@ -429,7 +497,11 @@ def _read_spec(file: Path) -> SweepFile:
         spec = SweepFile.model_validate(raw)
     except ValidationError as err:
         raise DwlabError(_format_pydantic(err, "")) from None
-    if not spec.points:
+    if spec.points is None and spec.search is None:
+        raise DwlabError("'points' is required (or a 'search' instead)")
+    if spec.points is not None and spec.search is not None:
+        raise DwlabError("search: a sweep file has 'points' or a 'search', not both")
+    if spec.points is not None and not spec.points:
         raise DwlabError("points: empty list (give at least one point or grid)")
     return spec
 
@@ -489,8 +561,8 @@ def _warnings(plan: Plan, cli_set: dict[str, Any]) -> list[str]:
         out.append(f"--set {key} overrides a key the points vary: those points collapse into one")
     if plan.scale == "paper":
         seen = set()
-        for trial in plan.trials:
-            t = trial.config.train
+        for cfg in [t.config for t in plan.trials] + [s.config for s in plan.searches]:
+            t = cfg.train
             images = plan.world_size * t.batch_size
             if (images, t.lr) in seen:
                 continue
@@ -518,6 +590,8 @@ def config_diff(cfg: Config, base: Config) -> dict[str, Any]:
 
 def describe(plan: Plan) -> list[str]:
     """The dry-run listing: the expanded trials and the config keys that differ from the base."""
+    if plan.searches:
+        return describe_searches(plan)
     diffs = [config_diff(t.config, plan.base_config) for t in plan.trials]
     common = {
         k: v for k, v in (diffs[0] if diffs else {}).items()
@@ -542,5 +616,35 @@ def describe(plan: Plan) -> list[str]:
             f"{k}={_fmt_value(v)}" for k, v in diff.items() if k not in common and k != "train.seed"
         )
         lines.append(f"{trial.point.id:<{width}}  {trial.seed:>4}  {shown or '-'}")
+    lines.extend(f"warning: {w}" for w in plan.warnings)
+    return lines
+
+
+def describe_searches(plan: Plan) -> list[str]:
+    """The dry-run listing of a search sweep: per method, its keys and ranges, budget, algorithm
+    and scheduler, what its tuning trials change from the base, then the final runs."""
+    res = plan.resources
+    n_final = len(plan.seeds) * (2 if plan.search_defaults else 1)
+    lines = [
+        f"sweep {plan.name} ({plan.file}): search over {len(plan.searches)} method(s)"
+        + (f" (of {len(plan.searches) + plan.left_out}: only.{plan.scale}; --all-points runs all)" if plan.left_out else "")
+        + f", scale {plan.scale}, table {plan.table or '-'}",
+        f"base: {plan.base}",
+        f"resources per trial: {res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
+        f"{res.workers} worker(s){_flags_note(plan)}; retries {plan.max_retries}",
+        "phase 1, per method: tuning trials scored on the tune split (never val), in "
+        f"{plan.runs_dir / plan.name}/<method>/tune/<trial id>",
+    ]
+    for search in plan.searches:
+        diff = config_diff(search.config, plan.base_config)
+        lines.append(f"{search.id}: {search.describe()}")
+        lines += [f"  {key}: {param}" for key, param in search.space.items()]
+        lines.append("  its trials: " + " ".join(f"{k}={_fmt_value(v)}" for k, v in diff.items()))
+    roles = [DEFAULTS, TUNED] if plan.search_defaults else [TUNED]
+    lines.append(
+        f"phase 2: per method, {' and '.join(roles)} at seeds {', '.join(map(str, plan.seeds))}: "
+        f"{n_final * len(plan.searches)} runs scored on val, in {plan.runs_dir / plan.name}/<method>."
+        + (f"{{{','.join(roles)}}}" if len(roles) > 1 else roles[0]) + "/seed<k>"
+    )
     lines.extend(f"warning: {w}" for w in plan.warnings)
     return lines

@@ -14,6 +14,12 @@ Layout of the store (tag names and the store's URI rules: ``dwlab.store``):
 The (point, seed, config hash) tags make a sweep idempotent: a FINISHED run with the same
 hash is never run again, and a run left RUNNING by a killed driver is reopened (``--resume``)
 or closed as KILLED.
+
+A search sweep adds, under its parent run, one run per method's search (``dwlab.kind=search``:
+its space, algorithm and budget; once done, the chosen values and counts) with its tuning
+trials nested under it (``dwlab.kind=tune_trial``, the trial's sampled values as
+``dwlab.point_overrides``, metrics as for a trial but scored on the tune split). A FINISHED
+search run with the same search hash is not run again: its chosen values are reused.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from dwlab.errors import DwlabError
 from dwlab.store import (
     EXPERIMENT_KIND,
     EXPERIMENT_KIND_TAG,
+    SEARCH,
     SWEEP,
     TRIAL,
+    TUNE_TRIAL,
     Tag,
     artifact_location,
     connect,
@@ -44,6 +52,7 @@ from dwlab.store import (
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
+    from dwlab.sweep.search_spec import MethodSearch
     from dwlab.sweep.spec import Plan, Trial
 
 FINAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -124,6 +133,16 @@ class Existing:
     parent: str | None = None  # that run's parent
 
 
+@dataclass
+class SearchState:
+    """What the store holds for one method's search."""
+
+    chosen: dict[str, Any] | None = None  # a FINISHED search run's chosen values (same hash)
+    run_id: str | None = None  # that run, or the unfinished one to reopen (--resume)
+    finished: bool = False
+    score: float | None = None  # the chosen trial's AP on the tune split
+
+
 class SweepTracker:
     """The driver's MLflow writer for one sweep invocation."""
 
@@ -175,22 +194,23 @@ class SweepTracker:
             if not token:
                 return runs
 
-    def reconcile(self, *, resume: bool) -> dict[str, Existing]:
-        """Look up earlier runs of each planned trial by its (point, seed) tags.
+    def reconcile(self, *, resume: bool, trials: list[Trial] | None = None, parents: bool = True) -> dict[str, Existing]:
+        """Look up earlier runs of each trial (default: the plan's) by its (point, seed) tags.
 
         A FINISHED run with the same config hash and number of workers (the global batch)
         marks the trial done. Runs left RUNNING or
         SCHEDULED by a killed driver are reopened with ``resume`` (same hash, the latest one)
         and closed as KILLED otherwise, as are those of points no longer in the sweep file
-        and dangling parent runs: nothing is left RUNNING.
+        and (with ``parents``) dangling parent runs: nothing is left RUNNING.
         """
+        trials = self.plan.trials if trials is None else trials
         trial_runs = self._search(kind_filter(TRIAL))
         by_key: dict[tuple[str, str], list] = {}
         for run in trial_runs:
             tags = run.data.tags
             by_key.setdefault((tags.get(Tag.POINT, ""), tags.get(Tag.SEED, "")), []).append(run)
         out: dict[str, Existing] = {}
-        for trial in self.plan.trials:
+        for trial in trials:
             runs = by_key.get((trial.point.id, str(trial.seed)), [])
             same = [r for r in runs if r.data.tags.get(Tag.CONFIG_HASH) == trial.config_hash
                     and r.data.tags.get(Tag.WORLD_SIZE, str(trial.workers)) == str(trial.workers)]  # fmt: skip
@@ -205,10 +225,20 @@ class SweepTracker:
         for run in trial_runs:
             if run.info.status in UNFINISHED and run.info.run_id not in reopened:
                 self.close(run.info.run_id, "KILLED", "left unfinished by an interrupted sweep")
-        for run in self._search(kind_filter(SWEEP)):
-            if run.info.status in UNFINISHED and run.info.run_id not in kept_parents:
-                self.close(run.info.run_id, "KILLED", "sweep driver was interrupted")
+        if parents:
+            self.close_parents(kept_parents)
         return out
+
+    def close_parents(self, keep: set[str]) -> None:
+        """Close the unfinished parent runs of interrupted invocations, but those in ``keep``."""
+        for run in self._search(kind_filter(SWEEP)):
+            if run.info.status in UNFINISHED and run.info.run_id not in keep:
+                self.close(run.info.run_id, "KILLED", "sweep driver was interrupted")
+
+    def unfinished_parent(self) -> str | None:
+        """The latest unfinished parent run (an interrupted invocation's), if any."""
+        runs = [r for r in self._search(kind_filter(SWEEP)) if r.info.status in UNFINISHED]
+        return runs[-1].info.run_id if runs else None
 
     def close(self, run_id: str, status: str, reason: str) -> None:
         self.client.set_tag(run_id, Tag.CLOSED_REASON, reason)
@@ -258,7 +288,7 @@ class SweepTracker:
         tags = {
             **self.common_tags(),
             Tag.PARENT: self.parent_id or "",
-            Tag.KIND: TRIAL,
+            Tag.KIND: trial.kind,
             Tag.POINT: trial.point.id,
             Tag.POINT_OVERRIDES: json.dumps(trial.point.overrides, sort_keys=True, default=str),
             Tag.SEED: str(trial.seed),
@@ -276,7 +306,7 @@ class SweepTracker:
         }
         if trial.point.label:
             tags[Tag.POINT_LABEL] = trial.point.label
-        return tags
+        return {**tags, **trial.tags}
 
     def reopen_trial(self, trial: Trial, run_id: str) -> None:
         """Take over ``run_id``, the trial's unfinished run of an interrupted sweep (status
@@ -374,6 +404,67 @@ class SweepTracker:
         self.client.log_batch(self.parent_id, tags=_tags({f"dwlab.{k}": v for k, v in summary.items()}))
         self.client.set_terminated(self.parent_id, status, _now_ms())
 
+    # ------------------------------------------------------------------ searches
+
+    def search_states(self, *, resume: bool) -> dict[str, SearchState]:
+        """Each planned search's earlier runs (by its method id and search hash): a FINISHED
+        one gives its chosen values; with ``resume`` the latest unfinished one is reopened.
+        Every other unfinished search run is closed KILLED, with its unfinished tuning trials."""
+        runs = self._search(kind_filter(SEARCH))
+        out = {}
+        for search in self.plan.searches:
+            mine = [r for r in runs if r.data.tags.get(Tag.SEARCH) == search.id
+                    and r.data.tags.get(Tag.SEARCH_HASH) == search.digest]  # fmt: skip
+            done = [r for r in mine if r.info.status == "FINISHED" and Tag.CHOSEN in r.data.tags]
+            left = [r for r in mine if r.info.status in UNFINISHED]
+            if done:
+                run = done[-1]
+                out[search.id] = SearchState(json.loads(run.data.tags[Tag.CHOSEN]), run.info.run_id, True,
+                                             run.data.metrics.get("tune_AP"))  # fmt: skip
+            else:
+                out[search.id] = SearchState(run_id=left[-1].info.run_id if resume and left else None)
+        keep = {s.run_id for s in out.values() if s.run_id and not s.finished}
+        for run in runs:
+            if run.info.status in UNFINISHED and run.info.run_id not in keep:
+                self.close(run.info.run_id, "KILLED", "search left unfinished by an interrupted sweep")
+        for run in self._search(kind_filter(TUNE_TRIAL)):
+            if run.info.status in UNFINISHED and run.data.tags.get(Tag.PARENT) not in keep:
+                self.close(run.info.run_id, "KILLED", "left unfinished by an interrupted sweep")
+        return out
+
+    def start_search(self, search: MethodSearch, reopen: str | None) -> str:
+        """The method's search run, RUNNING from now (``reopen``: an interrupted one's); returns its id."""
+        from mlflow.entities import Param
+
+        space = {k: str(p) for k, p in search.space.items()}
+        tags = {**self.common_tags(), Tag.KIND: SEARCH, Tag.PARENT: self.parent_id or "", Tag.SEARCH: search.id,
+                Tag.SEARCH_HASH: search.digest, Tag.SEARCH_DESC: search.describe(),
+                Tag.SEARCH_SPACE: json.dumps(space), Tag.ASSIGNER: search.config.assigner.name,
+                Tag.POINT_LABEL: search.label or search.id, Tag.DATASET: dataset_tag(search.config)}  # fmt: skip
+        if reopen is not None:
+            self.client.update_run(reopen, status="RUNNING")
+            self.client.log_batch(reopen, tags=_tags({**tags, Tag.RESUMED: "true"}))
+            return reopen
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=f"search {search.id}")
+        params = [Param(k, _param(v)) for k, v in flatten(search.config).items()]
+        params += [Param(f"space.{k}", _param(v)) for k, v in space.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run.info.run_id, params=params[i : i + 100])
+        return run.info.run_id
+
+    def tune_trial_runs(self, search_run: str) -> dict[str, Any]:
+        """The tuning trials' runs of a search run, by their Ray trial id."""
+        runs = self._search(f"{kind_filter(TUNE_TRIAL)} and tags.`{Tag.PARENT}` = '{search_run}'")
+        return {r.data.tags.get(Tag.RAY_TRIAL_ID, ""): r for r in runs}
+
+    def end_search(self, run_id: str, status: str, tags: dict[str, Any], metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        batch = [Metric(k, float(v), now, 0) for k, v in metrics.items() if _is_number(v)]
+        self.client.log_batch(run_id, metrics=batch, tags=_tags(tags))
+        self.client.set_terminated(run_id, status, now)
+
     def _log_artifacts(self, run_id: str, trial: Trial, final_metrics: dict[str, float]) -> None:
         from dwlab.config import dump_yaml
 
@@ -394,7 +485,7 @@ class SweepTracker:
             if (run_dir / name).is_file():
                 self.client.log_artifact(run_id, str(run_dir / name))
         ckpt = run_dir / "checkpoints" / "last.pt"
-        if self.plan.checkpoint_artifact and ckpt.is_file():
+        if self.plan.checkpoint_artifact and trial.kind == TRIAL and ckpt.is_file():
             self.client.log_artifact(run_id, str(ckpt), "checkpoints")
 
 

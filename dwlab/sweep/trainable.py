@@ -7,10 +7,16 @@ Trials never talk to MLflow; the driver records what they report.
 
 Every attempt calls ``run_training(..., resume=True)``, so a retried trial continues from
 the last checkpoint in its run directory instead of starting over.
+
+A search's trial (its payload names the ``search``) builds its config from the values the search
+algorithm sampled, trains in ``<run_root>/<Ray trial id>`` (stable when Tune restores the
+search) and adds to every report the ``score`` the search algorithm and scheduler read: the
+latest AP on the tune split (``scored``: evaluated at this report's epoch).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -27,6 +33,8 @@ def trial_fn(config: dict[str, Any]) -> None:
     failure's traceback is appended to the run directory's ``trial.log`` (the driver shows the
     error in one line and names that file)."""
     spec = config["trial"]
+    if spec.get("search"):
+        spec = search_payload(spec, config.get("space") or {})
     if os.path.isdir(spec["cwd"]):  # Tune may chdir into its trial dir; configs use the user's cwd
         os.chdir(spec["cwd"])
     try:
@@ -45,6 +53,44 @@ def trial_fn(config: dict[str, Any]) -> None:
         raise
 
 
+SCORE, SCORED = "score", "scored"  # what a search's trial reports for its search algorithm
+NO_SCORE = -1.0  # the score before a trial's first evaluation (AP is in [0, 1])
+
+
+def search_payload(spec: dict[str, Any], sampled: dict[str, Any]) -> dict[str, Any]:
+    """A search trial's payload: its config (the search's with the sampled values), run
+    directory and key, from its Ray trial id."""
+    from ray import tune
+
+    from dwlab.config import to_dict
+    from dwlab.sweep.search_spec import apply_sampled
+
+    trial_id = tune.get_context().get_trial_id()
+    config = to_dict(apply_sampled(spec["config"], sampled))
+    key = f"{spec['search']}/{trial_id}"
+    return {**spec, "config": config, "run_dir": str(Path(spec["run_root"]) / trial_id), "key": key,
+            "dirname": key.replace("/", "-")}  # fmt: skip
+
+
+def scored_reports(report: Callable[[dict[str, Any]], None]) -> Callable[[dict[str, Any]], None]:
+    """``report`` with ``score`` and ``scored`` added; a final AP that is not a number fails the
+    trial (a search must not take it as a result)."""
+    state = {"score": NO_SCORE, "epoch": None}
+
+    def wrapped(result: dict[str, Any]) -> None:
+        ap = result.get("metrics", {}).get("AP")
+        fresh = ap is not None and math.isfinite(ap) and state["epoch"] != result["epoch"]
+        if result.get("final") and (ap is None or not math.isfinite(ap)):
+            from dwlab.errors import DwlabError
+
+            raise DwlabError(f"the trial's AP on the tune split is {ap} after epoch {result['epoch']}")
+        if fresh:
+            state["score"], state["epoch"] = float(ap), result["epoch"]
+        report({**result, SCORE: state["score"], SCORED: fresh})
+
+    return wrapped
+
+
 def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
     """``run_training`` with a report per epoch and a final one (also when the run was already
     complete on disk, e.g. a driver killed between the last epoch and its record); each report
@@ -54,6 +100,8 @@ def train(spec: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> Non
     from dwlab.distributed import rank
     from dwlab.runner import run_training
 
+    if spec.get("search"):
+        report = scored_reports(report)
     if spec.get("faults"):  # the driver's $DWLAB_FAULTS (test-only), whatever this worker inherited
         os.environ[faults.ENV] = spec["faults"]
     else:

@@ -48,6 +48,7 @@ class Outcome:
     skipped: list[str] = field(default_factory=list)
     killed: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+    searches: dict[str, dict | None] = field(default_factory=dict)  # a search sweep: method id -> chosen values
 
     @property
     def ok(self) -> bool:
@@ -318,12 +319,19 @@ def concurrency(plan: Plan, n_trials: int, requested: int | None, console: Conso
 def _payload(plan: Plan, trial: Trial) -> dict[str, Any]:
     from dwlab.config import to_dict
 
-    res = plan.resources
     return {
         "key": trial.key,
         "dirname": trial.key.replace("/", "-"),
         "config": to_dict(trial.config),
         "run_dir": str(trial.run_dir),
+        **payload_base(plan),
+    }
+
+
+def payload_base(plan: Plan) -> dict[str, Any]:
+    """What every trial's payload holds besides its own key, config and run directory."""
+    res = plan.resources
+    return {
         "cwd": os.getcwd(),
         "workers": res.workers,
         "cpus_per_worker": res.cpus_per_worker,
@@ -331,6 +339,24 @@ def _payload(plan: Plan, trial: Trial) -> dict[str, Any]:
         "train_storage": str(plan.runs_dir / "_ray" / plan.name / "_train"),
         "faults": os.environ.get(faults.ENV, ""),  # test-only; workers may predate the variable
     }
+
+
+class RaySession:
+    """Ray for this driver: joined or started on first need (``start``), shut down by ``stop``
+    when this driver started it."""
+
+    def __init__(self, address: str | None):
+        self.address, self.up, self.owned = address, False, False
+
+    def start(self) -> None:
+        if not self.up:
+            self.owned, self.up = init_ray(self.address), True
+
+    def stop(self) -> None:
+        if self.owned:
+            import ray
+
+            ray.shutdown()
 
 
 def run_sweep(
@@ -342,13 +368,13 @@ def run_sweep(
     max_concurrent: int | None = None,
     resume: bool = False,
 ) -> Outcome:
-    """Run the plan's trials that are not already FINISHED in the MLflow store ``uri``; see
-    the module doc."""
+    """Run the plan's trials that are not already FINISHED in the MLflow store ``uri`` (a
+    search sweep: its searches, then its final trials, ``search_run``); see the module doc."""
     started = time.monotonic()
     outcome = Outcome()
     check_local_fit(plan, address)
     lock = _lock(plan)
-    owns_ray = False
+    ray_session = RaySession(address)
     try:
         console.print(f"MLflow store: {uri}", soft_wrap=True)
         console.print(f"  view it with: {ui_command(uri)}", soft_wrap=True)
@@ -356,35 +382,49 @@ def run_sweep(
             console.print(f"[yellow]warning:[/] {warning}")
         tracker = SweepTracker(plan, uri)
         console.print(f"  its runs: {runs_url(uri, tracker.experiment_id)}", soft_wrap=True)
-        existing = tracker.reconcile(resume=resume)
-        todo = [t for t in plan.trials if not existing[t.key].finished]
-        outcome.skipped = [t.key for t in plan.trials if existing[t.key].finished]
-        if outcome.skipped:
-            console.print(f"{len(outcome.skipped)} trial(s) already FINISHED with the same config: skipped")
-        if not todo:
-            console.print(f"sweep {plan.name}: nothing to run")
-            outcome.wall_s = time.monotonic() - started
-            return outcome
-        _prepare(todo, console)
-        owns_ray = init_ray(address)  # before any run is opened: a bad --address writes nothing
-        parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
-        reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
-        for parent in parents - {reuse}:
-            tracker.close(parent, "KILLED", "sweep driver was interrupted")
-        tracker.start_parent(reuse, len(todo), len(outcome.skipped))
-        reopen = {t.key: existing[t.key].reopen for t in todo}
-        _run_tuner(plan, todo, reopen, tracker, outcome, console, max_concurrent, resume)
-    finally:
-        if owns_ray:
-            import ray
+        if plan.searches:
+            from dwlab.sweep.search_run import run_searches
 
-            ray.shutdown()
+            run_searches(plan, tracker, outcome, console, ray_session, max_concurrent=max_concurrent, resume=resume)
+        else:
+            existing = tracker.reconcile(resume=resume)
+            run_grid(plan, plan.trials, existing, tracker, outcome, console, ray_session, max_concurrent=max_concurrent,
+                     resume=resume)  # fmt: skip
+    finally:
+        ray_session.stop()
         lock.close()
     outcome.wall_s = time.monotonic() - started
     return outcome
 
 
-def _prepare(todo: list[Trial], console: Console) -> None:
+def run_grid(
+    plan: Plan, trials: list[Trial], existing: dict, tracker: SweepTracker, outcome: Outcome, console: Console,
+    ray_session: RaySession, *, max_concurrent: int | None, resume: bool, parent: str | None = None,
+) -> None:  # fmt: skip
+    """Run ``trials`` (those not FINISHED in ``existing``, ``tracker.reconcile``'s) under a
+    parent run: the one given, the interrupted invocation's, or a new one."""
+    todo = [t for t in trials if not existing[t.key].finished]
+    outcome.skipped += [t.key for t in trials if existing[t.key].finished]
+    if outcome.skipped:
+        console.print(f"{len(outcome.skipped)} trial(s) already FINISHED with the same config: skipped")
+    if not todo:
+        console.print(f"sweep {plan.name}: nothing to run")
+        if parent is not None:  # a search sweep's, whose searches ran
+            tracker.end_parent("FAILED" if outcome.failed else "FINISHED", {"finished": 0, "failed": len(outcome.failed), "killed": 0})
+        return
+    prepare_all(todo, console)
+    ray_session.start()  # before any run is opened: a bad --address writes nothing
+    if parent is None:
+        parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
+        reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
+        for stale in parents - {reuse}:
+            tracker.close(stale, "KILLED", "sweep driver was interrupted")
+        tracker.start_parent(reuse, len(todo), len(outcome.skipped))
+    reopen = {t.key: existing[t.key].reopen for t in todo}
+    run_trials(plan, todo, reopen, tracker, outcome, console, max_concurrent, resume)
+
+
+def prepare_all(todo: list[Trial], console: Console) -> None:
     """The trials' cached inputs (generated dataset, domain-pretrained backbone), built here once
     per distinct setting instead of by every trial at once. On a cluster each node has its own
     cache unless ``DWLAB_CACHE`` points at shared storage; a node without them builds its own."""
@@ -403,7 +443,7 @@ def _prepare(todo: list[Trial], console: Console) -> None:
             console.print(f"inputs of {trial.point.id} ready ({time.monotonic() - started:.0f} s)")
 
 
-def _run_tuner(
+def run_trials(
     plan: Plan,
     todo: list[Trial],
     reopen: dict[str, str | None],
@@ -416,7 +456,7 @@ def _run_tuner(
     """Open the trials' runs and directories, run the Tuner; whatever did not end is closed
     as KILLED."""
     status = "KILLED"
-    progress = SweepProgress(todo, console)
+    progress = SweepProgress(todo, console, title=f"sweep {plan.name}")
     by_key = {t.key: t for t in todo}
     callback = DriverCallback(tracker, by_key, progress, outcome)
     try:
@@ -428,8 +468,7 @@ def _run_tuner(
             f"{res.workers} worker(s) x {res.cpus_per_worker:g} CPU / {res.gpus_per_worker:g} GPU each"
         )
         tuner = _tuner(plan, todo, limit, callback)
-        quiet = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # ours instead
-        with progress.live(), mock.patch.dict(os.environ, quiet), _quiet_tune_logger():
+        with progress.live(), quiet_tune():
             tuner.fit()
         status = "FAILED" if outcome.failed else "FINISHED"
     finally:
@@ -464,17 +503,23 @@ def _open_trials(
         console.print(f"resuming {resumed} trial(s) from their checkpoints")
 
 
-def _tuner(plan: Plan, todo: list[Trial], limit: int, callback: DriverCallback) -> tune.Tuner:
-    """One grid-search trial per payload, ``limit`` at a time, ``plan.max_retries`` retries each."""
+def trainable(plan: Plan):
+    """The trial function with the resources of one trial."""
+    from dwlab.sweep.trainable import trial_fn
+
     res = plan.resources
     if res.workers > 1:
         # the trial only coordinates: its Train workers hold the CPUs and GPUs (a CPU here
         # would be counted twice); Ray needs some resource, so a little memory
-        trainable = tune.with_resources(_trial_fn_ref(), {"cpu": 0, "memory": COORDINATOR_MEMORY})
-    else:
-        trainable = tune.with_resources(_trial_fn_ref(), {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+        return tune.with_resources(trial_fn, {"cpu": 0, "memory": COORDINATOR_MEMORY})
+    return tune.with_resources(trial_fn, {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
+
+
+def _tuner(plan: Plan, todo: list[Trial], limit: int, callback: DriverCallback) -> tune.Tuner:
+    """One grid-search trial per payload, ``limit`` at a time, ``plan.max_retries`` retries each."""
+    res = plan.resources
     return tune.Tuner(
-        trainable,
+        trainable(plan),
         param_space={"trial": tune.grid_search([_payload(plan, t) for t in todo])},
         tune_config=tune.TuneConfig(
             max_concurrent_trials=limit,
@@ -493,18 +538,15 @@ def _tuner(plan: Plan, todo: list[Trial], limit: int, callback: DriverCallback) 
 
 
 @contextlib.contextmanager
-def _quiet_tune_logger():
-    """Tune logs each trial failure with its traceback; the progress view has it in one line."""
+def quiet_tune():
+    """Tune's own progress output and MLflow's URL lines off (the progress view is ours); Tune
+    logs each trial failure with its traceback, which the view has in one line."""
+    quiet = {"RAY_AIR_NEW_OUTPUT": "0", "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
     logger = logging.getLogger("ray.tune")
     level = logger.level
     logger.setLevel(logging.CRITICAL)
     try:
-        yield
+        with mock.patch.dict(os.environ, quiet):
+            yield
     finally:
         logger.setLevel(level)
-
-
-def _trial_fn_ref():
-    from dwlab.sweep.trainable import trial_fn
-
-    return trial_fn
