@@ -12,10 +12,10 @@
   and ``SHA256SUMS`` (``sha256sum -c SHA256SUMS`` on the host).
 
 Which distributions travel is read from this environment's metadata: the requirements of
-``pyproject.toml``, mlflow replaced by its tracking client (``mlflow-skinny``) plus the sqlite
-store's SQLAlchemy and alembic, extras not followed, each distribution's own requirements
-followed with markers evaluated for the host, and torch, torchvision and what they require left
-to the host. Every wheel is installed in one ``pip --target`` call: a second call replaces the
+``pyproject.toml`` with their extras (``ray[tune,train]``: ray.tune will not import without
+pandas and pyarrow), mlflow replaced by its tracking client (``mlflow-skinny``) plus the sqlite
+store's SQLAlchemy and alembic, each distribution's own requirements followed with markers
+evaluated for the host, and torch, torchvision and what they require left to the host. Every wheel is installed in one ``pip --target`` call: a second call replaces the
 ``opentelemetry/`` namespace folder that several distributions share, and mlflow stops importing.
 """
 
@@ -120,15 +120,17 @@ def project(root: Path) -> dict:
     return tomllib.loads((root / "pyproject.toml").read_text())["project"]
 
 
-def closure(names: list[str], env: dict[str, str], stop: frozenset[str] = frozenset()) -> dict[str, str]:
-    """``{name: version installed here}`` for ``names`` and everything they require under the
-    markers ``env`` (extras not followed), not entering the names in ``stop``."""
+def closure(roots: list[Requirement], env: dict[str, str], stop: frozenset[str] = frozenset()) -> dict[str, str]:
+    """``{name: version installed here}`` for ``roots`` (with their extras) and everything they
+    require under the markers ``env``, not entering the names in ``stop``."""
     found: dict[str, str] = {}
-    todo = [canonicalize_name(n) for n in names]
+    done: set[tuple[str, str]] = set()
+    todo = [(canonicalize_name(r.name), extra) for r in roots for extra in ("", *r.extras)]
     while todo:
-        name = todo.pop()
-        if name in found or name in stop:
+        name, extra = todo.pop()
+        if (name, extra) in done or name in stop:
             continue
+        done.add((name, extra))
         try:
             dist = metadata.distribution(name)
         except metadata.PackageNotFoundError:
@@ -137,8 +139,8 @@ def closure(names: list[str], env: dict[str, str], stop: frozenset[str] = frozen
         found[name] = dist.version
         for line in dist.requires or ():
             req = Requirement(line)
-            if req.marker is None or req.marker.evaluate(env):
-                todo.append(canonicalize_name(req.name))
+            if req.marker is None or req.marker.evaluate({**env, "extra": extra}):
+                todo += [(canonicalize_name(req.name), e) for e in ("", *req.extras)]
     return found
 
 
@@ -151,13 +153,14 @@ def pins(root: Path, target: Target, host_has: tuple[str, ...] = ()) -> dict[str
             metadata.distribution(name)
         except metadata.PackageNotFoundError:
             raise DwlabError(f"--host-has {name}: not installed here, so what it requires is unknown") from None
-    host = closure([*HOST, *host_has], env)
-    names = []
+    host = closure([Requirement(n) for n in (*HOST, *host_has)], env)
+    roots = [Requirement(n) for n in ALWAYS]
     for line in project(root)["dependencies"]:
-        name = canonicalize_name(Requirement(line).name)
+        req = Requirement(line)
+        name = canonicalize_name(req.name)
         if name not in HOST:
-            names += SUBSTITUTES.get(name, (name,))
-    return closure(names + list(ALWAYS), env, stop=frozenset(host) - set(ALWAYS))
+            roots += [Requirement(n) for n in SUBSTITUTES[name]] if name in SUBSTITUTES else [req]
+    return closure(roots, env, stop=frozenset(host) - set(ALWAYS))
 
 
 def pip(args: list[str], target: Target) -> None:
@@ -313,6 +316,7 @@ def build_bundle(python: str, out: Path, backbone: str = "mini", host_has: tuple
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         record = assemble(root, target, pinned, stage, backbone, [*HOST, *host_has], log)
+        stage.chmod(0o755)  # mkdtemp's folder is the owner's only
         if out.exists():
             out.rmdir()
         stage.rename(out)
