@@ -49,6 +49,7 @@ class SearchSummary:
     run_id: str | None
     score: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False  # Tune stopped before the search's trials ended (Ctrl-C)
 
 
 class SearchCallback(DriverCallback):
@@ -138,10 +139,13 @@ def run_searches(plan: Plan, tracker: SweepTracker, outcome: Outcome, console: C
         for search in plan.searches:
             summaries[search.id] = _one_search(plan, search, states[search.id], tracker, outcome, console,
                                                max_concurrent=max_concurrent, resume=resume)  # fmt: skip
+            if summaries[search.id].interrupted:
+                return  # neither the other searches nor the final runs: the parent ends KILLED
         status = "FINISHED"
     finally:
         if status == "KILLED" and tracker.parent_id is not None:
-            tracker.end_parent("KILLED", {"finished": len(outcome.finished), "failed": len(outcome.failed)})
+            tracker.end_parent("KILLED", {"finished": len(outcome.finished), "failed": len(outcome.failed),
+                                          "killed": len(outcome.killed)})  # fmt: skip
     outcome.searches = {k: s.chosen for k, s in summaries.items()}
     for key, summary in summaries.items():
         if summary.chosen is None:
@@ -204,10 +208,14 @@ def _one_search(plan: Plan, search: MethodSearch, state: SearchState, tracker: S
         tuner = _tuner(plan, search, limit, callback, restored, console)
         with progress.live(), quiet_tune():
             tuner.fit()
-        summary = _summary(tracker, search, run_id)
-        status = "FINISHED" if summary.chosen is not None else "FAILED"
+        if all(key in callback.closed for key in callback.trials):  # else Tune stopped on Ctrl-C
+            summary = _summary(tracker, search, run_id)
+            status = "FINISHED" if summary.chosen is not None else "FAILED"
     finally:
         _close_search(tracker, search, run_id, callback, status, summary)
+    if summary is None:
+        console.print(f"search {search.id}: interrupted (re-run with --resume to continue it)", soft_wrap=True)
+        return SearchSummary(None, run_id, interrupted=True)
     console.print(f"search {search.id}: " + (f"chose {_values(summary.chosen)} (AP {100 * summary.score:.1f} on the "
                   f"tune split)" if summary.chosen is not None else "no trial completed: nothing chosen")
                   + " | " + ", ".join(f"{n} {k}" for k, n in summary.counts.items()), soft_wrap=True)  # fmt: skip
