@@ -82,7 +82,10 @@ class SearchCallback(DriverCallback):
             self.trials[key] = Trial(Point(key, sampled), cfg.train.seed, cfg, config_hash(cfg),
                                      self.search.run_root / trial.trial_id, self.workers, TUNE_TRIAL, tags)  # fmt: skip
             self.progress.add(key, self.search.epochs)
+        reopened = key in self.tracker.run_ids  # an interrupted invocation's run, or a retry
         super().on_trial_start(iteration, trials, trial, **info)
+        if reopened:  # the epochs its checkpoint holds but the run lacks (the driver stopped before their record)
+            self.tracker.backfill(key, self.trials[key].run_dir)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         key = self._key(trial)
@@ -279,10 +282,11 @@ def _close_search(tracker: SweepTracker, search: MethodSearch, run_id: str, call
         if tracker.client.get_run(trial_run).info.status in UNFINISHED:
             reason = "sweep driver stopped before the trial ended" if status == "KILLED" else (
                 "not in the restored Ray Tune state (started after Tune last saved it)")
-            tracker.client.set_tag(trial_run, Tag.TUNE_OUTCOME, LOST)
-            tracker.close(trial_run, "KILLED", reason)
             if status == "KILLED":
                 callback.outcome.killed.append(key)
+            else:
+                tracker.client.set_tag(trial_run, Tag.TUNE_OUTCOME, LOST)
+            tracker.close(trial_run, "KILLED", reason)
     if summary is None:
         tracker.end_search(run_id, status, {}, {})
         return
