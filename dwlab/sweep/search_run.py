@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
