@@ -251,3 +251,47 @@ def test_a_killed_search_resumes_from_rays_saved_state_each_trial_once(in_store,
     assert len(runs_of(in_store, "killed", "sweep")) == 1  # the interrupted parent was reopened
     tuned, = runs_of(in_store, "killed", "trial")
     assert tuned.info.status == "FINISHED"
+
+
+def test_ctrl_c_stops_a_search_killed_choosing_nothing_and_resume_continues_it(in_store, ray_address):
+    import ray
+
+    search = {"budget": {"trials": 2}, "defaults": False,
+              "methods": [{"id": "fcos", "set": {"assigner.name": "fcos"}, "space": LR}]}  # fmt: skip
+    f = search_file(in_store, "ctrlc", search, epochs=3)
+    root = load_plan(f).searches[0].run_root
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "dwlab.cli", "sweep", str(f), "--address", ray_address, "--max-concurrent", "1"],
+        cwd=in_store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "RAY_ADDRESS": ""},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 240
+        while not [d for d in root.glob("*") if (d / "checkpoints" / "last.pt").is_file()]:
+            assert driver.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+            time.sleep(0.3)
+        driver.send_signal(signal.SIGINT)
+        output, _ = driver.communicate(timeout=120)
+    finally:
+        driver.kill()
+        driver.wait()
+    assert driver.returncode == 1, output
+    assert "search fcos: interrupted (re-run with --resume to continue it)" in output
+    search_run, = runs_of(in_store, "ctrlc", "search")
+    assert search_run.info.status == "KILLED" and "dwlab.chosen" not in search_run.data.tags
+    stopped = [t for t in runs_of(in_store, "ctrlc", "tune_trial") if t.info.status == "KILLED"]
+    assert len(stopped) == 1 and f"KILLED fcos/{stopped[0].data.tags['dwlab.ray_trial_id']}" in output
+    assert runs_of(in_store, "ctrlc", "trial") == []  # nothing chosen: no final run
+    deadline = time.monotonic() + 60
+    while ray.available_resources().get("CPU", 0) < 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+    result = run_cli("sweep", str(f), "--max-concurrent", "1", "--resume")
+    assert result.exit_code == 0, result.output
+    search_run, = runs_of(in_store, "ctrlc", "search")  # the same search, continued
+    assert search_run.info.status == "FINISHED" and search_run.data.metrics["trials_complete"] == 2
+    trials = runs_of(in_store, "ctrlc", "tune_trial")
+    assert len(trials) == 2 and stopped[0].info.run_id in {t.info.run_id for t in trials}  # reopened, not a new run
+    for t in trials:
+        assert t.info.status == "FINISHED" and sorted(steps(in_store, t.info.run_id)) == [1, 2, 3]
+    tuned, = runs_of(in_store, "ctrlc", "trial")
+    assert tuned.info.status == "FINISHED"

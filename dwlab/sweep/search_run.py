@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ray import tune
@@ -49,6 +48,7 @@ class SearchSummary:
     run_id: str | None
     score: float | None = None
     counts: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False  # Tune stopped before the search's trials ended (Ctrl-C)
 
 
 class SearchCallback(DriverCallback):
@@ -81,7 +81,10 @@ class SearchCallback(DriverCallback):
             self.trials[key] = Trial(Point(key, sampled), cfg.train.seed, cfg, config_hash(cfg),
                                      self.search.run_root / trial.trial_id, self.workers, TUNE_TRIAL, tags)  # fmt: skip
             self.progress.add(key, self.search.epochs)
+        reopened = key in self.tracker.run_ids  # an interrupted invocation's run, or a retry
         super().on_trial_start(iteration, trials, trial, **info)
+        if reopened:  # the epochs its checkpoint holds but the run lacks (the driver stopped before their record)
+            self.tracker.backfill(key, self.trials[key].run_dir)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         key = self._key(trial)
@@ -138,10 +141,13 @@ def run_searches(plan: Plan, tracker: SweepTracker, outcome: Outcome, console: C
         for search in plan.searches:
             summaries[search.id] = _one_search(plan, search, states[search.id], tracker, outcome, console,
                                                max_concurrent=max_concurrent, resume=resume)  # fmt: skip
+            if summaries[search.id].interrupted:
+                return  # neither the other searches nor the final runs: the parent ends KILLED
         status = "FINISHED"
     finally:
         if status == "KILLED" and tracker.parent_id is not None:
-            tracker.end_parent("KILLED", {"finished": len(outcome.finished), "failed": len(outcome.failed)})
+            tracker.end_parent("KILLED", {"finished": len(outcome.finished), "failed": len(outcome.failed),
+                                          "killed": len(outcome.killed)})  # fmt: skip
     outcome.searches = {k: s.chosen for k, s in summaries.items()}
     for key, summary in summaries.items():
         if summary.chosen is None:
@@ -204,10 +210,14 @@ def _one_search(plan: Plan, search: MethodSearch, state: SearchState, tracker: S
         tuner = _tuner(plan, search, limit, callback, restored, console)
         with progress.live(), quiet_tune():
             tuner.fit()
-        summary = _summary(tracker, search, run_id)
-        status = "FINISHED" if summary.chosen is not None else "FAILED"
+        if all(key in callback.closed for key in callback.trials):  # else Tune stopped on Ctrl-C
+            summary = _summary(tracker, search, run_id)
+            status = "FINISHED" if summary.chosen is not None else "FAILED"
     finally:
         _close_search(tracker, search, run_id, callback, status, summary)
+    if summary is None:
+        console.print(f"search {search.id}: interrupted (re-run with --resume to continue it)", soft_wrap=True)
+        return SearchSummary(None, run_id, interrupted=True)
     console.print(f"search {search.id}: " + (f"chose {_values(summary.chosen)} (AP {100 * summary.score:.1f} on the "
                   f"tune split)" if summary.chosen is not None else "no trial completed: nothing chosen")
                   + " | " + ", ".join(f"{n} {k}" for k, n in summary.counts.items()), soft_wrap=True)  # fmt: skip
@@ -271,10 +281,11 @@ def _close_search(tracker: SweepTracker, search: MethodSearch, run_id: str, call
         if tracker.client.get_run(trial_run).info.status in UNFINISHED:
             reason = "sweep driver stopped before the trial ended" if status == "KILLED" else (
                 "not in the restored Ray Tune state (started after Tune last saved it)")
-            tracker.client.set_tag(trial_run, Tag.TUNE_OUTCOME, LOST)
-            tracker.close(trial_run, "KILLED", reason)
             if status == "KILLED":
                 callback.outcome.killed.append(key)
+            else:
+                tracker.client.set_tag(trial_run, Tag.TUNE_OUTCOME, LOST)
+            tracker.close(trial_run, "KILLED", reason)
     if summary is None:
         tracker.end_search(run_id, status, {}, {})
         return

@@ -408,7 +408,8 @@ class SweepTracker:
 
     def search_states(self, *, resume: bool) -> dict[str, SearchState]:
         """Each planned search's earlier runs (by its method id and search hash): a FINISHED
-        one gives its chosen values; with ``resume`` the latest unfinished one is reopened.
+        one gives its chosen values; with ``resume`` the latest interrupted one (left RUNNING by
+        a killed driver, or KILLED by Ctrl-C) is reopened.
         Every other unfinished search run is closed KILLED, with its unfinished tuning trials."""
         runs = self._search(kind_filter(SEARCH))
         out = {}
@@ -416,7 +417,7 @@ class SweepTracker:
             mine = [r for r in runs if r.data.tags.get(Tag.SEARCH) == search.id
                     and r.data.tags.get(Tag.SEARCH_HASH) == search.digest]  # fmt: skip
             done = [r for r in mine if r.info.status == "FINISHED" and Tag.CHOSEN in r.data.tags]
-            left = [r for r in mine if r.info.status in UNFINISHED]
+            left = [r for r in mine if r.info.status in (*UNFINISHED, "KILLED")]  # killed driver or Ctrl-C
             if done:
                 run = done[-1]
                 out[search.id] = SearchState(json.loads(run.data.tags[Tag.CHOSEN]), run.info.run_id, True,
