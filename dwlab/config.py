@@ -199,6 +199,16 @@ class AutoAssignAssignerConfig(Strict):
     neg_weight: float = Field(0.75, ge=0.0)
 
 
+class SimOTAAssignerConfig(Strict):
+    """SimOTA, YOLOX's dynamic-k assigner (Ge et al., 2021), in its current form (YOLOX #1589)."""
+
+    center_radius: float = Field(1.5, gt=0.0)  # candidates: within radius * stride of a GT centre
+    topk_iou: int = Field(10, ge=1)  # dynamic k = floor(sum of a GT's top-q IoUs), at least 1
+    iou_weight: float = Field(3.0, ge=0.0)  # cost = BCE(sqrt(cls * obj)) + iou_weight * -ln IoU
+    penalty: float = Field(1e6, gt=0.0)  # cost of a candidate outside the GT's own centre square
+    box_weight: float = Field(5.0, ge=0.0)  # YOLOX's reg_weight
+
+
 class AssignerConfig(Strict):
     name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
@@ -207,6 +217,7 @@ class AssignerConfig(Strict):
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()
+    simota: SimOTAAssignerConfig = SimOTAAssignerConfig()
     dw: DWAssignerConfig = DWAssignerConfig()
 
 

@@ -53,6 +53,8 @@ ASSIGNERS: dict[str, Method] = {
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
     "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),
+    # YOLOX's dynamic-k assigner: not in the paper's Table 6
+    "simota": Method("dwlab.assign.simota", "SimOTAAssigner", "simota", weight_maps=False),
     "dw": Method("dwlab.assign.dw", "DWAssigner", "dw", weight_maps=True, paper_row="DW"),
 }
 

@@ -318,7 +318,9 @@ def one_gt_per_anchor(claims: Tensor, key: Tensor, *, largest: bool) -> Tensor:
     """An anchor claimed by several GTs keeps one: the claim with the largest (``largest``) or
     smallest key. claims ``Tensor[..., A, G]`` bool, key ``Tensor[..., A, G]`` (IoU: ATSS, TOOD;
     area: FCOS; cost: SimOTA) -> the kept GT per anchor ``Tensor[..., A]`` long, -1 where no GT
-    claims it."""
+    claims it (every anchor when there are no GTs)."""
+    if claims.shape[-1] == 0:
+        return torch.full(claims.shape[:-1], -1, dtype=torch.long, device=claims.device)
     fill = float("-inf") if largest else float("inf")
     masked = torch.where(claims, key, fill)
     idx = masked.argmax(-1) if largest else masked.argmin(-1)

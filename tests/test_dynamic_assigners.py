@@ -1,0 +1,90 @@
+"""The dynamic assigners of Table 6 (SimOTA, OTA, PAA, AutoAssign as published) on hand-sized
+cases: which anchors each makes positive, and the values of its terms where they can be worked
+out by hand. The contract all methods share is tests/test_contract.py."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dwlab.assign.simota import SimOTAAssigner
+from dwlab.box_ops import boxes_to_distances
+from dwlab.data.target import Target
+from dwlab.models.outputs import Anchors, HeadOutputs
+
+CPU = torch.device("cpu")
+
+
+def level(h: int, w: int, stride: int = 8) -> Anchors:
+    return Anchors.grid([(h, w)], [stride], 0.5, CPU)  # points at 4, 12, 20, ...
+
+
+def head(anchors: Anchors, boxes: torch.Tensor, cls_logits: torch.Tensor, ctr: float = 0.0) -> HeadOutputs:
+    """One image whose anchor a predicts boxes[a] (xyxy ``Tensor[A, 4]``), class logits
+    ``Tensor[A, C]`` and a constant centerness logit; leaves with gradient."""
+    distances = boxes_to_distances(anchors.points, boxes).clamp(min=0.01)
+    return HeadOutputs(
+        cls_logits[None].clone().requires_grad_(),
+        torch.full((1, len(anchors)), ctr).requires_grad_(),
+        distances[None].clone().requires_grad_(),
+        anchors,
+    )
+
+
+def target(*boxes_and_labels) -> Target:
+    boxes, labels = zip(*boxes_and_labels)
+    return Target(torch.tensor(boxes, dtype=torch.float32), torch.tensor(labels))
+
+
+def exact_and_tiny(anchors: Anchors, gt: list[float], exact: list[int]) -> torch.Tensor:
+    """Predicted boxes: ``gt`` for the anchors in ``exact``, a 2 px box around the point otherwise."""
+    p = anchors.points
+    boxes = torch.cat([p - 1.0, p + 1.0], dim=-1)
+    boxes[exact] = torch.tensor(gt)
+    return boxes
+
+
+# ----------------------------------------------------------------------------- SimOTA
+
+
+def test_simota_takes_k_from_the_top_ious_and_the_cheapest_candidates():
+    a = level(6, 6)  # x, y in 4, 12, ..., 44; GT centre (20, 20): square 20 +- 12 -> 12, 20, 28
+    gt = [0.0, 0.0, 40.0, 40.0]
+    exact = [7, 14, 28]  # (12, 12), (20, 20), (36, 36): the last outside the square
+    out = head(a, exact_and_tiny(a, gt, exact), torch.zeros(36, 2))
+    assigner = SimOTAAssigner(2)
+    boxes, labels, valid = torch.tensor([[gt]]), torch.tensor([[1]]), torch.tensor([[True]])
+    matched = assigner.match(out, boxes, labels, valid)[0]
+    # candidates: the 9 points of the square; IoU 1 for two of them, tiny elsewhere -> k = 2
+    assert (matched >= 0).nonzero().flatten().tolist() == [7, 14] and matched[[7, 14]].tolist() == [0, 0]
+    # a 2nd GT centred on (36, 36) makes anchor 28 a candidate of the image: its box is GT 0's,
+    # but outside GT 0's square it costs 1e6 more there, so GT 1 (k = 1, IoU 0.13) takes it; its
+    # IoU 1 still counts in GT 0's top IoUs (k = 3, as released), so GT 0 adds its next cheapest, 8
+    two = torch.tensor([[gt, [24.0, 24.0, 48.0, 48.0]]])
+    m2 = assigner.match(out, two, torch.tensor([[1, 1]]), torch.tensor([[True, True]]))[0]
+    assert (m2 >= 0).nonzero().flatten().tolist() == [7, 8, 14, 28] and m2[[7, 8, 14, 28]].tolist() == [0, 0, 0, 1]
+
+
+def test_simota_conflicts_go_to_the_cheapest_gt_and_terms_match_yolox():
+    a = level(6, 6)
+    gt = [0.0, 0.0, 40.0, 40.0]
+    cls = torch.full((36, 2), -4.0)
+    cls[:, 1] = 2.0  # class 1 likely everywhere: the class-1 GT is cheaper on a shared anchor
+    out = head(a, exact_and_tiny(a, gt, [14]), cls)
+    assigner = SimOTAAssigner(2)
+    boxes = torch.tensor([[gt, gt]])
+    matched = assigner.match(out, boxes, torch.tensor([[0, 1]]), torch.tensor([[True, True]]))[0]
+    assert (matched >= 0).nonzero().flatten().tolist() == [14] and matched[14].item() == 1  # k = 1 each, one anchor
+    terms = assigner(out, [target((gt, 0), (gt, 1))])
+    # one positive (IoU 1 with its GT): cls BCE against one-hot(1) * 1, objectness over all 36
+    expected_cls = F.binary_cross_entropy_with_logits(cls[14], torch.tensor([0.0, 1.0]), reduction="sum")
+    obj_target = torch.zeros(36)
+    obj_target[14] = 1.0
+    expected_obj = F.binary_cross_entropy_with_logits(torch.zeros(36), obj_target, reduction="sum")
+    assert terms["loss_cls"].item() == pytest.approx(expected_cls.item(), rel=1e-5)
+    assert terms["loss_obj"].item() == pytest.approx(expected_obj.item(), rel=1e-5)
+    assert terms["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
+    assert assigner.head_init.centerness_bias == pytest.approx(math.log(0.01 / 0.99))
