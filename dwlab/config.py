@@ -199,6 +199,21 @@ class AutoAssignAssignerConfig(Strict):
     neg_weight: float = Field(0.75, ge=0.0)
 
 
+class OTAAssignerConfig(Strict):
+    """OTA (Ge et al., CVPR 2021): optimal-transport assignment, released FCOS-based defaults."""
+
+    center_radius: float = Field(2.5, gt=0.0)  # centre prior: within radius * stride of the centre, in the box
+    topk_iou: int = Field(20, ge=1)  # dynamic k = floor(sum of a GT's top-q IoUs), at least 1
+    reg_weight: float = Field(1.5, ge=0.0)  # cost = focal cls + reg_weight * -ln IoU
+    penalty: float = Field(1e6, gt=0.0)  # cost of a pair outside the centre prior
+    sinkhorn_eps: float = Field(0.1, gt=0.0)  # entropic regularisation
+    sinkhorn_iters: int = Field(50, ge=1)  # Sinkhorn-Knopp updates (no convergence test)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_weight: float = Field(2.0, ge=0.0)  # IoU-weighted GIoU loss
+    iou_weight: float = Field(0.5, ge=0.0)  # IoU-prediction BCE on the centerness branch
+
+
 class SimOTAAssignerConfig(Strict):
     """SimOTA, YOLOX's dynamic-k assigner (Ge et al., 2021), in its current form (YOLOX #1589)."""
 
@@ -213,6 +228,7 @@ class AssignerConfig(Strict):
     name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
+    ota: OTAAssignerConfig = OTAAssignerConfig()
     gfl: GFLAssignerConfig = GFLAssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dwlab.assign.ota import OTAAssigner
 from dwlab.assign.simota import SimOTAAssigner
 from dwlab.box_ops import boxes_to_distances
 from dwlab.data.target import Target
@@ -88,3 +89,28 @@ def test_simota_conflicts_go_to_the_cheapest_gt_and_terms_match_yolox():
     assert terms["loss_obj"].item() == pytest.approx(expected_obj.item(), rel=1e-5)
     assert terms["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
     assert assigner.head_init.centerness_bias == pytest.approx(math.log(0.01 / 0.99))
+
+
+# ----------------------------------------------------------------------------- OTA
+
+
+def test_ota_transports_each_gt_its_dynamic_k_and_the_rest_to_the_background():
+    a = level(6, 6)  # GT centre (20, 20), radius 2.5 strides clipped to the box: x, y in 4..36 (25 points)
+    gt = [0.0, 0.0, 40.0, 40.0]
+    exact = [0, 14, 28]  # (4, 4), (20, 20), (36, 36): IoU 1; the others' 2 px boxes IoU 0.0025
+    out = head(a, exact_and_tiny(a, gt, exact), torch.zeros(36, 2))
+    assigner = OTAAssigner(2)
+    boxes, labels, valid = torch.tensor([[gt]]), torch.tensor([[1]]), torch.tensor([[True]])
+    pi = assigner.plan(out, boxes, labels, valid)[0]  # [2, A], rows divided by their max
+    assert pi.shape == (2, 36) and pi.max(-1).values.tolist() == pytest.approx([1.0, 1.0])
+    # k = floor(3 + 22 * 0.0025) = 3: the three exact boxes (cls cost below the background's at p = 0.5)
+    assert pi.argmax(0).eq(0).nonzero().flatten().tolist() == exact
+    terms = assigner(out, [target((gt, 1))])
+    assert terms["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
+    assert terms["loss_obj"].item() == pytest.approx(math.log(2), rel=1e-5)  # BCE(0.5, IoU 1) per positive
+    focal_all = 36 * 2 * 0.75 * 0.25 * math.log(2) + 3 * (0.25 - 0.75) * 0.25 * math.log(2)  # alpha 0.25, p 0.5
+    assert terms["loss_cls"].item() == pytest.approx(focal_all / 3, rel=1e-5)
+    # a padded GT (a batch whose other image has two) takes no anchor
+    two = torch.tensor([[gt, [0.0, 0.0, 8.0, 8.0]]])
+    matched = assigner.match(out, two, torch.tensor([[1, 0]]), torch.tensor([[True, False]]))[0]
+    assert (matched >= 0).nonzero().flatten().tolist() == exact and set(matched[exact].tolist()) == {0}

@@ -45,6 +45,7 @@ class Method(NamedTuple):
 ASSIGNERS: dict[str, Method] = {
     "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
     "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
+    "ota": Method("dwlab.assign.ota", "OTAAssigner", "ota", weight_maps=False, paper_row="OTA"),
     # AutoAssign with its weights detached and applied to the loss: the paper's "weight loss" row
     "autoassign": Method(
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,

@@ -27,6 +27,7 @@ Costs and matching
   AutoAssign, OTA, SimOTA).
 - ``dynamic_k`` / ``smallest_k``: OTA's and SimOTA's k per GT from its top-q IoUs, and the k
   cheapest anchors of every GT at once.
+- ``sinkhorn``: the entropic optimal-transport plan of a cost matrix (OTA).
 - ``one_gt_per_anchor``: an anchor claimed by several GTs keeps the one with the largest or
   smallest key (ATSS, TOOD: IoU; FCOS: area; SimOTA: cost).
 - ``entry_minima``: the smallest value per (image, anchor, class) entry (DW, AutoAssign).
@@ -325,6 +326,22 @@ def one_gt_per_anchor(claims: Tensor, key: Tensor, *, largest: bool) -> Tensor:
     masked = torch.where(claims, key, fill)
     idx = masked.argmax(-1) if largest else masked.argmin(-1)
     return torch.where(claims.any(-1), idx, torch.full_like(idx, -1))
+
+
+def sinkhorn(cost: Tensor, supply: Tensor, demand: Tensor, *, eps: float = 0.1, iters: int = 50) -> Tensor:
+    """Entropy-regularised optimal transport plan ``pi`` ``Tensor[..., R, A]`` (Cuturi, NeurIPS
+    2013): min <pi, cost> - eps H(pi) with row sums ``supply`` ``Tensor[..., R]`` and column sums
+    ``demand`` ``Tensor[..., A]``, by ``iters`` log-domain Sinkhorn-Knopp updates (rows, then
+    columns, each from the current potentials; OTA's released solver: eps 0.1, 50 iterations, no
+    convergence test, ``ln(x + 1e-8)`` of the marginals, so a zero supply is a tiny one). float32;
+    cost ``Tensor[..., R, A]`` finite."""
+    cost = cost.float()
+    log_mu, log_nu = torch.log(supply.float() + 1e-8), torch.log(demand.float() + 1e-8)
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    for _ in range(iters):
+        u = eps * (log_mu - torch.logsumexp((u[..., :, None] + v[..., None, :] - cost) / eps, dim=-1)) + u
+        v = eps * (log_nu - torch.logsumexp((u[..., :, None] + v[..., None, :] - cost) / eps, dim=-2)) + v
+    return torch.exp((u[..., :, None] + v[..., None, :] - cost) / eps)
 
 
 # ----------------------------------------------------------------------------- ATSS and hard assignments
