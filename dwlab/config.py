@@ -199,6 +199,24 @@ class AutoAssignAssignerConfig(Strict):
     neg_weight: float = Field(0.75, ge=0.0)
 
 
+class AutoAssignDetachAssignerConfig(Strict):
+    """AutoAssign as published but with its positive weights detached (DW Table 6's
+    "AutoAssign(detach)"): weights on the scores without gradient, centre prior fixed (0, 1)."""
+
+    tau: float = Field(1.0 / 3.0, gt=0.0)  # w+ = exp(P / tau) G / sum
+    loc_lambda: float = Field(5.0, ge=0.0)  # P = s * exp(-lambda * GIoU loss)
+    neg_gamma: float = Field(2.0, ge=0.0)  # L- = sum FL(w- s), FL(p) = -p^gamma ln(1 - p)
+    pos_weight: float = Field(0.25, ge=0.0)  # released code's loss weights
+    neg_weight: float = Field(0.75, ge=0.0)
+
+
+class AutoAssignPaperAssignerConfig(AutoAssignDetachAssignerConfig):
+    """AutoAssign as published (Zhu et al., 2020): weights on the scores with gradient, a learnable
+    per-class Gaussian centre prior, ImpObj on the centerness branch."""
+
+    prior_weight: float = Field(0.75, ge=0.0)  # released code's loss on the prior (#GT / sum G)
+
+
 class OTAAssignerConfig(Strict):
     """OTA (Ge et al., CVPR 2021): optimal-transport assignment, released FCOS-based defaults."""
 
@@ -232,6 +250,8 @@ class AssignerConfig(Strict):
     gfl: GFLAssignerConfig = GFLAssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
+    autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()
+    autoassign_detach: AutoAssignDetachAssignerConfig = AutoAssignDetachAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()
     simota: SimOTAAssignerConfig = SimOTAAssignerConfig()
     dw: DWAssignerConfig = DWAssignerConfig()

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dwlab.assign.autoassign_paper import AutoAssignDetachAssigner, AutoAssignPaperAssigner
 from dwlab.assign.ota import OTAAssigner
 from dwlab.assign.simota import SimOTAAssigner
 from dwlab.box_ops import boxes_to_distances
@@ -114,3 +115,55 @@ def test_ota_transports_each_gt_its_dynamic_k_and_the_rest_to_the_background():
     two = torch.tensor([[gt, [0.0, 0.0, 8.0, 8.0]]])
     matched = assigner.match(out, two, torch.tensor([[1, 0]]), torch.tensor([[True, False]]))[0]
     assert (matched >= 0).nonzero().flatten().tolist() == exact and set(matched[exact].tolist()) == {0}
+
+
+# ----------------------------------------------------------------------------- AutoAssign as published
+
+
+def test_autoassign_paper_terms_by_hand():
+    a = level(2, 2)  # points (4, 4), (12, 4), (4, 12), (12, 12)
+    gt = [0.0, 0.0, 16.0, 8.0]  # centre (8, 4): the bag is (4, 4) and (12, 4), offsets -+0.5 stride
+    out = head(a, torch.tensor([gt] * 4), torch.zeros(4, 2))  # s = 0.25 everywhere, exact boxes
+    terms = AutoAssignPaperAssigner(2)(out, [target((gt, 1))])
+    prior_sum = 2 * math.exp(-0.125)
+    assert terms["loss_cls_pos"].item() == pytest.approx(math.log(4), rel=1e-5)  # w+ 1/2 each, P = s
+    # in-bag entries of class 1: IoU 1 -> w- = 0; the other 6 entries: s^2 * -ln(1 - s)
+    assert terms["loss_neg"].item() == pytest.approx(6 * 0.25**2 * math.log(4 / 3) / prior_sum, rel=1e-5)
+    assert terms["loss_prior"].item() == pytest.approx(1 / prior_sum, rel=1e-5)
+
+
+def test_autoassign_paper_weights_carry_gradient_and_detach_does_not():
+    a = level(2, 2)
+    gt = [0.0, 0.0, 16.0, 8.0]
+    cls = torch.tensor([[-1.0, 0.5], [-1.0, -0.5], [0.0, 0.0], [0.0, 0.0]])  # the bag's scores differ
+    grads = {}
+    for assigner in (AutoAssignPaperAssigner(2), AutoAssignDetachAssigner(2)):
+        out = head(a, torch.tensor([gt] * 4), cls)
+        assigner(out, [target((gt, 1))])["loss_cls_pos"].backward()
+        grads[assigner.detach] = out.cls_logits.grad[0, :2, 1]
+    # d/ds of -ln(sum w+ P): detached, each point's share w+_i P_i / bag; with w+'s gradient, more
+    # to the point with the larger score (exp(P / tau) favours it)
+    assert not torch.allclose(grads[False], grads[True])
+    assert (grads[False][0] - grads[True][0]).item() < 0  # the better point is pushed up harder
+    paper = AutoAssignPaperAssigner(2)
+    out = head(a, torch.tensor([gt] * 4), cls)
+    terms = paper(out, [target((gt, 1))])
+    (terms["loss_cls_pos"] + terms["loss_prior"]).backward()
+    assert paper.learnable.sigma.grad[1].abs().sum() > 0 and paper.learnable.sigma.grad[0].abs().sum() == 0
+    assert not hasattr(AutoAssignDetachAssigner(2), "learnable")
+    assert set(AutoAssignDetachAssigner(2).loss_weights) == {"loss_cls_pos", "loss_neg"}
+
+
+def test_a_methods_learnable_parameters_train_and_save_with_the_detector():
+    from dwlab.config import validate
+    from dwlab.runner import build_detector, eval_detector, make_optimizer
+
+    cfg = validate({"model": {"backbone": "resnet10", "pretrained": False, "fpn_channels": 16, "head_convs": 1,
+                              "head_norm_groups": 4}, "assigner": {"name": "autoassign_paper"}}, "t")  # fmt: skip
+    assigner = AutoAssignPaperAssigner(3)
+    model = build_detector(cfg, 3, assigner)
+    assert model.assigner is assigner.learnable
+    optimised = {id(p) for group in make_optimizer(model, cfg).param_groups for p in group["params"]}
+    assert {id(assigner.learnable.mean), id(assigner.learnable.sigma)} <= optimised
+    assert {"assigner.mean", "assigner.sigma"} <= set(model.state_dict())
+    eval_detector(cfg, 3).load_state_dict(model.state_dict())  # strict: evaluation loads it back

@@ -46,6 +46,16 @@ ASSIGNERS: dict[str, Method] = {
     "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
     "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
     "ota": Method("dwlab.assign.ota", "OTAAssigner", "ota", weight_maps=False, paper_row="OTA"),
+    # AutoAssign as published: weights on the scores with gradient, learnable centre prior
+    "autoassign_paper": Method(
+        "dwlab.assign.autoassign_paper", "AutoAssignPaperAssigner", "autoassign_paper", weight_maps=False,
+        paper_row="AutoAssign",
+    ),  # fmt: skip
+    # the same, its positive weights detached (still on the scores)
+    "autoassign_detach": Method(
+        "dwlab.assign.autoassign_paper", "AutoAssignDetachAssigner", "autoassign_detach", weight_maps=False,
+        paper_row="AutoAssign(detach)",
+    ),  # fmt: skip
     # AutoAssign with its weights detached and applied to the loss: the paper's "weight loss" row
     "autoassign": Method(
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,

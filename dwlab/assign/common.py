@@ -19,7 +19,8 @@ Candidate regions
   (DW's bags, AutoAssign), enumerated on the anchor grid (``dwlab.assign.grid``);
   ``centre_offsets`` / ``gaussian_prior``: their offsets from the GT centre in strides and a
   Gaussian centre prior (DW's soft bag, AutoAssign); ``pair_boxes``: each pair's predicted box
-  and GIoU loss, with gradient.
+  and GIoU loss, with gradient; ``per_gt``: a sum, min or max of pair values per GT;
+  ``bag_neg_weights``: AutoAssign's IoU-based negative weight of each bag pair.
 
 Costs and matching
 - ``class_cost``: each anchor's (focal) BCE cost for each GT's class, ``[B, A, G]`` (OTA, SimOTA).
@@ -254,6 +255,27 @@ def pair_boxes(
     pred = distances_to_boxes(points, distances)  # [P, 4] xyxy, with gradient
     target = gt_boxes.index_select(0, gt)
     return PairBoxes(image, label, flat, target, pred, 1.0 - aligned_giou(pred, target))
+
+
+def per_gt(values: Tensor, gt: Tensor, num_gts: int, how: str) -> Tensor:
+    """Reduce the pairs' ``values`` ``Tensor[P]`` over each GT's pairs (``gt`` ``Tensor[P]``) by
+    ``how`` ("sum", "amin", "amax") -> ``Tensor[G]``, 0 for a GT without pairs."""
+    out = torch.zeros(num_gts, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, gt, values, how, include_self=False)
+
+
+@torch.no_grad()
+def bag_neg_weights(pairs: PairBoxes, gt: Tensor, num_gts: int, targets: list[Target], eps: float) -> tuple[Tensor, Tensor]:
+    """AutoAssign's negative weight of each bag pair, ``Tensor[P]``: 1 - f(1 / (1 - iou_max)),
+    iou_max the largest IoU of the pair's predicted box with any GT of its image, f a min-max
+    normalisation over the GT's bag (``eps`` in both differences, released); and iou_max
+    ``Tensor[P]``. No gradient. pairs: ``pair_boxes`` of the bag pairs; gt ``Tensor[P]``."""
+    padded, _, valid = pad_targets(targets, pairs.pred.device)
+    ious = pairwise_iou(pairs.pred.detach()[:, None], padded[pairs.image], valid[pairs.image])[:, 0]  # [P, G_max]
+    iou_max = ious.amax(-1) if ious.numel() else pairs.giou_loss.detach() * 0
+    inv = 1.0 / (1.0 - iou_max).clamp(min=eps)
+    lo, hi = per_gt(inv, gt, num_gts, "amin")[gt], per_gt(inv, gt, num_gts, "amax")[gt]
+    return 1.0 - (inv - lo + eps) / (hi - lo + eps), iou_max
 
 
 # ----------------------------------------------------------------------------- costs and matching
