@@ -217,6 +217,19 @@ class AutoAssignPaperAssignerConfig(AutoAssignDetachAssignerConfig):
     prior_weight: float = Field(0.75, ge=0.0)  # released code's loss on the prior (#GT / sum G)
 
 
+class PAAAssignerConfig(Strict):
+    """PAA (Kim and Lee, ECCV 2020): per-GT 2-component GMM over candidate scores; released defaults."""
+
+    anchor_scale: float = Field(8.0, gt=0.0)  # pre-assignment anchor: side anchor_scale * stride per point
+    pre_iou: float = Field(0.1, ge=0.0, le=1.0)  # IoU matcher threshold (plus each GT's best anchor)
+    topk: int = Field(9, ge=1)  # candidates per GT and level: the lowest cls + GIoU loss scores
+    gmm_iters: int = Field(100, ge=1)  # EM steps (scikit-learn's max_iter; no convergence test)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_weight: float = Field(1.3, ge=0.0)  # IoU-weighted GIoU loss
+    iou_weight: float = Field(0.5, ge=0.0)  # IoU-prediction BCE on the centerness branch
+
+
 class OTAAssignerConfig(Strict):
     """OTA (Ge et al., CVPR 2021): optimal-transport assignment, released FCOS-based defaults."""
 
@@ -246,6 +259,7 @@ class AssignerConfig(Strict):
     name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
+    paa: PAAAssignerConfig = PAAAssignerConfig()
     ota: OTAAssignerConfig = OTAAssignerConfig()
     gfl: GFLAssignerConfig = GFLAssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()

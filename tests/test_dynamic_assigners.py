@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from dwlab.assign.autoassign_paper import AutoAssignDetachAssigner, AutoAssignPaperAssigner
 from dwlab.assign.ota import OTAAssigner
+from dwlab.assign.paa import PAAAssigner, fit_gmm, gmm_positives
 from dwlab.assign.simota import SimOTAAssigner
 from dwlab.box_ops import boxes_to_distances
 from dwlab.data.target import Target
@@ -167,3 +168,52 @@ def test_a_methods_learnable_parameters_train_and_save_with_the_detector():
     assert {id(assigner.learnable.mean), id(assigner.learnable.sigma)} <= optimised
     assert {"assigner.mean", "assigner.sigma"} <= set(model.state_dict())
     eval_detector(cfg, 3).load_state_dict(model.state_dict())  # strict: evaluation loads it back
+
+
+# ----------------------------------------------------------------------------- PAA
+
+
+def test_paa_gmm_matches_scikit_learn_on_each_row_at_once():
+    mixture = pytest.importorskip("sklearn.mixture")  # the released fit: a reference here, never in training
+    g = torch.Generator().manual_seed(0)
+    rows = [torch.cat([torch.rand(6, generator=g) * 0.5 + 0.3, torch.rand(9, generator=g) + 2.0]),
+            torch.cat([torch.rand(3, generator=g) + 1.0, torch.rand(12, generator=g) * 2 + 4.0])]  # fmt: skip
+    x = torch.stack(rows).double()
+    valid = torch.ones_like(x, dtype=torch.bool)
+    valid[1, -4:] = False  # a shorter row: its last 4 are padding
+    fit = fit_gmm(x, valid, iters=100)
+    for i in range(2):
+        data = x[i][valid[i]].numpy()[:, None]
+        ref = mixture.GaussianMixture(
+            2, weights_init=[0.5, 0.5], means_init=[[data.min()], [data.max()]], precisions_init=[[[1.0]], [[1.0]]],
+            tol=1e-12, max_iter=100,
+        ).fit(data)  # fmt: skip
+        assert fit.mean[i].tolist() == pytest.approx(ref.means_[:, 0].tolist(), rel=1e-6)
+        assert fit.var[i].tolist() == pytest.approx(ref.covariances_[:, 0, 0].tolist(), rel=1e-5)
+        assert fit.weight[i].tolist() == pytest.approx(ref.weights_.tolist(), rel=1e-6)
+
+
+def test_paa_separates_at_the_foreground_peak_with_the_released_fallbacks():
+    x = torch.tensor([[0.1, 0.2, 0.25, 0.3, 2.0, 2.1, 2.2, 2.4], [0.5, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0, 9.0]])
+    valid = torch.tensor([[True] * 8, [True] + [False] * 7])
+    pos = gmm_positives(x, valid, iters=50)
+    # row 0: the low cluster's densest sample is 0.2 or 0.25: positives up to it, the rest negative
+    assert pos[0, :2].all() and not pos[0, 4:].any() and not pos[0, 3]
+    assert pos[1].tolist() == [True] + [False] * 7  # one candidate: kept (released)
+
+
+def test_paa_pre_assigns_by_anchor_iou_and_keeps_the_low_loss_candidates():
+    a = level(6, 6)  # anchors: 64 px squares around each point (8 x stride 8)
+    gt = [0.0, 0.0, 40.0, 40.0]
+    exact = [7, 8, 14]
+    out = head(a, exact_and_tiny(a, gt, exact), torch.zeros(36, 2))
+    assigner = PAAAssigner(2)
+    boxes, labels, valid = torch.tensor([[gt]]), torch.tensor([[0]]), torch.tensor([[True]])
+    pre = assigner.pre_assign(a, boxes, valid)[0]
+    assert bool((pre == 0).all())  # every 64 px anchor overlaps the 40 px GT by >= 0.1 here
+    matched = assigner.match(out, boxes, labels, valid)[0]
+    # 9 candidates (one level): the 3 exact boxes score 1 GIoU loss lower: the GMM's foreground
+    assert (matched >= 0).nonzero().flatten().tolist() == exact
+    terms = assigner(out, [target((gt, 0))])
+    assert terms["loss_box"].item() == pytest.approx(0.0, abs=1e-5)
+    assert terms["loss_obj"].item() == pytest.approx(math.log(2), rel=1e-5)

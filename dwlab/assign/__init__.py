@@ -45,6 +45,7 @@ class Method(NamedTuple):
 ASSIGNERS: dict[str, Method] = {
     "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
     "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
+    "paa": Method("dwlab.assign.paa", "PAAAssigner", "paa", weight_maps=False, paper_row="PAA"),
     "ota": Method("dwlab.assign.ota", "OTAAssigner", "ota", weight_maps=False, paper_row="OTA"),
     # AutoAssign as published: weights on the scores with gradient, learnable centre prior
     "autoassign_paper": Method(

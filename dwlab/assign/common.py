@@ -43,6 +43,8 @@ Hard assignments and their losses
 - ``class_target``: the ``[B, A, C]`` soft classification target of a hard assignment.
 - ``QualityAssignment``: a hard assignment with a soft target per positive (GFL, VFL, TOOD), and
   ``per_positive_terms``, its loss terms normalised by the positives (GFL, VFL, TOOD's warm-up).
+- ``iou_branch_terms``: focal loss, IoU-weighted GIoU and an IoU-prediction BCE on the
+  centerness branch of a hard assignment (OTA, PAA).
 
 Visualisation
 - ``focus_maps`` / ``level_maps``: per-anchor score / IoU / pos / neg maps for
@@ -57,7 +59,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou, generalized_box_iou_loss
+import torch.nn.functional as F
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dwlab.assign.grid import GridLayout, grid_layout, split_levels
 from dwlab.box_ops import aligned_giou, aligned_iou, box_centers, boxes_to_distances, distances_to_boxes
@@ -510,6 +513,26 @@ class QualityAssignment:
             "loss_cls": loss_cls_sum / normaliser(float(self.pos.image.numel()), device),
             "loss_box": self.pos.weighted_giou(self.box_weight) / normaliser(self.box_weight.sum(), device),
         }
+
+
+def iou_branch_terms(outputs: HeadOutputs, pos: Positives, *, focal_alpha: float, focal_gamma: float) -> dict[str, Tensor]:
+    """The loss of a hard assignment with an IoU-prediction branch on the centerness branch (OTA,
+    PAA released): ``loss_cls`` focal loss of every anchor's class logits over the number of
+    positives; ``loss_box`` the IoU-weighted GIoU loss over the sum of the positives' IoU;
+    ``loss_obj`` BCE of the positives' centerness logits against their IoU, over the number of
+    positives (normalisers averaged over workers, at least 1). IoU: ``pos.iou``, no gradient."""
+    device = outputs.cls_logits.device
+    num_pos = normaliser(float(pos.image.numel()), device)  # known on the host after nonzero
+    cls_target = class_target(outputs.cls_logits.shape, pos, torch.ones_like(pos.iou))
+    loss_cls = sigmoid_focal_loss(
+        outputs.cls_logits.float(), cls_target, alpha=focal_alpha, gamma=focal_gamma, reduction="sum"
+    )
+    ctr = outputs.centerness[pos.image, pos.anchor].float()
+    return {
+        "loss_cls": loss_cls / num_pos,
+        "loss_box": pos.weighted_giou(pos.iou) / normaliser(pos.iou.sum(), device),
+        "loss_obj": F.binary_cross_entropy_with_logits(ctr, pos.iou, reduction="sum") / num_pos,
+    }
 
 
 def entry_minima(keys: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -38,15 +38,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.ops import sigmoid_focal_loss
 
 from dwlab.assign.base import LabelAssigner, check_positive
 from dwlab.assign.common import (
     centre_region,
     check_outputs,
     class_cost,
-    class_target,
     dynamic_k,
+    iou_branch_terms,
     pad_targets,
     pairwise_iou,
     points_inside,
@@ -54,7 +53,6 @@ from dwlab.assign.common import (
     sinkhorn,
 )
 from dwlab.data.target import Target
-from dwlab.distributed import normaliser
 from dwlab.models.outputs import HeadOutputs
 
 IOU_EPS = torch.finfo(torch.float32).eps  # -ln IoU of a non-overlapping box: ~15.9 (released)
@@ -127,12 +125,4 @@ class OTAAssigner(LabelAssigner):
         device = outputs.cls_logits.device
         gt_boxes, gt_labels, gt_valid = pad_targets(targets, device)
         pos = positives(outputs, self.match(outputs, gt_boxes, gt_labels, gt_valid), gt_boxes, gt_labels)
-        num_pos = normaliser(float(pos.image.numel()), device)  # known on the host after nonzero
-        cls_target = class_target(outputs.cls_logits.shape, pos, torch.ones_like(pos.iou))
-        loss_cls = sigmoid_focal_loss(
-            outputs.cls_logits.float(), cls_target, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="sum"
-        )
-        loss_box = pos.weighted_giou(pos.iou) / normaliser(pos.iou.sum(), device)
-        ctr = outputs.centerness[pos.image, pos.anchor].float()
-        loss_obj = F.binary_cross_entropy_with_logits(ctr, pos.iou, reduction="sum")
-        return {"loss_cls": loss_cls / num_pos, "loss_box": loss_box, "loss_obj": loss_obj / num_pos}
+        return iou_branch_terms(outputs, pos, focal_alpha=self.focal_alpha, focal_gamma=self.focal_gamma)
