@@ -1,6 +1,7 @@
 """Training step (forward + loss + backward + optimizer step) of dwlab's FCOS with DW, with DW +
-box refinement and with the FCOS assigner, against ``torchvision.models.detection.FCOS`` built
-from the same backbone, FPN width, head depth and GroupNorm groups, on the same images."""
+box refinement, with the FCOS assigner and with every other method of ``ASSIGNERS``, against
+``torchvision.models.detection.FCOS`` built from the same backbone, FPN width, head depth and
+GroupNorm groups, on the same images."""
 
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ from torch import nn
 from torchvision.models.detection import FCOS as TorchvisionFCOS
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
-from dwlab.assign import build_assigner
+from dwlab.assign import ASSIGNERS, build_assigner
 from dwlab.assign.base import weighted_total
 from dwlab.config import Config
 from dwlab.data.target import Target
 from dwlab.data.transforms import normalize
 from dwlab.engine import param_groups
 from dwlab.models.backbone import build_backbone
-from dwlab.models.detector import build_model
-from dwlab.runner import precision
+from dwlab.runner import build_detector, precision
 
 GTS_PER_IMAGE = 7  # COCO train2017 has about 7.3 per image
-CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", "torchvision FCOS")
+#: every other method's step, by its name: the cost of its assignment on the same detector
+METHOD_CANDIDATES = {f"dwlab {name}": name for name in ASSIGNERS if name not in ("dw", "fcos")}
+CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", *METHOD_CANDIDATES, "torchvision FCOS")
 
 
 def synthetic_images(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[Target]]:
@@ -92,13 +94,13 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
         return step
 
     fns = {}
-    for name, refine, assigner_name in (
-        ("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos"),
-    ):  # fmt: skip
+    runs = [("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos")]
+    for name, refine, assigner_name in runs + [(n, False, m) for n, m in METHOD_CANDIDATES.items()]:
         torch.manual_seed(0)
-        model = build_model(cfg.model.model_copy(update={"pretrained": False, "box_refine": refine}), num_classes)
-        model = model.to(device).train()
         assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
+        model_cfg = cfg.model.model_copy(update={"pretrained": False, "box_refine": refine})
+        # the method's head initialisation and learnable parameters, as in training
+        model = build_detector(cfg.model_copy(update={"model": model_cfg}), num_classes, assigner).to(device).train()
         loss = functools.partial(_dwlab_loss, model, assigner, dwlab_images, dwlab_targets)
         fns[name] = make(model, loss)
     torch.manual_seed(0)
