@@ -235,14 +235,75 @@ class AutoAssignAssignerConfig(Strict):
     neg_weight: float = Field(0.75, ge=0.0)
 
 
+class AutoAssignDetachAssignerConfig(Strict):
+    """AutoAssign as published but with its positive weights detached (DW Table 6's
+    "AutoAssign(detach)"): weights on the scores without gradient, centre prior fixed (0, 1)."""
+
+    tau: float = Field(1.0 / 3.0, gt=0.0)  # w+ = exp(P / tau) G / sum
+    loc_lambda: float = Field(5.0, ge=0.0)  # P = s * exp(-lambda * GIoU loss)
+    neg_gamma: float = Field(2.0, ge=0.0)  # L- = sum FL(w- s), FL(p) = -p^gamma ln(1 - p)
+    pos_weight: float = Field(0.25, ge=0.0)  # released code's loss weights
+    neg_weight: float = Field(0.75, ge=0.0)
+
+
+class AutoAssignPaperAssignerConfig(AutoAssignDetachAssignerConfig):
+    """AutoAssign as published (Zhu et al., 2020): weights on the scores with gradient, a learnable
+    per-class Gaussian centre prior, ImpObj on the centerness branch."""
+
+    prior_weight: float = Field(0.75, ge=0.0)  # released code's loss on the prior (#GT / sum G)
+
+
+class PAAAssignerConfig(Strict):
+    """PAA (Kim and Lee, ECCV 2020): per-GT 2-component GMM over candidate scores; released defaults."""
+
+    anchor_scale: float = Field(8.0, gt=0.0)  # pre-assignment anchor: side anchor_scale * stride per point
+    pre_iou: float = Field(0.1, ge=0.0, le=1.0)  # IoU matcher threshold (plus each GT's best anchor)
+    topk: int = Field(9, ge=1)  # candidates per GT and level: the lowest cls + GIoU loss scores
+    gmm_iters: int = Field(100, ge=1)  # EM steps (scikit-learn's max_iter; no convergence test)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_weight: float = Field(1.3, ge=0.0)  # IoU-weighted GIoU loss
+    iou_weight: float = Field(0.5, ge=0.0)  # IoU-prediction BCE on the centerness branch
+
+
+class OTAAssignerConfig(Strict):
+    """OTA (Ge et al., CVPR 2021): optimal-transport assignment, released FCOS-based defaults."""
+
+    center_radius: float = Field(2.5, gt=0.0)  # centre prior: within radius * stride of the centre, in the box
+    topk_iou: int = Field(20, ge=1)  # dynamic k = floor(sum of a GT's top-q IoUs), at least 1
+    reg_weight: float = Field(1.5, ge=0.0)  # cost = focal cls + reg_weight * -ln IoU
+    penalty: float = Field(1e6, gt=0.0)  # cost of a pair outside the centre prior
+    sinkhorn_eps: float = Field(0.1, gt=0.0)  # entropic regularisation
+    sinkhorn_iters: int = Field(50, ge=1)  # Sinkhorn-Knopp updates (no convergence test)
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_weight: float = Field(2.0, ge=0.0)  # IoU-weighted GIoU loss
+    iou_weight: float = Field(0.5, ge=0.0)  # IoU-prediction BCE on the centerness branch
+
+
+class SimOTAAssignerConfig(Strict):
+    """SimOTA, YOLOX's dynamic-k assigner (Ge et al., 2021), in its current form (YOLOX #1589)."""
+
+    center_radius: float = Field(1.5, gt=0.0)  # candidates: within radius * stride of a GT centre
+    topk_iou: int = Field(10, ge=1)  # dynamic k = floor(sum of a GT's top-q IoUs), at least 1
+    iou_weight: float = Field(3.0, ge=0.0)  # cost = BCE(sqrt(cls * obj)) + iou_weight * -ln IoU
+    penalty: float = Field(1e6, gt=0.0)  # cost of a candidate outside the GT's own centre square
+    box_weight: float = Field(5.0, ge=0.0)  # YOLOX's reg_weight
+
+
 class AssignerConfig(Strict):
     name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
+    paa: PAAAssignerConfig = PAAAssignerConfig()
+    ota: OTAAssignerConfig = OTAAssignerConfig()
     gfl: GFLAssignerConfig = GFLAssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
+    autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()
+    autoassign_detach: AutoAssignDetachAssignerConfig = AutoAssignDetachAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()
+    simota: SimOTAAssignerConfig = SimOTAAssignerConfig()
     dw: DWAssignerConfig = DWAssignerConfig()
 
 

@@ -163,7 +163,18 @@ def make_assigner(cfg: Config, num_classes: int) -> LabelAssigner:
 def build_detector(cfg: Config, num_classes: int, assigner: LabelAssigner) -> FCOS:
     """``build_model`` with the head initialised as the method asks (``assign.base.head_init``:
     e.g. an objectness prior on the centerness branch); the detector's default otherwise."""
-    return build_model(cfg.model, num_classes, centerness_bias=head_init(assigner).centerness_bias)
+    model = build_model(cfg.model, num_classes, centerness_bias=head_init(assigner).centerness_bias)
+    learnable = getattr(assigner, "learnable", None)
+    if learnable is not None:  # the method's own parameters train, save and move with the detector
+        model.add_module("assigner", learnable)
+    return model
+
+
+def eval_detector(cfg: Config, num_classes: int) -> FCOS:
+    """The detector a checkpoint of ``cfg`` was saved from (its method's ``learnable`` module
+    included), untrained and without pretrained weights: ``load_state_dict`` it."""
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
+    return build_detector(cfg, num_classes, make_assigner(cfg, num_classes))
 
 
 def resolved_record(cfg: Config, assigner: LabelAssigner, device: torch.device) -> dict[str, Any]:
@@ -372,9 +383,9 @@ def run_evaluation(cfg: Config, checkpoint_path: Path, out_path: Path | None = N
 
 
 def model_with_weights(cfg: Config, state: dict[str, Any], num_classes: int, checkpoint_path: Path) -> FCOS:
-    """The config's detector with the weights of checkpoint ``state`` (read from
-    ``checkpoint_path``); no pretrained weights are loaded first."""
-    model = build_model(cfg.model.model_copy(update={"pretrained": False}), num_classes)
+    """The config's detector (its method's ``learnable`` module included) with the weights of
+    checkpoint ``state`` (read from ``checkpoint_path``); no pretrained weights are loaded first."""
+    model = eval_detector(cfg, num_classes)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as err:

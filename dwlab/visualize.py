@@ -18,9 +18,8 @@ from dwlab.config import validate_stored
 from dwlab.data.coco import SkippedImage, collate
 from dwlab.data.transforms import denormalize
 from dwlab.errors import DwlabError
-from dwlab.models.detector import build_model
 from dwlab.plots import plot_weight_maps
-from dwlab.runner import build_datasets
+from dwlab.runner import build_datasets, eval_detector
 
 
 def find_image(dataset, image: str | None) -> int:
@@ -66,7 +65,7 @@ def plot_checkpoint_weights(
     state = checkpoint.load(checkpoint_path)
     cfg = validate_stored(state.get("config", {}), f"{checkpoint_path} (its config)")
     _, val = build_datasets(cfg)
-    model = build_model(cfg.model.model_copy(update={"pretrained": False}), val.num_classes)
+    model = eval_detector(cfg, val.num_classes)
     model.load_state_dict(state["model"])
     model.eval()
     index = find_image(val, image)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from dwlab.assign import ASSIGNERS
 from dwlab.assign.base import weighted_total
 from dwlab.assign.dw import DWAssigner, DWParams
 from dwlab.bench.loss import LossCase, check_agreement, loss_fns, synthetic_batch
@@ -77,6 +78,7 @@ def test_report_has_every_part_and_target(tmp_path):
                    "<= 1.5x the FCOS loss", "peak memory <= 200 MB at 6 GTs", "data loading >= 3x"):  # fmt: skip
         assert target in text
     assert "Sweep concurrency" not in text
+    assert all(f"| dwlab {m} |" in text for m in ASSIGNERS if m not in ("dw", "fcos"))  # every method's step
 
 
 def test_eval_and_data_parts_at_the_paper_scale_use_the_generated_datasets_names(tmp_path):

@@ -87,7 +87,9 @@ def test_terms_are_its_weight_tables_with_finite_values_and_gradients(method, ba
     total.backward()
     grads = {"cls": out.cls_logits.grad, "ctr": out.centerness.grad, "dist": out.distances.grad}
     assert all(g is None or bool(torch.isfinite(g).all()) for g in grads.values()), grads
-    assert grads["cls"] is not None and float(grads["cls"].abs().sum()) > 0  # negatives train the scores
+    # negatives train the score s = sigmoid(cls) * sigmoid(ctr): through the class logits, or
+    # through the objectness alone (YOLOX: an image without GTs trains only the objectness)
+    assert any(g is not None and float(g.abs().sum()) > 0 for g in (grads["cls"], grads["ctr"]))
     if batch == "gts":  # positives: the boxes get gradient
         assert grads["dist"] is not None and float(grads["dist"].abs().sum()) > 0
 

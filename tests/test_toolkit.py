@@ -21,6 +21,7 @@ from dwlab.assign.common import (
     gaussian_prior,
     one_gt_per_anchor,
     pairwise_iou,
+    sinkhorn,
     smallest_k,
 )
 from dwlab.assign.fcos import FCOSAssigner
@@ -104,6 +105,17 @@ def test_one_gt_per_anchor_keeps_the_largest_or_smallest_key():
     assert one_gt_per_anchor(claims, key, largest=False).tolist() == [0, 1, -1]
     tie = one_gt_per_anchor(torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 3), largest=True)
     assert tie.tolist() == [0]  # ties: the first GT
+
+
+def test_sinkhorn_finds_the_transport_plan_and_keeps_the_marginals():
+    cost = torch.tensor([[0.0, 0.0, 5.0], [5.0, 5.0, 0.0]])  # supplier 0 wants anchors 0, 1; supplier 1 anchor 2
+    pi = sinkhorn(cost, torch.tensor([2.0, 1.0]), torch.ones(3))
+    assert torch.allclose(pi, torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]), atol=1e-4)
+    g = torch.Generator().manual_seed(0)  # random costs, batched: the plan's marginals are the supplies
+    cost, supply = torch.rand(2, 3, 7, generator=g), torch.tensor([[2.0, 1.0, 4.0], [1.0, 1.0, 5.0]])
+    pi = sinkhorn(cost, supply, torch.ones(2, 7), eps=0.5, iters=200)
+    assert torch.allclose(pi.sum(-1), supply, atol=1e-4) and torch.allclose(pi.sum(-2), torch.ones(2, 7), atol=1e-4)
+    assert bool((sinkhorn(cost, supply, torch.ones(2, 7), eps=0.5, iters=200)[0] == pi[0]).all())
 
 
 def test_entry_minima():

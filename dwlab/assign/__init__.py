@@ -45,6 +45,18 @@ class Method(NamedTuple):
 ASSIGNERS: dict[str, Method] = {
     "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
     "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
+    "paa": Method("dwlab.assign.paa", "PAAAssigner", "paa", weight_maps=False, paper_row="PAA"),
+    "ota": Method("dwlab.assign.ota", "OTAAssigner", "ota", weight_maps=False, paper_row="OTA"),
+    # AutoAssign as published: weights on the scores with gradient, learnable centre prior
+    "autoassign_paper": Method(
+        "dwlab.assign.autoassign_paper", "AutoAssignPaperAssigner", "autoassign_paper", weight_maps=False,
+        paper_row="AutoAssign",
+    ),  # fmt: skip
+    # the same, its positive weights detached (still on the scores)
+    "autoassign_detach": Method(
+        "dwlab.assign.autoassign_paper", "AutoAssignDetachAssigner", "autoassign_detach", weight_maps=False,
+        paper_row="AutoAssign(detach)",
+    ),  # fmt: skip
     # AutoAssign with its weights detached and applied to the loss: the paper's "weight loss" row
     "autoassign": Method(
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,
@@ -53,6 +65,8 @@ ASSIGNERS: dict[str, Method] = {
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
     "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),
+    # YOLOX's dynamic-k assigner: not in the paper's Table 6
+    "simota": Method("dwlab.assign.simota", "SimOTAAssigner", "simota", weight_maps=False),
     "dw": Method("dwlab.assign.dw", "DWAssigner", "dw", weight_maps=True, paper_row="DW"),
 }
 

@@ -38,6 +38,7 @@ from torch import Tensor
 from dwlab.assign.base import LabelAssigner, check_positive
 from dwlab.assign.common import (
     WeightMaps,
+    bag_neg_weights,
     centre_offsets,
     check_outputs,
     concat_targets,
@@ -45,9 +46,8 @@ from dwlab.assign.common import (
     focus_maps,
     gaussian_prior,
     inside_pairs,
-        pad_targets,
     pair_boxes,
-    pairwise_iou,
+    per_gt,
 )
 from dwlab.assign.grid import anchor_layout
 from dwlab.box_ops import aligned_iou
@@ -81,12 +81,6 @@ class AutoAssignment:
     gt_labels: Tensor
     entry: Tensor
     entry_w_neg: Tensor
-
-
-def _per_gt(values: Tensor, gt: Tensor, num_gts: int, how: str) -> Tensor:
-    """Reduce ``values`` ``Tensor[P]`` over each GT's pairs ("sum", "amin", "amax") -> ``Tensor[G]``."""
-    out = torch.zeros(num_gts, dtype=values.dtype, device=values.device)
-    return out.scatter_reduce(0, gt, values, how, include_self=False)
 
 
 class AutoAssignAssigner(WeightMaps, LabelAssigner):
@@ -131,14 +125,9 @@ class AutoAssignAssigner(WeightMaps, LabelAssigner):
             score = outputs.scores().detach().float().reshape(-1)[flat * c + label]
             confidence = score * torch.exp(-self.loc_lambda * giou_loss.detach())  # P = P_cls * P_loc
             numer = torch.exp(confidence / self.tau) * prior
-            w_pos = numer / _per_gt(numer, gt, num_gts, "sum")[gt].clamp(min=EPS)
-            # negative weight: best IoU of the anchor's box with any GT of its image
-            padded, _, valid = pad_targets(targets, device)
-            ious = pairwise_iou(pred.detach()[:, None], padded[image], valid[image])[:, 0]  # [P, G_max]
-            iou_max = ious.amax(-1) if ious.numel() else score * 0
-            inv = 1.0 / (1.0 - iou_max).clamp(min=EPS)
-            lo, hi = _per_gt(inv, gt, num_gts, "amin")[gt], _per_gt(inv, gt, num_gts, "amax")[gt]
-            w_neg = 1.0 - (inv - lo + EPS) / (hi - lo + EPS)
+            w_pos = numer / per_gt(numer, gt, num_gts, "sum")[gt].clamp(min=EPS)
+            # negative weight: from the best IoU of the anchor's box with any GT of its image
+            w_neg, iou_max = bag_neg_weights(pairs, gt, num_gts, targets, EPS)
             entry, (entry_w_neg,) = entry_minima(flat * c + label, w_neg)
             pair_iou = aligned_iou(pred.detach(), pair_gt_boxes)
         asg = AutoAssignment(

@@ -32,6 +32,12 @@ Optional hooks (an assigner has them or not; the code that uses one checks with 
   TOOD's ATSS warm-up epochs.
 - ``head_init: HeadInit``: how the method wants the shared head initialised (YOLOX-style
   objectness prior on the centerness branch); without it the detector's default.
+- ``learnable: torch.nn.Module``: the method's own learnable parameters (AutoAssign's per-class
+  centre prior), trained with the detector: ``runner.build_detector`` registers the module on the
+  detector as ``model.assigner``, so the optimiser, gradient clipping, checkpoints, ``.to(device)``
+  and DDP carry it (``Module.to`` moves parameters in place: the assigner's reference stays
+  valid). Inference never reads it. A method that has it adds ``0 * sum(parameters)`` to a term
+  when a batch leaves them without gradient (DDP waits for every parameter's gradient).
 
 Loss vocabulary. Every assigner returns normalised, *unweighted* terms, each a scalar, named
 from one list (``LOSS_TERMS``), and declares its weight table ``loss_weights`` with exactly the
@@ -45,7 +51,9 @@ keys it returns; the training loss is ``weighted_total(losses, loss_weights)`` (
 - ``loss_box``: the box regression term (GIoU loss, weighted per anchor by the method).
 - ``loss_ctr``: the centerness BCE against a geometric target (FCOS, ATSS).
 - ``loss_obj``: an objectness or quality term on the centerness branch with a learned target
-  (YOLOX's objectness BCE, PAA's IoU prediction, AutoAssign's ImpObj).
+  (YOLOX's objectness BCE, PAA's and OTA's IoU prediction).
+- ``loss_prior``: a term on the method's own ``learnable`` parameters alone (AutoAssign's
+  centre-prior loss, number of GTs over the sum of the prior inside the boxes).
 
 Normalisers follow the released code's rule (``dwlab.distributed.normaliser``): averaged over
 workers, then clamped to at least 1. Under DDP the loss then equals one process's on the same
@@ -66,7 +74,7 @@ from torch import Tensor
 from dwlab.data.target import Target
 from dwlab.models.outputs import HeadOutputs
 
-LOSS_TERMS = ("loss_cls", "loss_cls_pos", "loss_neg", "loss_box", "loss_ctr", "loss_obj")
+LOSS_TERMS = ("loss_cls", "loss_cls_pos", "loss_neg", "loss_box", "loss_ctr", "loss_obj", "loss_prior")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,8 @@ Candidate regions
   (DW's bags, AutoAssign), enumerated on the anchor grid (``dwlab.assign.grid``);
   ``centre_offsets`` / ``gaussian_prior``: their offsets from the GT centre in strides and a
   Gaussian centre prior (DW's soft bag, AutoAssign); ``pair_boxes``: each pair's predicted box
-  and GIoU loss, with gradient.
+  and GIoU loss, with gradient; ``per_gt``: a sum, min or max of pair values per GT;
+  ``bag_neg_weights``: AutoAssign's IoU-based negative weight of each bag pair.
 
 Costs and matching
 - ``class_cost``: each anchor's (focal) BCE cost for each GT's class, ``[B, A, G]`` (OTA, SimOTA).
@@ -27,6 +28,7 @@ Costs and matching
   AutoAssign, OTA, SimOTA).
 - ``dynamic_k`` / ``smallest_k``: OTA's and SimOTA's k per GT from its top-q IoUs, and the k
   cheapest anchors of every GT at once.
+- ``sinkhorn``: the entropic optimal-transport plan of a cost matrix (OTA).
 - ``one_gt_per_anchor``: an anchor claimed by several GTs keeps the one with the largest or
   smallest key (ATSS, TOOD: IoU; FCOS: area; SimOTA: cost).
 - ``entry_minima``: the smallest value per (image, anchor, class) entry (DW, AutoAssign).
@@ -41,6 +43,8 @@ Hard assignments and their losses
 - ``class_target``: the ``[B, A, C]`` soft classification target of a hard assignment.
 - ``QualityAssignment``: a hard assignment with a soft target per positive (GFL, VFL, TOOD), and
   ``per_positive_terms``, its loss terms normalised by the positives (GFL, VFL, TOOD's warm-up).
+- ``iou_branch_terms``: focal loss, IoU-weighted GIoU and an IoU-prediction BCE on the
+  centerness branch of a hard assignment (OTA, PAA).
 
 Visualisation
 - ``focus_maps`` / ``level_maps``: per-anchor score / IoU / pos / neg maps for
@@ -55,7 +59,8 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torchvision.ops import box_iou, generalized_box_iou_loss
+import torch.nn.functional as F
+from torchvision.ops import box_iou, generalized_box_iou_loss, sigmoid_focal_loss
 
 from dwlab.assign.grid import GridLayout, grid_layout, split_levels
 from dwlab.box_ops import aligned_giou, aligned_iou, box_centers, boxes_to_distances, distances_to_boxes
@@ -255,6 +260,27 @@ def pair_boxes(
     return PairBoxes(image, label, flat, target, pred, 1.0 - aligned_giou(pred, target))
 
 
+def per_gt(values: Tensor, gt: Tensor, num_gts: int, how: str) -> Tensor:
+    """Reduce the pairs' ``values`` ``Tensor[P]`` over each GT's pairs (``gt`` ``Tensor[P]``) by
+    ``how`` ("sum", "amin", "amax") -> ``Tensor[G]``, 0 for a GT without pairs."""
+    out = torch.zeros(num_gts, dtype=values.dtype, device=values.device)
+    return out.scatter_reduce(0, gt, values, how, include_self=False)
+
+
+@torch.no_grad()
+def bag_neg_weights(pairs: PairBoxes, gt: Tensor, num_gts: int, targets: list[Target], eps: float) -> tuple[Tensor, Tensor]:
+    """AutoAssign's negative weight of each bag pair, ``Tensor[P]``: 1 - f(1 / (1 - iou_max)),
+    iou_max the largest IoU of the pair's predicted box with any GT of its image, f a min-max
+    normalisation over the GT's bag (``eps`` in both differences, released); and iou_max
+    ``Tensor[P]``. No gradient. pairs: ``pair_boxes`` of the bag pairs; gt ``Tensor[P]``."""
+    padded, _, valid = pad_targets(targets, pairs.pred.device)
+    ious = pairwise_iou(pairs.pred.detach()[:, None], padded[pairs.image], valid[pairs.image])[:, 0]  # [P, G_max]
+    iou_max = ious.amax(-1) if ious.numel() else pairs.giou_loss.detach() * 0
+    inv = 1.0 / (1.0 - iou_max).clamp(min=eps)
+    lo, hi = per_gt(inv, gt, num_gts, "amin")[gt], per_gt(inv, gt, num_gts, "amax")[gt]
+    return 1.0 - (inv - lo + eps) / (hi - lo + eps), iou_max
+
+
 # ----------------------------------------------------------------------------- costs and matching
 
 
@@ -318,11 +344,29 @@ def one_gt_per_anchor(claims: Tensor, key: Tensor, *, largest: bool) -> Tensor:
     """An anchor claimed by several GTs keeps one: the claim with the largest (``largest``) or
     smallest key. claims ``Tensor[..., A, G]`` bool, key ``Tensor[..., A, G]`` (IoU: ATSS, TOOD;
     area: FCOS; cost: SimOTA) -> the kept GT per anchor ``Tensor[..., A]`` long, -1 where no GT
-    claims it."""
+    claims it (every anchor when there are no GTs)."""
+    if claims.shape[-1] == 0:
+        return torch.full(claims.shape[:-1], -1, dtype=torch.long, device=claims.device)
     fill = float("-inf") if largest else float("inf")
     masked = torch.where(claims, key, fill)
     idx = masked.argmax(-1) if largest else masked.argmin(-1)
     return torch.where(claims.any(-1), idx, torch.full_like(idx, -1))
+
+
+def sinkhorn(cost: Tensor, supply: Tensor, demand: Tensor, *, eps: float = 0.1, iters: int = 50) -> Tensor:
+    """Entropy-regularised optimal transport plan ``pi`` ``Tensor[..., R, A]`` (Cuturi, NeurIPS
+    2013): min <pi, cost> - eps H(pi) with row sums ``supply`` ``Tensor[..., R]`` and column sums
+    ``demand`` ``Tensor[..., A]``, by ``iters`` log-domain Sinkhorn-Knopp updates (rows, then
+    columns, each from the current potentials; OTA's released solver: eps 0.1, 50 iterations, no
+    convergence test, ``ln(x + 1e-8)`` of the marginals, so a zero supply is a tiny one). float32;
+    cost ``Tensor[..., R, A]`` finite."""
+    cost = cost.float()
+    log_mu, log_nu = torch.log(supply.float() + 1e-8), torch.log(demand.float() + 1e-8)
+    u, v = torch.zeros_like(log_mu), torch.zeros_like(log_nu)
+    for _ in range(iters):
+        u = eps * (log_mu - torch.logsumexp((u[..., :, None] + v[..., None, :] - cost) / eps, dim=-1)) + u
+        v = eps * (log_nu - torch.logsumexp((u[..., :, None] + v[..., None, :] - cost) / eps, dim=-2)) + v
+    return torch.exp((u[..., :, None] + v[..., None, :] - cost) / eps)
 
 
 # ----------------------------------------------------------------------------- ATSS and hard assignments
@@ -469,6 +513,26 @@ class QualityAssignment:
             "loss_cls": loss_cls_sum / normaliser(float(self.pos.image.numel()), device),
             "loss_box": self.pos.weighted_giou(self.box_weight) / normaliser(self.box_weight.sum(), device),
         }
+
+
+def iou_branch_terms(outputs: HeadOutputs, pos: Positives, *, focal_alpha: float, focal_gamma: float) -> dict[str, Tensor]:
+    """The loss of a hard assignment with an IoU-prediction branch on the centerness branch (OTA,
+    PAA released): ``loss_cls`` focal loss of every anchor's class logits over the number of
+    positives; ``loss_box`` the IoU-weighted GIoU loss over the sum of the positives' IoU;
+    ``loss_obj`` BCE of the positives' centerness logits against their IoU, over the number of
+    positives (normalisers averaged over workers, at least 1). IoU: ``pos.iou``, no gradient."""
+    device = outputs.cls_logits.device
+    num_pos = normaliser(float(pos.image.numel()), device)  # known on the host after nonzero
+    cls_target = class_target(outputs.cls_logits.shape, pos, torch.ones_like(pos.iou))
+    loss_cls = sigmoid_focal_loss(
+        outputs.cls_logits.float(), cls_target, alpha=focal_alpha, gamma=focal_gamma, reduction="sum"
+    )
+    ctr = outputs.centerness[pos.image, pos.anchor].float()
+    return {
+        "loss_cls": loss_cls / num_pos,
+        "loss_box": pos.weighted_giou(pos.iou) / normaliser(pos.iou.sum(), device),
+        "loss_obj": F.binary_cross_entropy_with_logits(ctr, pos.iou, reduction="sum") / num_pos,
+    }
 
 
 def entry_minima(keys: Tensor, *values: Tensor) -> tuple[Tensor, list[Tensor]]:

@@ -1,6 +1,7 @@
 """Training step (forward + loss + backward + optimizer step) of dwlab's FCOS with DW, with DW +
-box refinement and with the FCOS assigner, against ``torchvision.models.detection.FCOS`` built
-from the same backbone, FPN width, head depth and GroupNorm groups, on the same images."""
+box refinement, with the FCOS assigner and with every other method of ``ASSIGNERS``, against
+``torchvision.models.detection.FCOS`` built from the same backbone, FPN width, head depth and
+GroupNorm groups, on the same images."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ from torch import nn
 from torchvision.models.detection import FCOS as TorchvisionFCOS
 from torchvision.models.detection.fcos import FCOSClassificationHead, FCOSHead, FCOSRegressionHead
 
-from dwlab.assign import build_assigner
+from dwlab.assign import ASSIGNERS, build_assigner
 from dwlab.config import Config
 from dwlab.data.target import Target
 from dwlab.data.transforms import normalize
 from dwlab.engine import TrainStep, optimizer_step, param_groups
 from dwlab.models.backbone import build_backbone
-from dwlab.models.detector import build_model
-from dwlab.runner import precision
+from dwlab.runner import build_detector, precision
 
 GTS_PER_IMAGE = 7  # COCO train2017 has about 7.3 per image
-CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", "torchvision FCOS")
+#: every other method's step, by its name: the cost of its assignment on the same detector
+METHOD_CANDIDATES = {f"dwlab {name}": name for name in ASSIGNERS if name not in ("dw", "fcos")}
+CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", *METHOD_CANDIDATES, "torchvision FCOS")
 
 
 def synthetic_images(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[Target]]:
@@ -81,14 +83,15 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
         return torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
 
     fns: dict[str, Callable[[], None]] = {}
-    for name, refine, assigner_name in (
-        ("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos"),
-    ):  # fmt: skip
+    runs = [("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos")]
+    for name, refine, assigner_name in runs + [(n, False, m) for n, m in METHOD_CANDIDATES.items()]:
         torch.manual_seed(0)
-        model = build_model(cfg.model.model_copy(update={"pretrained": False, "box_refine": refine}), num_classes)
+        assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
+        model_cfg = cfg.model.model_copy(update={"pretrained": False, "box_refine": refine})
+        # the method's head initialisation and learnable parameters, as in training
+        model = build_detector(cfg.model_copy(update={"model": model_cfg}), num_classes, assigner)
         scaler, autocast_dtype, memory_format = precision(cfg, device)
         model = model.to(device, memory_format=memory_format).train()
-        assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
         step = TrainStep(model, assigner, sgd(model), device, scaler, autocast_dtype, memory_format, cfg.train.grad_clip)
         fns[name] = functools.partial(step, dwlab_images, dwlab_targets, 1e-4, 0)
     torch.manual_seed(0)
