@@ -155,6 +155,7 @@ def sweep(
     scale: Annotated[Optional[str], typer.Option(help="smoke, mini or paper (default: the file's scale).")] = None,
     seeds: Annotated[Optional[int], typer.Option(help="Seeds per point (default: the file's seeds).")] = None,
     all_points: Annotated[bool, typer.Option(help="Run every point, also where the file's 'only' picks a subset for this scale.")] = False,
+    point: Annotated[Optional[list[str]], typer.Option(help="Run just this point id (repeat the option for several), in place of the file's 'only'.")] = None,
     set_: SetOption = None,
     address: Annotated[Optional[str], typer.Option(help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray).")] = None,
     max_concurrent: Annotated[Optional[int], typer.Option(help="Trials at once (default: as many as the resources fit).")] = None,
@@ -173,7 +174,7 @@ def sweep(
         raise DwlabError(f"--max-concurrent: expected at least 1, got {max_concurrent}")
     plan = load_plan(
         file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=runs_dir, all_points=all_points,
-        resources={"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial},
+        resources={"cpus_per_trial": cpus_per_trial, "gpus_per_trial": gpus_per_trial}, point_ids=point,
     )  # fmt: skip
     if dry_run:
         typer.echo("\n".join(describe(plan)))

@@ -94,7 +94,7 @@ def _trial(client, exp_id, parent, table, point, overrides, seed, status, final,
     params.update(overrides)
     tags = {
         "mlflow.parentRunId": parent, "dwlab.kind": "trial", "dwlab.sweep": table, "dwlab.table": table,
-        "dwlab.point": point, "dwlab.point_overrides": json.dumps(overrides, sort_keys=True),
+        "dwlab.sweep_file": f"experiments/{table}.yaml", "dwlab.point": point, "dwlab.point_overrides": json.dumps(overrides, sort_keys=True),
         "dwlab.seed": str(seed), "dwlab.config_hash": f"h{point}", "dwlab.git_commit": "0123456789abcdef0123",
         "dwlab.version": "0.1.0", "dwlab.host": "testhost", "dwlab.device": "cpu", "dwlab.scale": "smoke",
         "dwlab.dataset": "synth", "dwlab.backbone": "resnet18", "dwlab.world_size": "1",
@@ -188,6 +188,13 @@ def test_table2_header_and_agreement(report):
             "here beta=5, mu=5 is 32.0 (-3.5, significant).") in md
     assert "Within seed noise of the best here: beta=5, mu=7." in md
     assert "Cannot tell (fewer than 2 finished seeds): beta=4, mu=5." in md
+    # beta=5,mu=7's gap 1.0 lies between 1 pooled std (0.71) and 2 (1.41): a third seed of it and
+    # of the best decides; the command runs just those two points
+    assert ("Undecided (gap between 1 and 2 pooled stds; one more seed here and at the best could move it "
+            "either way): beta=5, mu=7: `dwlab sweep experiments/table2.yaml --seeds 3 --resume "
+            "--point=beta=5,mu=6 --point=beta=5,mu=7`.") in md
+    # beta=5,mu=5's gap 3.5 is past 2 pooled stds (3.0): decided, not listed
+    assert md.count("Undecided") == 1
 
 
 def test_csv_has_the_same_numbers(report):

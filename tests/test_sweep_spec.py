@@ -64,6 +64,20 @@ def test_only_names_unknown_point_and_seeds_per_scale(tmp_path):
         load_plan(bad)
 
 
+def test_point_runs_just_the_named_points_in_place_of_only(tmp_path, monkeypatch):
+    plan = load_plan(EXPERIMENTS / "table2.yaml", seeds=3, point_ids=["beta=7,mu=5", "beta=5,mu=8"])
+    assert [p.id for p in plan.points] == ["beta=5,mu=8", "beta=7,mu=5"]  # the file's order
+    assert [t.seed for t in plan.trials] == [0, 1, 2, 0, 1, 2] and plan.left_out == 8
+    with pytest.raises(DwlabError, match=r"table2\.yaml: --point: no point has id 'beta=9,mu=5' \(ids: "):
+        load_plan(EXPERIMENTS / "table2.yaml", point_ids=["beta=9,mu=5"])
+    with pytest.raises(DwlabError, match="--point and --all-points: give one or the other"):
+        load_plan(EXPERIMENTS / "table2.yaml", point_ids=["beta=5,mu=5"], all_points=True)
+    monkeypatch.chdir(tmp_path)
+    result = sweep_cli(str(EXPERIMENTS / "table2.yaml"), "--dry-run", "--point", "beta=5,mu=8")
+    assert result.exit_code == 0, result.output
+    assert "1 points (of 10: --point) x 1 seeds = 1 trials" in result.stdout
+
+
 @pytest.mark.parametrize(
     ("table", "n_points"),
     [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 1), ("table7", 15)],  # + DW refine

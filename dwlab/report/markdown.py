@@ -143,6 +143,12 @@ def agreement_lines(agr: dict, paper_scale: bool) -> list[str]:
         out.append(f"- Within seed noise of the best here: {noise}.")
         if agr["unknown"]:
             out.append(f"- Cannot tell (fewer than 2 finished seeds): {', '.join(agr['unknown'])}.")
+        if agr["undecided"]:
+            cmd = f": `{agr['third_seed']}`" if agr["third_seed"] else ""
+            out.append(
+                f"- Undecided (gap between 1 and 2 pooled stds; one more seed here and at the best "
+                f"could move it either way): {', '.join(agr['undecided'])}{cmd}."
+            )
     floor = " (or under 0.3 AP at paper scale)" if paper_scale else ""
     out.append(
         f"- Rule: a gap is seed noise when smaller than 2 x the pooled seed std of the two points{floor}."

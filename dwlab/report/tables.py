@@ -11,13 +11,16 @@ Numbers are COCO AP in percent (the runs log [0, 1]). ``std`` is the sample std 
 Seed noise (the agreement line and the "gap to best" column): the gap between two of our
 points is *not significant* when it is smaller than ``2 * sqrt((std_a**2 + std_b**2) / 2)``
 (twice their pooled seed std) or, at paper scale, smaller than 0.3 AP. At other scales with
-fewer than 2 finished seeds on either side it is reported as unknown.
+fewer than 2 finished seeds on either side it is reported as unknown. A gap between one and two
+pooled stds is *undecided*: another seed of the point and of the best could move it either way,
+so the report names those points and the ``dwlab sweep --point`` command that adds the seed.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -396,9 +399,11 @@ def layout(spec: TableSpec, agg: pd.DataFrame) -> pd.DataFrame:
 
 
 def _mark_gaps(rows: pd.DataFrame, paper_scale: bool) -> tuple[pd.DataFrame, int | None]:
-    """Add ``gap_to_best``, ``gap_threshold`` and ``significant`` (vs our best AP)."""
+    """Add ``gap_to_best``, ``gap_threshold``, ``significant`` (vs our best AP) and
+    ``undecided`` (a gap between one and two pooled stds)."""
     rows = rows.copy()
     rows["gap_to_best"], rows["gap_threshold"], rows["significant"] = math.nan, math.nan, None
+    rows["undecided"] = False
     rows["is_best"] = False
     have = rows[rows["AP_n"] > 0]
     if have.empty or not (have["AP_mean"] > 0).any():  # nothing learnt: no point is best
@@ -415,7 +420,23 @@ def _mark_gaps(rows: pd.DataFrame, paper_scale: bool) -> tuple[pd.DataFrame, int
             rows.at[i, "gap_threshold"] = thr
             gap = abs(r["AP_mean"] - best["AP_mean"])
             rows.at[i, "significant"] = bool(gap >= thr and gap > 1e-9)
+            rows.at[i, "undecided"] = bool(thr / NOISE_STDS <= gap < thr)
     return rows, ibest
+
+
+def third_seed_command(rows: pd.DataFrame, runs: pd.DataFrame) -> str | None:
+    """The ``dwlab sweep`` command that adds a seed to the undecided points and the best one
+    (None: no undecided gap, or the runs do not name one sweep file)."""
+    undecided = rows[rows["undecided"].astype(bool)]
+    files = runs.get(column(Tag.SWEEP_FILE), pd.Series(dtype=object)).dropna().unique()
+    if undecided.empty or len(files) != 1:
+        return None
+    best = rows[rows["is_best"].astype(bool)]
+    points = list(dict.fromkeys([*best["point"], *undecided["point"]]))
+    seeds = int(max(undecided["AP_n"].max(), best["AP_n"].max())) + 1
+    return shlex.join(
+        ["dwlab", "sweep", str(files[0]), "--seeds", str(seeds), "--resume", *[f"--point={p}" for p in points]]
+    )
 
 
 def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
@@ -431,6 +452,7 @@ def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
         "tau": tau, "p": p, "n_tau": len(both),
         "paper_best": [spec.label(k) for k in paper_keys], "paper_best_ap": paper_top,
         "best": None, "best_ap": math.nan, "paper_best_here": [], "within_noise": [], "unknown": [],
+        "undecided": [], "third_seed": None,
     }
     if ibest is None:
         return out
@@ -440,6 +462,8 @@ def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
             continue
         if r["key"] in paper_keys:
             out["paper_best_here"].append((r["label"], r["AP_mean"], r["gap_to_best"], r["significant"]))
+        if r["undecided"]:
+            out["undecided"].append(r["label"])
         if r["significant"] is False:
             out["within_noise"].append(r["label"])
         elif r["significant"] is None:
@@ -459,6 +483,7 @@ def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> Table
     found = tuned.searches(tuned.split_roles(runs)[1], lambda run: run_key(spec, run))
     rows = tuned.attach(rows, found, lambda sa, na, sb, nb: noise_threshold(sa, na, sb, nb, paper_scale))
     result = TableResult(spec.name, spec.title, header, rows, agreement(spec, rows, ibest), searches=found)
+    result.agreement["third_seed"] = third_seed_command(rows, runs)
     if header["scale"] != "paper":
         result.notes.append(
             f"**Not a COCO reproduction.** Measured at scale '{header['scale']}' on dataset "

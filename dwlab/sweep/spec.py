@@ -17,7 +17,9 @@ A sweep file names a base config, a list of points (each a mapping of dotted ove
     resources: {cpus_per_trial: 1, gpus_per_trial: 0, workers_per_trial: 1}
       # or per scale: {smoke: {...}, mini: {...}, paper: {...}}; --cpus-per-trial and
       # --gpus-per-trial override the first two
-    only: {mini: [beta=5,mu=5]}  # per scale: run just these point ids (--all-points: every one)
+    only: {mini: [beta=5,mu=5]}  # per scale: run just these point ids (--all-points: every one;
+                                 # --point ID, repeated: just those, e.g. a third seed where the
+                                 # report's noise rule asks for one)
     max_retries: 1
     checkpoint_artifact: true
 
@@ -158,7 +160,8 @@ class Plan:
     runs_dir: Path
     warnings: list[str] = field(default_factory=list)
     resource_flags: dict[str, float] = field(default_factory=dict)  # resources set by --*-per-trial
-    left_out: int = 0  # points the file's ``only`` leaves out at this scale (--all-points: 0)
+    left_out: int = 0  # points the file's ``only`` (or --point) leaves out at this scale (--all-points: 0)
+    subset: str = ""  # what picked the points run: "only.<scale>" or "--point"
     file_set: dict[str, Any] = field(default_factory=dict)  # the file's ``set`` at this scale
     cli_set: dict[str, Any] = field(default_factory=dict)  # --set
     searches: list[MethodSearch] = field(default_factory=list)  # a search sweep's, in order
@@ -359,9 +362,11 @@ def load_plan(
     runs_dir: Path | str = Path("runs/sweeps"),
     all_points: bool = False,
     resources: dict[str, float | None] | None = None,
+    point_ids: list[str] | None = None,
 ) -> Plan:
     """Read, validate and expand a sweep file; ``resources`` (keys of ``RESOURCE_FLAGS``, None:
-    not given) override the file's. Any problem is a one-line ``DwlabError`` that starts with
+    not given) override the file's; ``point_ids`` (``--point``) run just those points (a search
+    sweep: those methods) in place of the file's ``only``. Any problem is a one-line ``DwlabError`` that starts with
     the sweep file's path; nothing is started or written."""
     file = Path(file)
     flags = {k: v for k, v in (resources or {}).items() if v is not None}
@@ -369,7 +374,8 @@ def load_plan(
         raise ValueError(f"resources: expected keys of {RESOURCE_FLAGS}, got {sorted(flags)}")
     try:
         return _load_plan(
-            file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir), all_points=all_points, flags=flags
+            file, scale=scale, seeds=seeds, set_=set_ or [], runs_dir=Path(runs_dir), all_points=all_points,
+            flags=flags, point_ids=point_ids or [],
         )
     except DwlabError as err:
         message = _one_line(str(err))
@@ -378,9 +384,11 @@ def load_plan(
 
 def _load_plan(
     file: Path, *, scale: str | None, seeds: int | None, set_: list[str], runs_dir: Path, all_points: bool,
-    flags: dict[str, float],
+    flags: dict[str, float], point_ids: list[str],
 ) -> Plan:  # fmt: skip
     spec = _read_spec(file)
+    if point_ids and all_points:
+        raise DwlabError("--point and --all-points: give one or the other")
     if scale is not None and scale not in SCALES:
         raise DwlabError(f"--scale: expected one of {', '.join(SCALES)}, got {scale!r}")
     if seeds is not None and seeds < 1:
@@ -405,12 +413,18 @@ def _load_plan(
         resources=resources, max_retries=spec.max_retries, checkpoint_artifact=spec.checkpoint_artifact,
         runs_dir=runs_dir.resolve(), resource_flags=flags, file_set=file_set, cli_set=cli_set,
     )  # fmt: skip
+    if point_ids:
+        subset, ids = "--point", point_ids
+    elif not all_points and scale in spec.only:
+        subset, ids = f"only.{scale}", spec.only[scale]
+    else:
+        subset, ids = "", None
     if spec.search is not None:
-        _plan_searches(plan, spec, all_points)
+        _plan_searches(plan, spec, subset, ids)
     else:
         points = _expand_points(spec, lambda overrides, where: resolve(base, {**file_set, **overrides, **cli_set}, where))
-        plan.points = _only(points, spec.only[scale], scale) if not all_points and scale in spec.only else points
-        plan.left_out = len(points) - len(plan.points)
+        plan.points = _only(points, ids, subset) if ids is not None else points
+        plan.left_out, plan.subset = len(points) - len(plan.points), subset
         plan.trials = trials_for(plan, plan.points)
     plan.warnings.extend(_warnings(plan, cli_set))
     return plan
@@ -445,8 +459,9 @@ def trials_for(plan: Plan, points: list[Point]) -> list[Trial]:
     return trials
 
 
-def _plan_searches(plan: Plan, spec: SweepFile, all_points: bool) -> None:
-    """A search sweep's methods (``only.<scale>`` names method ids)."""
+def _plan_searches(plan: Plan, spec: SweepFile, subset: str, ids: list[str] | None) -> None:
+    """A search sweep's methods (``ids``, from ``subset``: ``only.<scale>`` or ``--point``,
+    names method ids; None: all)."""
     def checked(overrides: dict[str, Any], where: str) -> Config:
         cfg = resolve(plan.base, overrides, where)
         _check_assigner(cfg, where)
@@ -458,13 +473,13 @@ def _plan_searches(plan: Plan, spec: SweepFile, all_points: bool) -> None:
     )  # fmt: skip
     section, searches = expand_search(spec.search, ctx, _format_pydantic)
     plan.search_defaults = section.defaults
-    if not all_points and plan.scale in spec.only:
+    if ids is not None:
         known = [s.id for s in searches]
-        unknown = [i for i in spec.only[plan.scale] if i not in known]
+        unknown = [i for i in ids if i not in known]
         if unknown:
-            raise DwlabError(f"only.{plan.scale}: no method has id {unknown[0]!r} (ids: {', '.join(known)})")
-        plan.left_out = len(searches) - len(spec.only[plan.scale])
-        searches = [s for s in searches if s.id in spec.only[plan.scale]]
+            raise DwlabError(f"{subset}: no method has id {unknown[0]!r} (ids: {', '.join(known)})")
+        searches = [s for s in searches if s.id in ids]
+        plan.left_out, plan.subset = len(known) - len(searches), subset
     plan.searches = searches
 
 
@@ -545,12 +560,13 @@ def _seeds_at(seeds: int | dict[str, int], scale: str) -> int:
     return seeds if isinstance(seeds, int) else seeds.get(scale, 1)
 
 
-def _only(points: list[Point], ids: list[str], scale: str) -> list[Point]:
-    """The points named by ``only.<scale>``, in the file's order."""
+def _only(points: list[Point], ids: list[str], subset: str) -> list[Point]:
+    """The points named by ``ids`` (from ``subset``: ``only.<scale>`` or ``--point``), in the
+    file's order."""
     known = {p.id for p in points}
     unknown = [i for i in ids if i not in known]
     if unknown:
-        raise DwlabError(f"only.{scale}: no point has id {unknown[0]!r} (ids: {', '.join(sorted(known))})")
+        raise DwlabError(f"{subset}: no point has id {unknown[0]!r} (ids: {', '.join(sorted(known))})")
     return [p for p in points if p.id in ids]
 
 
@@ -588,6 +604,10 @@ def config_diff(cfg: Config, base: Config) -> dict[str, Any]:
     return {k: v for k, v in new.items() if old.get(k) != v}
 
 
+def _subset_note(plan: Plan) -> str:
+    return f"{plan.subset}; --all-points runs all" if plan.subset.startswith("only.") else plan.subset
+
+
 def describe(plan: Plan) -> list[str]:
     """The dry-run listing: the expanded trials and the config keys that differ from the base."""
     if plan.searches:
@@ -600,7 +620,7 @@ def describe(plan: Plan) -> list[str]:
     res = plan.resources
     lines = [
         f"sweep {plan.name} ({plan.file}): {len(plan.points)} points"
-        + (f" (of {len(plan.points) + plan.left_out}: only.{plan.scale}; --all-points runs all)" if plan.left_out else "")
+        + (f" (of {len(plan.points) + plan.left_out}: {_subset_note(plan)})" if plan.left_out else "")
         + f" x {len(plan.seeds)} seeds = "
         f"{len(plan.trials)} trials, scale {plan.scale}, table {plan.table or '-'}",
         f"base: {plan.base}",
@@ -627,7 +647,7 @@ def describe_searches(plan: Plan) -> list[str]:
     n_final = len(plan.seeds) * (2 if plan.search_defaults else 1)
     lines = [
         f"sweep {plan.name} ({plan.file}): search over {len(plan.searches)} method(s)"
-        + (f" (of {len(plan.searches) + plan.left_out}: only.{plan.scale}; --all-points runs all)" if plan.left_out else "")
+        + (f" (of {len(plan.searches) + plan.left_out}: {_subset_note(plan)})" if plan.left_out else "")
         + f", scale {plan.scale}, table {plan.table or '-'}",
         f"base: {plan.base}",
         f"resources per trial: {res.cpus_per_trial:g} CPU, {res.gpus_per_trial:g} GPU, "
