@@ -511,7 +511,7 @@ def csv_frame(result: TableResult) -> pd.DataFrame:
         cols += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_diff"]
     for m in (m for m in SIZE_METRICS if m not in spec.metrics):
         cols += [f"{m}_mean", f"{m}_std"]
-    cols += ["images_seen", "gap_to_best", "gap_threshold", "significant"]
+    cols += ["images_seen", "gap_to_best", "gap_threshold", "significant", "undecided"]
     if result.rows["tuned_values"].notna().any():
         cols += list(tuned.COLUMNS)
     return result.rows.reindex(columns=cols)
