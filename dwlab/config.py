@@ -419,6 +419,13 @@ def validate(raw: dict[str, Any], source: str) -> Config:
         raise DwlabError(_format_validation_error(err, source)) from None
 
 
+#: Options added after sweeps had run, each at the value that leaves a run as it was before the
+#: option existed (its default): a config holding that value hashes as one without the option
+#: (``dwlab.sweep.spec.config_hash``), so that ``dwlab sweep --resume`` keeps the finished trials
+#: of a sweep that ran before it. A new off-by-default option of the model, data, train or eval
+#: sections goes here (a new method's section needs nothing: only the run's own section is hashed).
+HASH_NEUTRAL: dict[str, Any] = {}
+
 #: Keys that configs written by earlier versions hold and that no longer exist, as (section, key):
 #: dropped from a stored config (a checkpoint's), still refused in a config a user writes.
 REMOVED_KEYS = (

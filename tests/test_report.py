@@ -64,14 +64,16 @@ TABLE5 = [
 ]
 TABLE6 = [
     ("fcos", {"assigner.name": "fcos"}, [(0, "FINISHED", 0.30, 0.50, 0.28), (1, "FINISHED", 0.31, 0.51, 0.29)]),
-    ("dw", {}, [(0, "FINISHED", 0.40, 0.60, 0.38)]),
-    ("dw+box_refine", {"model.box_refine": True}, [(0, "FINISHED", 0.42, 0.62, 0.40)]),
+    ("dw", OFFICIAL, [(0, "FINISHED", 0.40, 0.60, 0.38)]),
+    ("dw+box_refine", {**OFFICIAL, "model.box_refine": True}, [(0, "FINISHED", 0.42, 0.62, 0.40)]),
+    # DW on the paper's equations (the config's default variant): a row of its own, not DW's paper row
+    ("dw-paper-eq", {}, [(0, "FINISHED", 0.37, 0.57, 0.35)]),
     # a method the config does not know yet: its params are written by hand below
     ("autoassign", {"assigner.name": "autoassign"}, [(0, "FAILED", None, None, None)]),
     # a method the paper does not list: named by its sweep label (POINT_LABELS), after the paper's rows
     ("simota", {"assigner.name": "simota"}, [(0, "FINISHED", 0.35, 0.55, 0.33)]),
 ]
-POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS"}
+POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS", "dw-paper-eq": "DW, paper equations"}
 R101, DCN = {"model.backbone": "resnet101"}, {"model.backbone_dcn": True, "model.head_dcn": True}
 TABLE7 = [
     # 47.0 ± 1.4 on AP, AP50 65.0, AP75 51.0, APs (AP / 2) 23.5 ± 0.7; paper 46.2 / 64.8 / 50.0 / 27.1
@@ -227,8 +229,11 @@ def test_other_tables_layouts(report):
     assert _line(t6, "AutoAssign(weight loss) (ours: autoassign)")[1:3] == ["— (1 failed)", "36.6"]
     assert _line(t6, "FoveaBox")[1:3] == ["not run", "36.4"]  # a paper row no method here reproduces
     rows = [ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert len(rows) == 1 + len(paper.TABLE6) + 1 and rows[-1].startswith("| SimOTA |")  # not in the paper: last
+    # not in the paper: last, sorted
+    assert len(rows) == 1 + len(paper.TABLE6) + 2 and rows[-1].startswith("| SimOTA |")
     assert _line(t6, "SimOTA")[1:3] == ["35.0 (n=1)", "—"]
+    assert _line(t6, "DW (ours: dw)")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]
+    assert _line(t6, "DW, paper equations")[1:3] == ["37.0 (n=1)", "—"]
 
 
 def test_figures_are_pngs_of_the_expected_size(report):
@@ -426,7 +431,7 @@ def test_tuned_columns_come_from_search_sweeps_final_runs_never_rows_the_latest_
             tags.update({"dwlab.search_run": search_run, "dwlab.chosen": json.dumps(chosen), "dwlab.tune_score": "0.33"})
         return tags
 
-    fcos, dw = {"assigner.name": "fcos"}, {"assigner.name": "dw"}
+    fcos, dw = {"assigner.name": "fcos"}, {"assigner.name": "dw", "assigner.dw.variant": "official"}
     sweep("table6", [("fcos", fcos, {}, [(0, 0.30), (1, 0.31)]), ("dw", dw, {}, [(0, 0.40), (1, 0.42)])])
     early = {"assigner.fcos.center_radius": 2.0}
     sweep("tune-a", [("fcos.tuned", {**fcos, **early}, role("tuned", "fcosA", early, "tpe seed 0, 8 trials x 3 epochs"),

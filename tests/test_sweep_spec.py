@@ -12,9 +12,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from dwlab.assign import ASSIGNERS
+from dwlab.config import HASH_NEUTRAL, Config, flatten, load_config
 from dwlab.cli import app
 from dwlab.errors import DwlabError
-from dwlab.sweep.spec import load_plan, point_id
+from dwlab.sweep.spec import config_hash, load_plan, point_id
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
@@ -64,6 +65,28 @@ def test_only_names_unknown_point_and_seeds_per_scale(tmp_path):
         load_plan(bad)
 
 
+def test_config_hash_leaves_out_other_methods_sections_and_neutral_options(monkeypatch):
+    """A resumed sweep keeps its finished trials when dwlab adds a method (a section the run does
+    not read) or an off-by-default option (``HASH_NEUTRAL``); anything the run reads counts."""
+    base = load_config("smoke", {})  # assigner dw
+    assert config_hash(base) == config_hash(load_config("smoke", {"assigner.fcos.center_radius": 2.0}))
+    assert config_hash(base) != config_hash(load_config("smoke", {"assigner.dw.beta": 3}))
+    fcos = load_config("smoke", {"assigner.name": "fcos"})
+    assert config_hash(fcos) != config_hash(load_config("smoke", {"assigner.name": "fcos", "assigner.fcos.center_radius": 2.0}))
+    other = load_config("smoke", {"train.warmup_ratio": 0.5})
+    before = config_hash(base), config_hash(other)
+    # as if warmup_ratio were a new option, neutral at the value base has
+    monkeypatch.setitem(HASH_NEUTRAL, "train.warmup_ratio", base.train.warmup_ratio)
+    assert config_hash(base) != before[0]  # left out at its neutral value ...
+    assert config_hash(other) == before[1]  # ... counted at any other
+    assert config_hash(base) == config_hash(load_config("smoke", {"assigner.atss.topk": 5}))
+
+
+def test_every_hash_neutral_value_is_the_options_default():
+    defaults = flatten(Config())
+    assert all(defaults[key] == value for key, value in HASH_NEUTRAL.items())
+
+
 def test_point_runs_just_the_named_points_in_place_of_only(tmp_path, monkeypatch):
     plan = load_plan(EXPERIMENTS / "table2.yaml", seeds=3, point_ids=["beta=7,mu=5", "beta=5,mu=8"])
     assert [p.id for p in plan.points] == ["beta=5,mu=8", "beta=7,mu=5"]  # the file's order
@@ -80,7 +103,7 @@ def test_point_runs_just_the_named_points_in_place_of_only(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     ("table", "n_points"),
-    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 1), ("table7", 15)],  # + DW refine
+    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 2), ("table7", 15)],  # + DW refine, DW on the paper equations
 )
 @pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
 def test_every_table_validates_at_every_scale(table, n_points, scale):
@@ -104,10 +127,12 @@ def test_table3_4_6_points():
     assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
     t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")  # every method once, in ASSIGNERS order
     methods = list(ASSIGNERS)
-    assert [p.id for p in t6.points] == methods + ["dw+refine"]
+    assert [p.id for p in t6.points] == methods + ["dw+refine", "dw-paper-eq"]
     assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
         (m, False) for m in methods
-    ] + [("dw", True)]
+    ] + [("dw", True), ("dw", False)]
+    dw_variants = [(t.config.assigner.dw.variant, t.config.model.prior_prob) for t in t6.trials if t.config.assigner.name == "dw"]
+    assert dw_variants == [("official", 0.02), ("official", 0.02), ("paper", 0.01)]  # DW's paper rows: as released
     assert all(p.label for p in t6.points)  # the report's name of a method the paper does not list
 
 

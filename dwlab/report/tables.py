@@ -91,8 +91,13 @@ def method_name(p: dict) -> str:
 
 
 def _table6_row_key(p: dict) -> tuple:
+    """The method's paper row. DW's rows are the released recipe (``variant: official``, as
+    Table 5's); DW trained on the paper's equations is a row of its own, with no paper number."""
     name = method_name(p)
-    return (paper.METHOD_TO_TABLE6.get(name, name),)
+    row = paper.METHOD_TO_TABLE6.get(name, name)
+    if p["assigner.name"] == "dw" and p.get("assigner.dw.variant", "paper") != "official":
+        return (f"{row}, {PAPER_EQUATIONS}",)
+    return (row,)
 
 
 def table7_backbone(p: dict) -> str:
