@@ -94,6 +94,7 @@ def test_table3_4_6_points():
     assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
         (m, False) for m in methods
     ] + [("dw", True)]
+    assert [t.config.assigner.name for t in t6.trials if t.config.eval.score_voting] == ["paa"]  # as PAA's 40.4
     assert all(p.label for p in t6.points)  # the report's name of a method the paper does not list
 
 
