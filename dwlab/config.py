@@ -382,6 +382,10 @@ class EvalConfig(Strict):
     pre_nms_topk: int = 1000  # per level
     nms_thresh: float = 0.6
     max_dets: int = 100
+    # PAA's score voting after NMS (dwlab/models/postprocess.py): each kept box becomes the
+    # score- and IoU-weighted mean of its class's candidates; scores unchanged. Off: as before.
+    score_voting: bool = False
+    score_voting_sigma: float = Field(0.025, gt=0)  # PAA's sigma in exp(-(1 - IoU)^2 / sigma)
     batch_size: int = Field(8, ge=1)
     every: int = Field(1, ge=0)  # evaluate every N epochs (0: only after the last)
 
@@ -424,7 +428,10 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 #: (``dwlab.sweep.spec.config_hash``), so that ``dwlab sweep --resume`` keeps the finished trials
 #: of a sweep that ran before it. A new off-by-default option of the model, data, train or eval
 #: sections goes here (a new method's section needs nothing: only the run's own section is hashed).
-HASH_NEUTRAL: dict[str, Any] = {}
+HASH_NEUTRAL: dict[str, Any] = {
+    "eval.score_voting": False,  # PAA's score voting
+    "eval.score_voting_sigma": 0.025,
+}
 
 #: Keys that configs written by earlier versions hold and that no longer exist, as (section, key):
 #: dropped from a stored config (a checkpoint's), still refused in a config a user writes.

@@ -41,6 +41,7 @@ from dwlab.engine import StepState, TrainStep, lr_at, param_groups, predict, tra
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import FCOS, build_model
+from dwlab.models.postprocess import postprocess_settings
 
 __all__ = ["EpochReport", "RunResult", "NonFiniteLoss", "run_training", "run_evaluation"]
 
@@ -329,10 +330,7 @@ def detect(
     # its own generator: evaluating must not advance the global RNG that training draws from
     loader = make_loader(dataset, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     skipped: list[SkippedImage] = []
-    detections, targets = predict(
-        model, loader, device, skipped=skipped, score_thresh=cfg.eval.score_thresh,
-        pre_nms_topk=cfg.eval.pre_nms_topk, nms_thresh=cfg.eval.nms_thresh, max_dets=cfg.eval.max_dets,
-    )  # fmt: skip
+    detections, targets = predict(model, loader, device, skipped=skipped, **postprocess_settings(cfg.eval))
     image_ids = [t.image_id for t in targets]
     return to_coco_results(detections, image_ids, [t.scale for t in targets], dataset.cat_ids), image_ids, skipped
 

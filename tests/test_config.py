@@ -28,6 +28,7 @@ def test_overrides_apply_and_yaml_typed():
         ("trian.epochs=2", "unknown key 'trian' in the top level"),
         ("train.epochs.x=2", "'epochs' is a value, not a section"),
         ("train.epochs", "expected dotted.key=value"),
+        ("eval.score_voting_sigma=0", r"eval.score_voting_sigma: Input should be greater than 0 \(got 0\)"),
     ],
 )
 def test_bad_override_is_one_line(override, message):

@@ -1,8 +1,11 @@
 import torch
 
+from dwlab.config import validate
 from dwlab.data.coco import load_coco
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.postprocess import Detections
+from dwlab.runner import build_datasets, detect, eval_detector
+from tests.conftest import tiny_config
 
 
 def test_ground_truth_as_detections_gives_ap_1(synth_root):
@@ -48,3 +51,24 @@ def test_wrong_label_mapping_would_be_caught(synth_root):
         results.append({"image_id": a["image_id"], "category_id": shifted[cat_ids.index(a["category_id"])],
                         "bbox": a["bbox"], "score": 1.0})
     assert coco_evaluate(coco, results, sorted(coco.imgs))["AP"] == 0.0
+
+
+def test_eval_score_voting_moves_boxes_and_nothing_else(synth_root):
+    """``eval.score_voting`` reaches the evaluation's detections: the same detections (image,
+    category, score, in order) with voted boxes; a random-init head at score threshold 0 keeps
+    100 overlapping boxes per image."""
+    cfg = validate(tiny_config(synth_root, eval={"score_thresh": 0.0}), "t")
+    _, val = build_datasets(cfg)
+    torch.manual_seed(0)
+    model = eval_detector(cfg, val.num_classes)
+    plain, ids, _ = detect(model, val, cfg, torch.device("cpu"))
+    on = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"score_voting": True})})
+    voted, voted_ids, _ = detect(model, val, on, torch.device("cpu"))
+    assert voted_ids == ids and len(voted) == len(plain) == 100 * len(ids)
+    same = ("image_id", "category_id", "score")
+    assert [[r[k] for k in same] for r in voted] == [[r[k] for k in same] for r in plain]
+    assert sum(r["bbox"] != p["bbox"] for r, p in zip(voted, plain)) > 0
+    for r in voted:  # a weighted mean of clipped boxes: still inside the image
+        x, y, w, h = r["bbox"]
+        image = val.coco.imgs[r["image_id"]]
+        assert min(x, y, w, h) >= 0 and x + w <= image["width"] + 1e-3 and y + h <= image["height"] + 1e-3

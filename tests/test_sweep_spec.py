@@ -133,6 +133,7 @@ def test_table3_4_6_points():
     ] + [("dw", True), ("dw", False)]
     dw_variants = [(t.config.assigner.dw.variant, t.config.model.prior_prob) for t in t6.trials if t.config.assigner.name == "dw"]
     assert dw_variants == [("official", 0.02), ("official", 0.02), ("paper", 0.01)]  # DW's paper rows: as released
+    assert [t.config.assigner.name for t in t6.trials if t.config.eval.score_voting] == ["paa"]  # as PAA's 40.4
     assert all(p.label for p in t6.points)  # the report's name of a method the paper does not list
 
 

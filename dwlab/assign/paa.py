@@ -27,10 +27,11 @@ ECCV 2020) on the shared FCOS head, with the released code's defaults (kkhoot/PA
 Where the single FCOS head departs: PAA regresses offsets from its anchor box; this head
 regresses distances from the point, so the score's box is the point's decoded box; the IoU
 prediction branch is the centerness branch (its target the IoU of the positive's box), and the
-detector ranks by sigmoid(cls) * sigmoid(iou) (PAA ranks by the same product). The GMM runs a
-fixed number of EM steps in torch (no convergence test) instead of scikit-learn on the host.
-Score voting at test time (released: sigma 0.025, box only) is **not** implemented: dwlab's
-postprocess has no per-method hook.
+detector ranks by sigmoid(cls) * sigmoid(iou) (PAA by its square root: the same order). The
+GMM runs a fixed number of EM steps in torch (no convergence test) instead of scikit-learn on
+the host.
+Score voting at test time (released: sigma 0.025, box only) is an evaluation option for any
+method, ``eval.score_voting`` (``dwlab/models/postprocess.py``); Table 6's sweep turns it on here.
 """
 
 from __future__ import annotations

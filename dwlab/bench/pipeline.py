@@ -13,6 +13,7 @@ from dwlab.data.synth import data_names
 from dwlab.engine import predict
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import build_model
+from dwlab.models.postprocess import postprocess_settings
 from dwlab.runner import build_datasets, make_loader
 
 
@@ -37,10 +38,7 @@ def bench_eval(cfg: Config, val: CocoDetection, device: torch.device) -> dict[st
     model = build_model(cfg.model.model_copy(update={"pretrained": False}), val.num_classes).to(device)
     loader = make_loader(val, cfg.eval.batch_size, cfg, train=False, generator=torch.Generator().manual_seed(0))
     start = time.perf_counter()
-    detections, targets = predict(
-        model, loader, device, score_thresh=0.0, pre_nms_topk=cfg.eval.pre_nms_topk,
-        nms_thresh=cfg.eval.nms_thresh, max_dets=cfg.eval.max_dets,
-    )  # fmt: skip
+    detections, targets = predict(model, loader, device, **{**postprocess_settings(cfg.eval), "score_thresh": 0.0})
     infer_s = time.perf_counter() - start
     start = time.perf_counter()
     results = to_coco_results(detections, [t.image_id for t in targets], [t.scale for t in targets], val.cat_ids)
