@@ -224,6 +224,19 @@ class TOODAssignerConfig(Strict):
     anchor_scale: float = Field(8.0, gt=0.0)  # the warm-up's ATSS anchor side, x stride
 
 
+class MuSuAssignerConfig(Strict):
+    """MuSu (Gao et al., ICCV 2021), read from the paper (no released code): classification samples
+    chosen by the predicted boxes' IoU, regression samples by the scores, inside each GT's box."""
+
+    cls_topk: int = Field(9, ge=1)  # classification samples per GT: the largest IoU of the predicted box
+    reg_topk: int = Field(9, ge=1)  # regression samples per GT: the largest score on the GT's class
+    qfl_beta: float = Field(2.0, ge=0.0)  # cls loss: QFL with the IoU as soft target
+    box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (score-weighted)
+    # the first epochs rank both heads' samples by the anchor box's IoU (a geometric prior)
+    warmup_epochs: int = Field(1, ge=0)
+    anchor_scale: float = Field(8.0, gt=0.0)  # the warm-up's anchor side, x stride
+
+
 class AutoAssignAssignerConfig(Strict):
     """AutoAssign (Zhu et al., 2020), weights detached and applied to the loss (DW paper Table 6)."""
 
@@ -300,6 +313,7 @@ class AssignerConfig(Strict):
     gfl: GFLAssignerConfig = GFLAssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
+    musu: MuSuAssignerConfig = MuSuAssignerConfig()
     autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()
     autoassign_detach: AutoAssignDetachAssignerConfig = AutoAssignDetachAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()

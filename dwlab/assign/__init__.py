@@ -64,6 +64,8 @@ ASSIGNERS: dict[str, Method] = {
     ),  # fmt: skip
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
+    # mutual supervision, from the paper (no released code): each head's samples chosen by the other
+    "musu": Method("dwlab.assign.musu", "MuSuAssigner", "musu", weight_maps=False, paper_row="MuSu"),
     "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),
     # YOLOX's dynamic-k assigner: not in the paper's Table 6
     "simota": Method("dwlab.assign.simota", "SimOTAAssigner", "simota", weight_maps=False),
