@@ -62,6 +62,8 @@ ASSIGNERS: dict[str, Method] = {
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,
         paper_row="AutoAssign(weight loss)",
     ),  # fmt: skip
+    # FreeAnchor's bag likelihood with MAL's scheduled anchor selection, without anchor depression
+    "mal": Method("dwlab.assign.mal", "MALAssigner", "mal", weight_maps=False, paper_row="MAL"),
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
     # mutual supervision, from the paper (no released code): each head's samples chosen by the other
