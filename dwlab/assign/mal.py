@@ -7,30 +7,32 @@ MAL is built on FreeAnchor (Zhang et al., NeurIPS 2019); its released code (DeLi
 constants. Per image, with s_aj the score of anchor a on class j (here the joint score
 s = sigmoid(cls) * sigmoid(ctr), the score dwlab ranks detections by):
 
-- Bag A_i of GT i (FreeAnchor §3.3; released top-40 of RetinaNet's 9 anchors per location):
+- Bag A_i of GT i (released: the top-40 of RetinaNet's 9 anchors per location by IoU):
   the ``bag_size`` anchors whose anchor box (a square of side ``anchor_scale * stride``, 8, one
   per point: dwlab's ATSS and PAA anchor) overlaps GT i most, over all levels, whatever the IoU.
   Scaled for one anchor per location by keeping the bag's *locations*: on RetinaNet's anchors
   (octave base 4, 3 scales x 3 ratios, P3-P7, an 800 px image) a GT's top-40 anchors lie on 17
   distinct locations on average (16, 11, 19, 20, 19 for GT sides 16, 32, 64, 128, 256 px, aspect
   ratios 0.5-2, 50 GTs each; measured once for this module), so ``bag_size`` is 17, not 40 / 9.
-- Anchor confidence (FreeAnchor Eq. 3-4, MAL's psi): x_ai = P_cls * P_loc with P_cls = s_a on
+- Anchor confidence (FreeAnchor's P_ij^cls P_ij^loc, MAL's anchor confidence): x_ai = P_cls * P_loc, P_cls = s_a on
   i's class and P_loc = exp(-``loc_lambda`` * (1 - GIoU(box_a, b_i))), both with gradient.
   Released P_loc is exp(-0.75 smooth-L1) of RetinaNet's encoded deltas (weights 10, 10, 5, 5,
   beta 0.11); this head regresses distances with a GIoU loss, and ``loc_lambda`` 4 is chosen so
   that a box off by 10% of its side in position or in size gets about the released P_loc
   (lambda 3.9 and 3.5 for the two; interpretation).
-- Positive bag loss (FreeAnchor Eq. 6, "Mean-max"; MAL Eq. 2 over the selected anchors):
+- Positive bag loss (FreeAnchor's "Mean-max" bag likelihood; MAL's over the selected anchors):
       L+ = sum_i -ln MeanMax({x_ai : a in S_i}),  MeanMax(X) = sum_x x / (1 - x) / sum_x 1 / (1 - x)
   over the number of GTs. The weights 1 / (1 - x) keep their gradient and 1 - x is clipped at
   1e-12 with the gradient passed straight through (released ``Clip``).
-- MAL's anchor selection: S_i holds the k_t anchors of A_i with the largest x_ai (no gradient);
-  k_t shrinks linearly with the epoch from the whole bag to 1 at epoch ``select_epochs - 1``
-  (MAL §3.3, "selection": all anchors of the bag early, a single one at the end); 0 turns the
-  selection off (FreeAnchor's loss). The epoch reaches the assigner through ``set_epoch``; one
-  never told (tests, plots, the benchmark) keeps the whole bag. The released code's loss keeps
-  the fixed top-40 bag; its selection is the paper's.
-- Negatives (FreeAnchor Eq. 5, released): P{a -> i} = clip((IoU(box_a, b_i) - t1) / (t2_i - t1),
+- MAL's anchor selection (the selection half of its selection-depression optimisation): S_i
+  holds the k_t anchors of A_i with the largest x_ai (no gradient); k_t shrinks linearly with the
+  epoch from the whole bag to 1 at epoch ``select_epochs - 1`` (0-based), so that training starts
+  from all the bag's anchors and ends on the single most representative one; 0 turns the
+  selection off (FreeAnchor's loss). The schedule's shape (linear, per epoch) is this module's
+  reading of the paper's description; the released loss (``free_anchor_loss_IA.py``) keeps the
+  fixed top-40 bag and has no selection. The epoch reaches the assigner through ``set_epoch``;
+  one never told (tests, plots, the benchmark) keeps the whole bag.
+- Negatives (FreeAnchor's P{a_j in A_-}, released): P{a -> i} = clip((IoU(box_a, b_i) - t1) / (t2_i - t1),
   0, 1) with t1 = ``bbox_threshold`` 0.6 and t2_i = max(max_a IoU(box_a, b_i), t1 + 1e-12),
   predicted boxes, no gradient; P+_aj = max over GTs i of class j; over every (anchor, class):
       L- = sum_aj FL(s_aj (1 - P+_aj)),   FL(p) = -p^gamma ln(1 - p), gamma 2,
@@ -46,7 +48,7 @@ Left out: MAL's anchor depression. The released code perturbs the FPN features b
 head: from a class activation map per level (the features weighted by their channel means) it
 zeroes the share ``ratio`` of most active locations in a mask m and feeds (3 f m + f) / 4 to
 the head, ``ratio`` scheduled by iteration 0 -> 0.5 -> 0 (``IA_TYPE`` 5, ``detector/retinanet.py``),
-so the selected anchors' confidence is depressed and other anchors must explain the object. It
+so the most activated locations are depressed and other anchors must explain the object. It
 acts on the detector's features, inside the forward pass, not on the head's outputs: an
 assigner sees only ``HeadOutputs``, so depression would be a head option of its own (a
 ``model.*`` field and a masked feature pass), not part of this method's assignment. What this
@@ -169,7 +171,7 @@ class MALAssigner(LabelAssigner):
     @torch.no_grad()
     def positive_probability(self, pred_boxes: Tensor, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> Tensor:
         """P+ ``Tensor[B, A, C]``: max over GTs of class j of clip((IoU - t1) / (t2 - t1), 0, 1)
-        (FreeAnchor Eq. 5), IoU of the predicted boxes ``Tensor[B, A, 4]``; 0 without GTs."""
+        (FreeAnchor's negatives), IoU of the predicted boxes ``Tensor[B, A, 4]``; 0 without GTs."""
         b, a, _ = pred_boxes.shape
         iou = pairwise_iou(pred_boxes.float(), gt_boxes, gt_valid)  # [B, A, G], 0 on padding
         t1 = self.bbox_threshold

@@ -1,10 +1,10 @@
 """MuSu, Mutual Supervision (Gao, Wang, Wu, "Mutual Supervision for Dense Object Detection", ICCV
 2021) on the shared FCOS head.
 
-No official code exists (the paper's promised MCG-NJU/MuSu-Detection was never published; see
-``/work/shared/notes/pitfalls-methods.md`` §6), and the paper's equations could not be read here
-(only its abstract and the caption of its Fig. 2). What follows the paper, and what is this
-module's reading, is marked [paper] and [reading]:
+No official code exists (the paper's footnote names MCG-NJU/MuSu-Detection; no copy of it can be
+had and public code search finds none: ``/work/shared/notes/pitfalls-methods.md`` §6), and the
+paper's equations could not be read here (only its abstract and the caption of its Fig. 2).
+What follows the paper, and what is this module's reading, is marked [paper] and [reading]:
 
 - [paper] The two heads get different training samples: the classification head's samples and
   soft targets are chosen by the regression head's localisation score (the IoU of its predicted
@@ -27,7 +27,8 @@ module's reading, is marked [paper] and [reading]:
   (the GIoU weight of FCOS, ATSS, GFL, TOOD on this head; MuSu's own loss weights are not known
   here).
 - [reading] An anchor chosen by several GTs for one head keeps the GT its predicted box overlaps
-  most (TOOD's and ATSS's rule), for each head separately.
+  most (TOOD's and ATSS's rule; in the warm-up, the GT its anchor box overlaps most), for each
+  head separately.
 - [reading] Early training. Both selections rank by the other head's early predictions, which
   are noise at initialisation. For the first ``warmup_epochs`` (1) epochs, both heads' samples
   are ranked by a geometric prior instead: the IoU of the point's square anchor of side
