@@ -224,6 +224,33 @@ class TOODAssignerConfig(Strict):
     anchor_scale: float = Field(8.0, gt=0.0)  # the warm-up's ATSS anchor side, x stride
 
 
+class MuSuAssignerConfig(Strict):
+    """MuSu (Gao et al., ICCV 2021), read from the paper (no released code): classification samples
+    chosen by the predicted boxes' IoU, regression samples by the scores, inside each GT's box."""
+
+    cls_topk: int = Field(9, ge=1)  # classification samples per GT: the largest IoU of the predicted box
+    reg_topk: int = Field(9, ge=1)  # regression samples per GT: the largest score on the GT's class
+    qfl_beta: float = Field(2.0, ge=0.0)  # cls loss: QFL with the IoU as soft target
+    box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (score-weighted)
+    # the first epochs rank both heads' samples by the anchor box's IoU (a geometric prior)
+    warmup_epochs: int = Field(1, ge=0)
+    anchor_scale: float = Field(8.0, gt=0.0)  # the warm-up's anchor side, x stride
+
+
+class MALAssignerConfig(Strict):
+    """MAL (Ke et al., CVPR 2020): FreeAnchor's bag likelihood with MAL's scheduled anchor
+    selection; anchor depression (feature perturbation) is not part of it."""
+
+    bag_size: int = Field(17, ge=1)  # released top-40 of 9 anchors per location: 17 locations
+    anchor_scale: float = Field(8.0, gt=0.0)  # the bag's anchor box: side anchor_scale * stride
+    loc_lambda: float = Field(4.0, ge=0.0)  # P_loc = exp(-loc_lambda * GIoU loss)
+    bbox_threshold: float = Field(0.6, ge=0.0, lt=1.0)  # t1 of the negatives' P{a -> b} (released)
+    alpha: float = Field(0.5, ge=0.0, le=1.0)  # alpha on the positive bags, 1 - alpha on negatives
+    gamma: float = Field(2.0, ge=0.0)  # focal exponent of the negatives
+    neg_norm: float = Field(40 / 9, gt=0.0)  # negatives over neg_norm x #GTs (released 40, 9 anchors/location)
+    select_epochs: int = Field(12, ge=0)  # the bag shrinks to 1 anchor by this epoch; 0: no selection
+
+
 class AutoAssignAssignerConfig(Strict):
     """AutoAssign (Zhu et al., 2020), weights detached and applied to the loss (DW paper Table 6)."""
 
@@ -300,6 +327,8 @@ class AssignerConfig(Strict):
     gfl: GFLAssignerConfig = GFLAssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
+    musu: MuSuAssignerConfig = MuSuAssignerConfig()
+    mal: MALAssignerConfig = MALAssignerConfig()
     autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()
     autoassign_detach: AutoAssignDetachAssignerConfig = AutoAssignDetachAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()

@@ -39,6 +39,8 @@ C = 3
 #: (name, its config section's changes, the epoch it is told or None)
 CASES = [pytest.param(name, {}, None, id=name) for name in ASSIGNERS] + [
     pytest.param("tood", {}, 0, id="tood-warmup"),  # its ATSS warm-up (epoch 0 of 4)
+    pytest.param("musu", {}, 0, id="musu-warmup"),  # its geometric warm-up (epoch 0 of 1)
+    pytest.param("mal", {}, 6, id="mal-selection"),  # its bag shrunk to 8 of 17 anchors
     pytest.param("dw", {"variant": "official"}, None, id="dw-official"),
     pytest.param("dw", {"bag": "threshold"}, None, id="dw-threshold-bag"),
     pytest.param("dw", {"bag": "topk"}, None, id="dw-topk-bag"),

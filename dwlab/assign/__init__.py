@@ -62,8 +62,12 @@ ASSIGNERS: dict[str, Method] = {
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,
         paper_row="AutoAssign(weight loss)",
     ),  # fmt: skip
+    # FreeAnchor's bag likelihood with MAL's scheduled anchor selection, without anchor depression
+    "mal": Method("dwlab.assign.mal", "MALAssigner", "mal", weight_maps=False, paper_row="MAL"),
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
+    # mutual supervision, from the paper (no released code): each head's samples chosen by the other
+    "musu": Method("dwlab.assign.musu", "MuSuAssigner", "musu", weight_maps=False, paper_row="MuSu"),
     "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),
     # YOLOX's dynamic-k assigner: not in the paper's Table 6
     "simota": Method("dwlab.assign.simota", "SimOTAAssigner", "simota", weight_maps=False),
