@@ -129,6 +129,20 @@ class ModelConfig(Strict):
         return self
 
 
+class FoveaBoxAssignerConfig(Strict):
+    """FoveaBox (Kong et al., TIP 2020): scale ranges and the object fovea; released config's values."""
+
+    # per level P3-P7: the box target's normaliser (ln(distance / base_edge)) and the range of
+    # sqrt(w h) the level takes, closed; overlapping (eta = 2): a GT is on up to 2 levels
+    base_edge_list: list[float] = [16.0, 32.0, 64.0, 128.0, 256.0]
+    scale_ranges: list[list[float]] = [[1.0, 64.0], [32.0, 128.0], [64.0, 256.0], [128.0, 512.0], [256.0, 2048.0]]
+    sigma: float = Field(0.4, gt=0.0, le=1.0)  # positives: the box shrunk by sigma about its centre (no ignore band)
+    focal_alpha: float = 0.4
+    focal_gamma: float = 1.5
+    smooth_l1_beta: float = Field(0.11, gt=0.0)  # smooth-L1 on the log-space box target
+    box_weight: float = Field(1.0, ge=0.0)
+
+
 class FCOSAssignerConfig(Strict):
     """FCOS (Tian et al., ICCV 2019) with center sampling."""
 
@@ -293,6 +307,7 @@ class SimOTAAssignerConfig(Strict):
 
 class AssignerConfig(Strict):
     name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
+    foveabox: FoveaBoxAssignerConfig = FoveaBoxAssignerConfig()
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
     paa: PAAAssignerConfig = PAAAssignerConfig()

@@ -43,6 +43,9 @@ class Method(NamedTuple):
 
 #: Every method, name -> its row, in Table 6 order.
 ASSIGNERS: dict[str, Method] = {
+    "foveabox": Method(
+        "dwlab.assign.foveabox", "FoveaBoxAssigner", "foveabox", weight_maps=False, paper_row="FoveaBox"
+    ),
     "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
     "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
     "paa": Method("dwlab.assign.paa", "PAAAssigner", "paa", weight_maps=False, paper_row="PAA"),
