@@ -295,6 +295,17 @@ class OTAAssignerConfig(Strict):
     iou_weight: float = Field(0.5, ge=0.0)  # IoU-prediction BCE on the centerness branch
 
 
+class NoisyAnchorAssignerConfig(Strict):
+    """NoisyAnchor (Li et al., CVPR 2020): top-N anchors per GT, cleanliness soft labels and re-weights."""
+
+    topn: int = Field(12, ge=1)  # anchors per GT by anchor IoU (released 30 of 9 anchors per point: ~12 points)
+    anchor_scale: float = Field(8.0, gt=0.0)  # one square anchor of side anchor_scale * stride per point
+    alpha: float = Field(0.75, ge=0.0, le=1.0)  # cleanliness c = alpha * loc + (1 - alpha) * cls
+    focal_alpha: float = 0.5  # released config (not RetinaNet's 0.25)
+    focal_gamma: float = 2.0
+    box_weight: float = Field(2.0, ge=0.0)  # re-weighted GIoU loss
+
+
 class SimOTAAssignerConfig(Strict):
     """SimOTA, YOLOX's dynamic-k assigner (Ge et al., 2021), in its current form (YOLOX #1589)."""
 
@@ -318,6 +329,7 @@ class AssignerConfig(Strict):
     autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()
     autoassign_detach: AutoAssignDetachAssignerConfig = AutoAssignDetachAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()
+    noisyanchor: NoisyAnchorAssignerConfig = NoisyAnchorAssignerConfig()
     simota: SimOTAAssignerConfig = SimOTAAssignerConfig()
     dw: DWAssignerConfig = DWAssignerConfig()
 

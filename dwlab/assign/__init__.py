@@ -65,6 +65,9 @@ ASSIGNERS: dict[str, Method] = {
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,
         paper_row="AutoAssign(weight loss)",
     ),  # fmt: skip
+    "noisyanchor": Method(
+        "dwlab.assign.noisyanchor", "NoisyAnchorAssigner", "noisyanchor", weight_maps=False, paper_row="NoisyAnchor"
+    ),
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
     "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),
