@@ -129,6 +129,20 @@ class ModelConfig(Strict):
         return self
 
 
+class FoveaBoxAssignerConfig(Strict):
+    """FoveaBox (Kong et al., TIP 2020): scale ranges and the object fovea; released config's values."""
+
+    # per level P3-P7: the box target's normaliser (ln(distance / base_edge)) and the range of
+    # sqrt(w h) the level takes, closed; overlapping (eta = 2): a GT is on up to 2 levels
+    base_edge_list: list[float] = [16.0, 32.0, 64.0, 128.0, 256.0]
+    scale_ranges: list[list[float]] = [[1.0, 64.0], [32.0, 128.0], [64.0, 256.0], [128.0, 512.0], [256.0, 2048.0]]
+    sigma: float = Field(0.4, gt=0.0, le=1.0)  # positives: the box shrunk by sigma about its centre (no ignore band)
+    focal_alpha: float = 0.4
+    focal_gamma: float = 1.5
+    smooth_l1_beta: float = Field(0.11, gt=0.0)  # smooth-L1 on the log-space box target
+    box_weight: float = Field(1.0, ge=0.0)
+
+
 class FCOSAssignerConfig(Strict):
     """FCOS (Tian et al., ICCV 2019) with center sampling."""
 
@@ -308,6 +322,17 @@ class OTAAssignerConfig(Strict):
     iou_weight: float = Field(0.5, ge=0.0)  # IoU-prediction BCE on the centerness branch
 
 
+class NoisyAnchorAssignerConfig(Strict):
+    """NoisyAnchor (Li et al., CVPR 2020): top-N anchors per GT, cleanliness soft labels and re-weights."""
+
+    topn: int = Field(12, ge=1)  # anchors per GT by anchor IoU (released 30 of 9 anchors per point: ~12 points)
+    anchor_scale: float = Field(8.0, gt=0.0)  # one square anchor of side anchor_scale * stride per point
+    alpha: float = Field(0.75, ge=0.0, le=1.0)  # cleanliness c = alpha * loc + (1 - alpha) * cls
+    focal_alpha: float = 0.5  # released config (not RetinaNet's 0.25)
+    focal_gamma: float = 2.0
+    box_weight: float = Field(2.0, ge=0.0)  # re-weighted GIoU loss
+
+
 class SimOTAAssignerConfig(Strict):
     """SimOTA, YOLOX's dynamic-k assigner (Ge et al., 2021), in its current form (YOLOX #1589)."""
 
@@ -320,6 +345,7 @@ class SimOTAAssignerConfig(Strict):
 
 class AssignerConfig(Strict):
     name: Literal[tuple(ASSIGNERS)] = "dw"  # type: ignore[valid-type]  # the methods of ASSIGNERS
+    foveabox: FoveaBoxAssignerConfig = FoveaBoxAssignerConfig()
     fcos: FCOSAssignerConfig = FCOSAssignerConfig()
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
     paa: PAAAssignerConfig = PAAAssignerConfig()
@@ -332,6 +358,7 @@ class AssignerConfig(Strict):
     autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()
     autoassign_detach: AutoAssignDetachAssignerConfig = AutoAssignDetachAssignerConfig()
     autoassign: AutoAssignAssignerConfig = AutoAssignAssignerConfig()
+    noisyanchor: NoisyAnchorAssignerConfig = NoisyAnchorAssignerConfig()
     simota: SimOTAAssignerConfig = SimOTAAssignerConfig()
     dw: DWAssignerConfig = DWAssignerConfig()
 

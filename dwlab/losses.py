@@ -127,6 +127,33 @@ def varifocal_loss(
     return reduce(-(w_pos * log_s + w_neg * log1m_s), reduction)
 
 
+def focal_loss(
+    cls_logits: Tensor,
+    ctr_logits: Tensor | None,
+    target: Tensor,
+    *,
+    alpha: float = 0.25,
+    gamma: float = 2.0,
+    reduction: str = "none",
+) -> Tensor:
+    """Focal loss (Lin et al., "Focal Loss for Dense Object Detection", ICCV 2017, Eq. 5) of the
+    score s against a target t in [0, 1], in the soft form of NoisyAnchor (Li et al., CVPR 2020,
+    released ``soft_sigmoid_focal_loss``):
+
+        FL(s, t) = -alpha t (1 - s)^gamma ln s - (1 - alpha) (1 - t) s^gamma ln(1 - s)
+
+    For t in {0, 1} it is torchvision's ``sigmoid_focal_loss`` (on s = sigmoid(cls)). The
+    modulating factors keep their gradient. cls_logits ``Tensor[..., C]``; ctr_logits
+    broadcastable to it (the joint score s = sigmoid(cls) * sigmoid(ctr)) or None (s =
+    sigmoid(cls)); target the shape of cls_logits, no gradient. Computed in float32.
+    """
+    _check_reduction(reduction)
+    log_s, log1m_s = joint_log_scores(cls_logits, ctr_logits)
+    s, t = log_s.exp(), target.float()
+    loss = -alpha * t * (1.0 - s).pow(gamma) * log_s - (1.0 - alpha) * (1.0 - t) * s.pow(gamma) * log1m_s
+    return reduce(loss, reduction)
+
+
 # ----------------------------------------------------------------------------- weighted BCE
 
 

@@ -368,6 +368,8 @@ ASSIGNMENT_FIELDS = {
     "atss": lambda a, out, t: list(a.match(out, t)[0]),
     "autoassign": lambda a, out, t: [v for v in vars(a.assign(out, t)).values() if isinstance(v, torch.Tensor)],
     "dw": lambda a, out, t: [v for v in vars(a.assign(out, t)).values() if isinstance(v, torch.Tensor)],
+    "foveabox": lambda a, out, t: list(a.match(out, t)),
+    "noisyanchor": lambda a, out, t: [(q := a.assign(out, t)).matched, q.soft, q.reweight, q.pos.iou],
     **{m: (lambda a, out, t: [(q := a.assign(out, t)).matched, q.quality, q.box_weight, q.pos.iou])
        for m in ("gfl", "vfl", "tood")},
 }  # fmt: skip

@@ -43,6 +43,9 @@ class Method(NamedTuple):
 
 #: Every method, name -> its row, in Table 6 order.
 ASSIGNERS: dict[str, Method] = {
+    "foveabox": Method(
+        "dwlab.assign.foveabox", "FoveaBoxAssigner", "foveabox", weight_maps=False, paper_row="FoveaBox"
+    ),
     "fcos": Method("dwlab.assign.fcos", "FCOSAssigner", "fcos", weight_maps=False, paper_row="FCOS"),
     "atss": Method("dwlab.assign.atss", "ATSSAssigner", "atss", weight_maps=True, paper_row="ATSS"),
     "paa": Method("dwlab.assign.paa", "PAAAssigner", "paa", weight_maps=False, paper_row="PAA"),
@@ -62,6 +65,9 @@ ASSIGNERS: dict[str, Method] = {
         "dwlab.assign.autoassign", "AutoAssignAssigner", "autoassign", weight_maps=True,
         paper_row="AutoAssign(weight loss)",
     ),  # fmt: skip
+    "noisyanchor": Method(
+        "dwlab.assign.noisyanchor", "NoisyAnchorAssigner", "noisyanchor", weight_maps=False, paper_row="NoisyAnchor"
+    ),
     # FreeAnchor's bag likelihood with MAL's scheduled anchor selection, without anchor depression
     "mal": Method("dwlab.assign.mal", "MALAssigner", "mal", weight_maps=False, paper_row="MAL"),
     "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
