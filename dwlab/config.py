@@ -111,6 +111,11 @@ class ModelConfig(Strict):
     anchor_offset: float = Field(0.5, ge=0.0, le=1.0)  # point = stride * (i + offset)
     box_refine: bool = False  # paper Eq. 9-10
     refine_sampler: Literal["deform_conv", "grid_sample"] = "deform_conv"
+    # the head: FCOS's two towers (``head_convs`` each), or TOOD's task-aligned head (T-head,
+    # ``dwlab/models/thead.py``: ``thead_convs`` shared convs, task decomposition, aligned score
+    # and boxes); every assigner runs on either
+    head: Literal["fcos", "tood"] = "fcos"
+    thead_convs: int = Field(6, ge=1)  # the T-head's stacked convs (released TOOD: 6); head: tood only
 
     @model_validator(mode="after")
     def _check_groups(self) -> ModelConfig:
@@ -126,6 +131,18 @@ class ModelConfig(Strict):
             )
         if self.head_dcn and not self.head_convs:
             raise ValueError("head_dcn needs head_convs >= 1 (its last tower conv becomes a DCNv2)")
+        if self.head == "tood":
+            if self.fpn_channels % self.head_norm_groups:
+                raise ValueError(
+                    f"head=tood: fpn_channels={self.fpn_channels} is not divisible by "
+                    f"head_norm_groups={self.head_norm_groups}"
+                )
+            for key, why in (
+                ("box_refine", "the T-head aligns its boxes itself (Eq. 6 of TOOD); DW's refinement is an FCOS-head option"),
+                ("head_dcn", "it replaces the FCOS towers' last conv, which the T-head does not have"),
+            ):
+                if getattr(self, key):
+                    raise ValueError(f"{key}=true needs head=fcos, not head=tood: {why}")
         return self
 
 
