@@ -13,8 +13,8 @@ without string matching:
 - Table 4: ``(bag, r or k)``                 from ``assigner.dw.bag`` and ``bag_radius`` /
   ``bag_topk`` (``("soft", None)`` for the soft prior)
 - Table 5: ``(neg_variant,)``                from ``assigner.dw.neg_variant``
-- Table 6: ``(paper row name,)``             from ``assigner.name`` (+ ``model.box_refine``)
-  through ``METHOD_TO_TABLE6``
+- Table 6: ``(paper row name,)``             from ``assigner.name`` (+ ``model.box_refine``,
+  ``model.head``) through ``METHOD_TO_TABLE6``
 - Table 7: ``(paper row name, backbone)``    the method as Table 6's through ``METHOD_TO_TABLE7``,
   the backbone from ``model.backbone`` (+ ``backbone_dcn``, ``head_dcn``) through
   ``BACKBONE_TO_TABLE7``
@@ -144,10 +144,12 @@ TABLE6: dict[tuple[str], PaperAP] = {
     ("DW + box refine",): _ap(42.2, 60.4, 45.3),
 }
 
-#: Our method name (``assigner.name``, ``+box_refine`` when ``model.box_refine``) -> the Table 6
-#: row it reproduces: each method's ``paper_row`` in ``dwlab.assign.ASSIGNERS``, and DW with box
-#: refinement (Eq. 9-10). A method without a paper row is left out; the report names it by its
-#: sweep point's label.
+#: Our method name (``assigner.name``, ``+box_refine`` when ``model.box_refine``, ``+thead`` on
+#: TOOD's T-head, ``model.head: tood``) -> the Table 6 row it reproduces: each method's
+#: ``paper_row`` in ``dwlab.assign.ASSIGNERS``, and DW with box refinement (Eq. 9-10). A method
+#: without a paper row is left out; the report names it by its sweep point's label. Every row of
+#: Table 6 is a method on the conventional head: the T-head runs (``tood+thead``, ``dw+thead``,
+#: the paper's DW*) have none (the paper's TOOD row, 40.3, is below TOOD with its T-head, 42.5).
 #:
 #: ``autoassign`` maps to "AutoAssign(weight loss)": dwlab implements AutoAssign in the form the
 #: DW paper argues for ("weights detached and applied to the loss"), which the paper's

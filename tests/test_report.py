@@ -70,8 +70,10 @@ TABLE6 = [
     ("autoassign", {"assigner.name": "autoassign"}, [(0, "FAILED", None, None, None)]),
     # a method the paper does not list: named by its sweep label (POINT_LABELS), after the paper's rows
     ("simota", {"assigner.name": "simota"}, [(0, "FINISHED", 0.35, 0.55, 0.33)]),
+    # DW on TOOD's T-head: a row of its own (not pooled with DW), named by its label
+    ("dw+thead", {"model.head": "tood"}, [(0, "FINISHED", 0.43, 0.63, 0.41)]),
 ]
-POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS"}
+POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS", "dw+thead": "DW* (DW on the T-head)"}
 R101, DCN = {"model.backbone": "resnet101"}, {"model.backbone_dcn": True, "model.head_dcn": True}
 TABLE7 = [
     # 47.0 ± 1.4 on AP, AP50 65.0, AP75 51.0, APs (AP / 2) 23.5 ± 0.7; paper 46.2 / 64.8 / 50.0 / 27.1
@@ -220,8 +222,10 @@ def test_other_tables_layouts(report):
     assert _line(t6, "AutoAssign(weight loss) (ours: autoassign)")[1:3] == ["— (1 failed)", "36.6"]
     assert _line(t6, "FoveaBox")[1:3] == ["not run", "36.4"]  # a paper row no method here reproduces
     rows = [ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]
-    assert len(rows) == 1 + len(paper.TABLE6) + 1 and rows[-1].startswith("| SimOTA |")  # not in the paper: last
+    assert len(rows) == 1 + len(paper.TABLE6) + 2 and rows[-1].startswith("| SimOTA |")  # not in the paper: last
     assert _line(t6, "SimOTA")[1:3] == ["35.0 (n=1)", "—"]
+    assert _line(t6, "DW* (DW on the T-head)")[1:3] == ["43.0 (n=1)", "—"]
+    assert _line(t6, "DW (ours: dw)")[1:3] == ["40.0 (n=1)", "41.5"]  # the FCOS-head runs alone
 
 
 def test_figures_are_pngs_of_the_expected_size(report):

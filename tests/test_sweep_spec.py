@@ -66,7 +66,7 @@ def test_only_names_unknown_point_and_seeds_per_scale(tmp_path):
 
 @pytest.mark.parametrize(
     ("table", "n_points"),
-    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 1), ("table7", 15)],  # + DW refine
+    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 3), ("table7", 15)],  # + DW refine, 2 T-head
 )
 @pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
 def test_every_table_validates_at_every_scale(table, n_points, scale):
@@ -90,10 +90,10 @@ def test_table3_4_6_points():
     assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
     t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")  # every method once, in ASSIGNERS order
     methods = list(ASSIGNERS)
-    assert [p.id for p in t6.points] == methods + ["dw+refine"]
-    assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
-        (m, False) for m in methods
-    ] + [("dw", True)]
+    assert [p.id for p in t6.points] == methods + ["dw+refine", "tood+thead", "dw+thead"]
+    assert [(t.config.assigner.name, t.config.model.box_refine, t.config.model.head) for t in t6.trials] == [
+        (m, False, "fcos") for m in methods
+    ] + [("dw", True, "fcos"), ("tood", False, "tood"), ("dw", False, "tood")]
     assert all(p.label for p in t6.points)  # the report's name of a method the paper does not list
 
 

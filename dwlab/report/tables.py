@@ -82,9 +82,11 @@ def _neg_variant_key(p: dict) -> tuple:
 
 
 def method_name(p: dict) -> str:
-    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on."""
+    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on and ``+thead`` on
+    TOOD's T-head (``model.head: tood``; a run logged before the key had the FCOS head)."""
     name = p["assigner.name"]
-    return f"{name}+box_refine" if _truthy(p.get("model.box_refine", "false")) else name
+    name += "+box_refine" if _truthy(p.get("model.box_refine", "false")) else ""
+    return name + ("+thead" if p.get("model.head", "fcos") == "tood" else "")
 
 
 def _table6_row_key(p: dict) -> tuple:
