@@ -86,6 +86,8 @@ TABLE7 = [
     ("dw,r101-dcn", {**R101, **DCN}, [(0, "FINISHED", 0.50, 0.68, 0.54)]),
     # DCN in the backbone only: not the paper's ResNet-101-DCN detector, a block of its own
     ("dw,r101-backbone-dcn", {**R101, "model.backbone_dcn": True}, [(0, "FINISHED", 0.45, 0.63, 0.49)]),
+    # DW on TOOD's T-head (an aux. module) at ResNet-101: a row of its own, not a rival in the R101 claim
+    ("dw+thead,r101", {**R101, "model.head": "tood"}, [(0, "FINISHED", 0.55, 0.70, 0.60), (1, "FINISHED", 0.56, 0.71, 0.61)]),
 ]
 SWEEPS = {"table2": TABLE2, "table3": TABLE3, "table4": TABLE4, "table5": TABLE5, "table6": TABLE6, "table7": TABLE7}
 
@@ -356,7 +358,7 @@ def test_reproduction_lists_every_claim_with_a_verdict(report):
     text = (report.out / "REPRODUCTION.md").read_text()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith("| Table") or line.startswith("| DW")}
-    assert len(rows) == 13
+    assert len(rows) == 14
     # (5, 5) at 32.0 ± 2.0 (n=3) against (5, 6) at 35.5 ± 0.7 (n=2): 3.5 below, threshold 3.0
     assert rows["Table 2: beta=5, mu=5 is best"][3] == "**does not hold**"
     assert rows["Table 5: the positive term alone is worst"][3] == "**cannot tell at this noise**"  # n=1
@@ -371,6 +373,8 @@ def test_reproduction_lists_every_claim_with_a_verdict(report):
     # +4.0 beyond noise on ResNet-101, but the other backbones lack a refined point (or both)
     assert rows["Table 7: box refinement improves DW on every backbone"][1:] == [
         "+0.6, +0.2, +0.5", "ResNet-101: +4.0; ResNet-101-DCN: not run; ResNeXt-101-64x4d: not run", "**not run**"]
+    assert rows["Table 7: on TOOD's T-head, DW (DW*) is above TOOD"][1:] == [
+        "49.8 vs 48.3: +1.5 (ResNeXt-101-64x4d)", "—", "**not run**"]
 
 
 def test_table7_layout_six_metrics_per_backbone_block(report):
@@ -394,7 +398,9 @@ def test_table7_layout_six_metrics_per_backbone_block(report):
     assert "**paper**: COCO test-dev2017" in md and "Ours: COCO val2017; the paper's: test-dev2017." in md
     assert "Mixed settings" not in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln and "paper row" not in ln]
-    assert len(rows) == len(paper.TABLE7) + 1  # the paper's rows and the backbone-only DCN point
+    assert len(rows) == len(paper.TABLE7) + 2  # the paper's rows, the backbone-only DCN point, DW* at R101
+    assert _line(md, "DW*, ResNet-101 (ours: dw+thead)")[1:3] == ["55.5 ± 0.7 (n=2)", "—"]
+    assert _line(md, "DW*, ResNeXt-101-64x4d [aux.] (ours: dw+thead)")[1:3] == ["not run", "49.8"]
     import pandas as pd
 
     frame = pd.read_csv(report.out / "table7.csv")
