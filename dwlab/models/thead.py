@@ -20,7 +20,8 @@ Per level, from the FPN feature X^fpn (TOOD Eq. 1-6):
   box map from the anchor point, whose four coordinates are re-sampled bilinearly at learnt
   offsets O ``Tensor[B, 8, H, W]`` ((dy, dx) per coordinate, from conv3x3(ReLU(conv1x1(X^inter))))
   by ``torchvision.ops.deform_conv2d`` as a 1x1 depthwise deformable conv with unit weights and
-  4 offset groups (Eq. 6: B^align(i, j, c) = B(i + O(i, j, 2c), j + O(i, j, 2c + 1), c)).
+  4 offset groups (Eq. 6: B^align(i, j, c) = B(i + O(i, j, 2c), j + O(i, j, 2c + 1), c)); a sample
+  outside the map reads zeros (mmcv's kernel does the same; dwlab's box refinement clamps instead).
 
 Initialisation (released ``init_weights``): convs normal std 0.01 with zero bias, the layer
 attention's convs std 0.001, the offset convs std 0.001 with zero bias (so boxes start
