@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dwlab.assign import build_assigner
+from dwlab.assign import ASSIGNERS, build_assigner
 from dwlab.config import AssignerConfig, ModelConfig, validate
 from dwlab.data.target import Target
 from dwlab.errors import DwlabError
@@ -189,6 +189,22 @@ def test_gradient_reaches_every_head_parameter(method):
     sum(assigner.loss_weights[k] * v for k, v in losses.items()).backward()
     for name, p in model.head.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("method", list(ASSIGNERS))
+def test_every_assigner_runs_on_the_t_head(method):
+    """Every registered method reads the T-head's outputs: its loss terms (its weight table's
+    keys) are finite, with finite gradients into the head, and the joint score is in (0, 1)."""
+    torch.manual_seed(0)
+    model = build_model(tiny_model_config(head="tood", thead_convs=2), 3)
+    assigner = build_assigner(AssignerConfig(name=method), 3)
+    outputs = model(torch.randn(2, 3, 64, 64))
+    scores = outputs.scores()
+    assert ((scores > 0) & (scores < 1)).all() and outputs.distances.ge(0).all()
+    losses = assigner(outputs, TARGETS)
+    assert set(losses) == set(assigner.loss_weights) and all(torch.isfinite(v) for v in losses.values())
+    sum(assigner.loss_weights[k] * v for k, v in losses.items()).backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.head.parameters())
 
 
 def test_config_refuses_what_the_t_head_has_no_place_for():
