@@ -8,7 +8,7 @@ so a wrong key or type is reported the same way wherever it came from.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,6 +111,11 @@ class ModelConfig(Strict):
     anchor_offset: float = Field(0.5, ge=0.0, le=1.0)  # point = stride * (i + offset)
     box_refine: bool = False  # paper Eq. 9-10
     refine_sampler: Literal["deform_conv", "grid_sample"] = "deform_conv"
+    # the head: FCOS's two towers (``head_convs`` each), or TOOD's task-aligned head (T-head,
+    # ``dwlab/models/thead.py``: ``thead_convs`` shared convs, task decomposition, aligned score
+    # and boxes); every assigner runs on either
+    head: Literal["fcos", "tood"] = "fcos"
+    thead_convs: int = Field(6, ge=1)  # the T-head's stacked convs (released TOOD: 6); head: tood only
 
     @model_validator(mode="after")
     def _check_groups(self) -> ModelConfig:
@@ -126,6 +131,18 @@ class ModelConfig(Strict):
             )
         if self.head_dcn and not self.head_convs:
             raise ValueError("head_dcn needs head_convs >= 1 (its last tower conv becomes a DCNv2)")
+        if self.head == "tood":
+            if self.fpn_channels % self.head_norm_groups:
+                raise ValueError(
+                    f"head=tood: fpn_channels={self.fpn_channels} is not divisible by "
+                    f"head_norm_groups={self.head_norm_groups}"
+                )
+            for key, why in (
+                ("box_refine", "the T-head aligns its boxes itself (Eq. 6 of TOOD); DW's refinement is an FCOS-head option"),
+                ("head_dcn", "it replaces the FCOS towers' last conv, which the T-head does not have"),
+            ):
+                if getattr(self, key):
+                    raise ValueError(f"{key}=true needs head=fcos, not head=tood: {why}")
         return self
 
 
@@ -486,7 +503,15 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 #: sections goes here (a new method's section needs nothing: only the run's own section is hashed).
 HASH_NEUTRAL: dict[str, Any] = {
     "eval.score_voting": False,  # PAA's score voting
-    "eval.score_voting_sigma": 0.025,
+    "model.head": "fcos",  # TOOD's T-head
+}
+
+#: Options a run reads only in some configurations, each with the test that tells it does not
+#: read it (on the flattened config): left out of the config hash there, like the sections of the
+#: methods it does not run.
+HASH_UNREAD: dict[str, Callable[[dict[str, Any]], bool]] = {
+    "eval.score_voting_sigma": lambda flat: not flat["eval.score_voting"],
+    "model.thead_convs": lambda flat: flat["model.head"] != "tood",
 }
 
 #: Keys that configs written by earlier versions hold and that no longer exist, as (section, key):

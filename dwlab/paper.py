@@ -13,8 +13,8 @@ without string matching:
 - Table 4: ``(bag, r or k)``                 from ``assigner.dw.bag`` and ``bag_radius`` /
   ``bag_topk`` (``("soft", None)`` for the soft prior)
 - Table 5: ``(neg_variant,)``                from ``assigner.dw.neg_variant``
-- Table 6: ``(paper row name,)``             from ``assigner.name`` (+ ``model.box_refine``)
-  through ``METHOD_TO_TABLE6``
+- Table 6: ``(paper row name,)``             from ``assigner.name`` (+ ``model.box_refine``,
+  ``model.head``) through ``METHOD_TO_TABLE6``
 - Table 7: ``(paper row name, backbone)``    the method as Table 6's through ``METHOD_TO_TABLE7``,
   the backbone from ``model.backbone`` (+ ``backbone_dcn``, ``head_dcn``) through
   ``BACKBONE_TO_TABLE7``
@@ -144,10 +144,12 @@ TABLE6: dict[tuple[str], PaperAP] = {
     ("DW + box refine",): _ap(42.2, 60.4, 45.3),
 }
 
-#: Our method name (``assigner.name``, ``+box_refine`` when ``model.box_refine``) -> the Table 6
-#: row it reproduces: each method's ``paper_row`` in ``dwlab.assign.ASSIGNERS``, and DW with box
-#: refinement (Eq. 9-10). A method without a paper row is left out; the report names it by its
-#: sweep point's label.
+#: Our method name (``assigner.name``, ``+box_refine`` when ``model.box_refine``, ``+thead`` on
+#: TOOD's T-head, ``model.head: tood``) -> the Table 6 row it reproduces: each method's
+#: ``paper_row`` in ``dwlab.assign.ASSIGNERS``, and DW with box refinement (Eq. 9-10). A method
+#: without a paper row is left out; the report names it by its sweep point's label. Every row of
+#: Table 6 is a method on the conventional head: the T-head runs (``tood+thead``, ``dw+thead``,
+#: the paper's DW*) have none (the paper's TOOD row, 40.3, is below TOOD with its T-head, 42.5).
 #:
 #: ``autoassign`` maps to "AutoAssign(weight loss)": dwlab implements AutoAssign in the form the
 #: DW paper argues for ("weights detached and applied to the loss"), which the paper's
@@ -166,8 +168,7 @@ METHOD_TO_TABLE6: dict[str, str] = {
 # DW's box refinement) lost its check marks in the text we have; the paper lists those rows
 # after "DW (ours)" in each block ("we compare with them by reporting the performance w/wo this
 # auxiliary module"), and TABLE7_AUX holds them by that order.
-# Left out: "DW* (ours)", DW on TOOD's T-head, ResNeXt-101-64x4d, 49.8 / 67.7 / 53.8 / 30.4 /
-# 52.3 / 63.0 (aux.): dwlab has no T-head yet, so no run could reach that row.
+# "DW*" is the paper's "DW* (ours)": DW on TOOD's T-head (an aux. row, after DW + box refine).
 R101, R101_DCN, X101 = "ResNet-101", "ResNet-101-DCN", "ResNeXt-101-64x4d"
 TABLE7: dict[tuple[str, str], PaperAPSizes] = {
     ("FCOS", R101): PaperAPSizes(41.5, 60.7, 45.0, 24.4, 44.8, 51.6),
@@ -198,21 +199,27 @@ TABLE7: dict[tuple[str, str], PaperAPSizes] = {
     ("VFL", X101): PaperAPSizes(48.5, 67.0, 52.6, 30.1, 51.7, 59.7),
     ("TOOD", X101): PaperAPSizes(48.3, 66.5, 52.4, 30.7, 51.3, 58.6),
     ("DW + box refine", X101): PaperAPSizes(48.7, 67.1, 52.7, 29.7, 51.6, 61.1),
+    ("DW*", X101): PaperAPSizes(49.8, 67.7, 53.8, 30.4, 52.3, 63.0),
 }
 TABLE7_AUX = frozenset({
     ("GFLv2", R101), ("DW + box refine", R101), ("GFLv2", R101_DCN), ("DW + box refine", R101_DCN),
-    ("VFL", X101), ("TOOD", X101), ("DW + box refine", X101),
+    ("VFL", X101), ("TOOD", X101), ("DW + box refine", X101), ("DW*", X101),
 })  # fmt: skip
+#: Table 7's rows on TOOD's T-head, whatever the backbone: an aux. module (Table 6's TOOD row is not)
+TABLE7_T_HEAD_ROWS = frozenset({"TOOD", "DW*"})
 TABLE7_BACKBONES = (R101, R101_DCN, X101)
 
 #: Our method name -> its Table 7 row: Table 6's names, for the methods whose row in Table 7 is
-#: the method dwlab runs. Left out: ``tood`` (Table 7's TOOD row is on TOOD's T-head, which
-#: dwlab's ``tood`` lacks) and ``autoassign`` (Table 7's AutoAssign is the original, with
+#: the method dwlab runs, and the T-head rows: TOOD with its T-head (``tood+thead``, Table 7's
+#: TOOD row) and DW on it (``dw+thead``, "DW*"). Left out: ``tood`` on the FCOS head (Table 7's
+#: TOOD has its T-head) and ``autoassign`` (Table 7's AutoAssign is the original, with
 #: gradients through its weights; dwlab's is the weight-loss form). ``vfl`` at
 #: ResNeXt-101-64x4d meets VFNet with its star-shaped refinement (an aux. row), which dwlab's
 #: ``vfl`` lacks: ``experiments/table7.yaml`` leaves that point out.
 METHOD_TO_TABLE7: dict[str, str] = {
-    k: v for k, v in METHOD_TO_TABLE6.items() if k in ("fcos", "atss", "gfl", "vfl", "dw", "dw+box_refine")
+    **{k: v for k, v in METHOD_TO_TABLE6.items() if k in ("fcos", "atss", "gfl", "vfl", "dw", "dw+box_refine")},
+    "tood+thead": "TOOD",
+    "dw+thead": "DW*",
 }
 
 #: Our backbone (``model.backbone``, ``+dcn`` with ``model.backbone_dcn``, ``+head_dcn`` with

@@ -72,8 +72,10 @@ TABLE6 = [
     ("autoassign", {"assigner.name": "autoassign"}, [(0, "FAILED", None, None, None)]),
     # a method the paper does not list: named by its sweep label (POINT_LABELS), after the paper's rows
     ("simota", {"assigner.name": "simota"}, [(0, "FINISHED", 0.35, 0.55, 0.33)]),
+    # DW on TOOD's T-head: a row of its own (not pooled with DW), named by its label
+    ("dw+thead", {**OFFICIAL, "model.head": "tood"}, [(0, "FINISHED", 0.43, 0.63, 0.41)]),
 ]
-POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS", "dw-paper-eq": "DW, paper equations"}
+POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS", "dw-paper-eq": "DW, paper equations", "dw+thead": "DW* (DW on the T-head)"}
 R101, DCN = {"model.backbone": "resnet101"}, {"model.backbone_dcn": True, "model.head_dcn": True}
 TABLE7 = [
     # 47.0 ± 1.4 on AP, AP50 65.0, AP75 51.0, APs (AP / 2) 23.5 ± 0.7; paper 46.2 / 64.8 / 50.0 / 27.1
@@ -86,6 +88,8 @@ TABLE7 = [
     ("dw,r101-dcn", {**R101, **DCN}, [(0, "FINISHED", 0.50, 0.68, 0.54)]),
     # DCN in the backbone only: not the paper's ResNet-101-DCN detector, a block of its own
     ("dw,r101-backbone-dcn", {**R101, "model.backbone_dcn": True}, [(0, "FINISHED", 0.45, 0.63, 0.49)]),
+    # DW on TOOD's T-head (an aux. module) at ResNet-101: a row of its own, not a rival in the R101 claim
+    ("dw+thead,r101", {**R101, "model.head": "tood"}, [(0, "FINISHED", 0.55, 0.70, 0.60), (1, "FINISHED", 0.56, 0.71, 0.61)]),
 ]
 SWEEPS = {"table2": TABLE2, "table3": TABLE3, "table4": TABLE4, "table5": TABLE5, "table6": TABLE6, "table7": TABLE7}
 
@@ -232,11 +236,13 @@ def test_other_tables_layouts(report):
     assert _line(t6, no_method)[1:3] == ["not run", f"{paper.TABLE6[(no_method,)].AP:.1f}"]
     assert _line(t6, "FoveaBox (ours: foveabox)")[1:3] == ["not run", "36.4"]  # a method, no run
     rows = [ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]
-    # not in the paper: last, sorted
-    assert len(rows) == 1 + len(paper.TABLE6) + 2 and rows[-1].startswith("| SimOTA |")
+    # not in the paper: after its rows
+    assert len(rows) == 1 + len(paper.TABLE6) + 3
+    assert {r.split(" |")[0] for r in rows[-3:]} == {"| SimOTA", "| DW, paper equations", "| DW* (DW on the T-head)"}
     assert _line(t6, "SimOTA")[1:3] == ["35.0 (n=1)", "—"]
-    assert _line(t6, "DW (ours: dw)")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]
+    assert _line(t6, "DW (ours: dw)")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]  # the FCOS-head runs alone
     assert _line(t6, "DW, paper equations")[1:3] == ["37.0 (n=1)", "—"]
+    assert _line(t6, "DW* (DW on the T-head)")[1:3] == ["43.0 (n=1)", "—"]
 
 
 def test_figures_are_pngs_of_the_expected_size(report):
@@ -367,12 +373,14 @@ def test_reproduction_lists_every_claim_with_a_verdict(report):
     text = (report.out / "REPRODUCTION.md").read_text()
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")]
             for line in text.splitlines() if line.startswith("| Table") or line.startswith("| DW")}
-    assert len(rows) == 13
+    assert len(rows) == 14
     # (5, 5) at 32.0 ± 2.0 (n=3) against (5, 6) at 35.5 ± 0.7 (n=2): 3.5 below, threshold 3.0
     assert rows["Table 2: beta=5, mu=5 is best"][3] == "**does not hold**"
     assert rows["Table 5: the positive term alone is worst"][3] == "**cannot tell at this noise**"  # n=1
     assert rows["Table 4: DW is robust to the bag (all within 0.4 AP)"][3] == "**cannot tell at this noise**"
     assert rows["DW costs no more per training step than FCOS"][3] == "**not run**"  # no iters_per_s logged
+    # DW (40.0) against the other methods of the FCOS detector: DW* (43.0, on the T-head) is not one
+    assert rows["Table 6: DW is above every other method"][2] == "40.0 (n=1); next best SimOTA 35.0 (n=1)"
     assert "REPRODUCTION.md" in (report.out / "README.md").read_text()
     # DW 47.0 ± 1.4 against FCOS 40.5 ± 0.7 (DW + box refine has the aux. module: not compared)
     assert rows["Table 7: on ResNet-101, DW is above every method without an aux. module"][2:] == [
@@ -380,6 +388,8 @@ def test_reproduction_lists_every_claim_with_a_verdict(report):
     # +4.0 beyond noise on ResNet-101, but the other backbones lack a refined point (or both)
     assert rows["Table 7: box refinement improves DW on every backbone"][1:] == [
         "+0.6, +0.2, +0.5", "ResNet-101: +4.0; ResNet-101-DCN: not run; ResNeXt-101-64x4d: not run", "**not run**"]
+    assert rows["Table 7: on TOOD's T-head, DW (DW*) is above TOOD"][1:] == [
+        "49.8 vs 48.3: +1.5 (ResNeXt-101-64x4d)", "—", "**not run**"]
 
 
 def test_table7_layout_six_metrics_per_backbone_block(report):
@@ -403,7 +413,9 @@ def test_table7_layout_six_metrics_per_backbone_block(report):
     assert "**paper**: COCO test-dev2017" in md and "Ours: COCO val2017; the paper's: test-dev2017." in md
     assert "Mixed settings" not in md
     rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "---" not in ln and "paper row" not in ln]
-    assert len(rows) == len(paper.TABLE7) + 1  # the paper's rows and the backbone-only DCN point
+    assert len(rows) == len(paper.TABLE7) + 2  # the paper's rows, the backbone-only DCN point, DW* at R101
+    assert _line(md, "DW*, ResNet-101 (ours: dw+thead)")[1:3] == ["55.5 ± 0.7 (n=2)", "—"]
+    assert _line(md, "DW*, ResNeXt-101-64x4d [aux.] (ours: dw+thead)")[1:3] == ["not run", "49.8"]
     import pandas as pd
 
     frame = pd.read_csv(report.out / "table7.csv")

@@ -80,6 +80,10 @@ def test_config_hash_leaves_out_other_methods_sections_and_neutral_options(monke
     assert config_hash(base) != before[0]  # left out at its neutral value ...
     assert config_hash(other) == before[1]  # ... counted at any other
     assert config_hash(base) == config_hash(load_config("smoke", {"assigner.atss.topk": 5}))
+    # an option the run reads only in some configurations counts only there (HASH_UNREAD)
+    assert config_hash(base) == config_hash(load_config("smoke", {"model.thead_convs": 5}))  # FCOS head
+    thead = load_config("smoke", {"model.head": "tood"})
+    assert config_hash(thead) != config_hash(load_config("smoke", {"model.head": "tood", "model.thead_convs": 5}))
 
 
 def test_every_hash_neutral_value_is_the_options_default():
@@ -103,7 +107,7 @@ def test_point_runs_just_the_named_points_in_place_of_only(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     ("table", "n_points"),
-    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 2), ("table7", 15)],  # + DW refine, DW on the paper equations
+    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 4), ("table7", 17)],  # + DW refine, DW on the paper equations, 2 T-head
 )
 @pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
 def test_every_table_validates_at_every_scale(table, n_points, scale):
@@ -127,12 +131,12 @@ def test_table3_4_6_points():
     assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
     t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")  # every method once, in ASSIGNERS order
     methods = list(ASSIGNERS)
-    assert [p.id for p in t6.points] == methods + ["dw+refine", "dw-paper-eq"]
-    assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
-        (m, False) for m in methods
-    ] + [("dw", True), ("dw", False)]
+    assert [p.id for p in t6.points] == methods + ["dw+refine", "dw-paper-eq", "tood+thead", "dw+thead"]
+    assert [(t.config.assigner.name, t.config.model.box_refine, t.config.model.head) for t in t6.trials] == [
+        (m, False, "fcos") for m in methods
+    ] + [("dw", True, "fcos"), ("dw", False, "fcos"), ("tood", False, "tood"), ("dw", False, "tood")]
     dw_variants = [(t.config.assigner.dw.variant, t.config.model.prior_prob) for t in t6.trials if t.config.assigner.name == "dw"]
-    assert dw_variants == [("official", 0.02), ("official", 0.02), ("paper", 0.01)]  # DW's paper rows: as released
+    assert dw_variants == [("official", 0.02), ("official", 0.02), ("paper", 0.01), ("official", 0.02)]  # DW's paper rows: as released
     assert [t.config.assigner.name for t in t6.trials if t.config.eval.score_voting] == ["paa"]  # as PAA's 40.4
     assert all(p.label for p in t6.points)  # the report's name of a method the paper does not list
 

@@ -226,17 +226,22 @@ def test_paper_2x_ms_preset_and_table7_points():
     assert (cfg.data.min_size, cfg.data.max_size, cfg.model.backbone) == (800, 1333, "resnet101")
     plan = load_plan(EXPERIMENTS / "table7.yaml", all_points=True)
     assert plan.scale == "paper" and plan.base.endswith("paper-2x-ms.yaml") and not plan.warnings
-    rows = [(c.assigner.name, c.model.box_refine, c.model.backbone, c.model.backbone_dcn, c.model.head_dcn)
+    rows = [(c.assigner.name, c.model.box_refine, c.model.backbone, c.model.backbone_dcn, c.model.head_dcn, c.model.head)
             for c in (t.config for t in plan.trials)]  # fmt: skip
-    assert len(rows) == 15 and len(set(rows)) == 15
-    assert ("dw", True, "resnet101", True, True) in rows and ("atss", False, "resnext101_64x4d", False, False) in rows
+    assert len(rows) == 17 and len(set(rows)) == 17
+    assert ("dw", True, "resnet101", True, True, "fcos") in rows
+    assert ("atss", False, "resnext101_64x4d", False, False, "fcos") in rows
+    # TOOD with its T-head and DW on it (DW*), the released 6 stacked convs
+    assert {r for r in rows if r[-1] == "tood"} == {("tood", False, "resnext101_64x4d", False, False, "tood"),
+                                                    ("dw", False, "resnext101_64x4d", False, False, "tood")}
+    assert all(t.config.model.thead_convs == 6 for t in plan.trials)
     assert all(t.config.train.epochs == 24 for t in plan.trials)
     dw = [t.config for t in plan.trials if t.config.assigner.name == "dw"]
     assert all(c.assigner.dw.variant == "official" and c.model.prior_prob == 0.02 for c in dw)
     assert [p.id for p in load_plan(EXPERIMENTS / "table7.yaml").points] == [
         "dw,r101", "dw+refine,r101", "dw,r101-dcn", "dw+refine,r101-dcn", "dw,x101", "dw+refine,x101"]
     smoke = load_plan(EXPERIMENTS / "table7.yaml", scale="smoke")
-    assert smoke.base.endswith("smoke.yaml") and len(smoke.trials) == 15
+    assert smoke.base.endswith("smoke.yaml") and len(smoke.trials) == 17
     assert all(t.config.train.max_iters_per_epoch == 2 and t.config.data.min_size == 128 for t in smoke.trials)
 
 

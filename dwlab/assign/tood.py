@@ -1,6 +1,8 @@
 """TOOD's task-aligned learning (Feng, Zhong, Gao, Scott, Huang, "TOOD: Task-aligned One-stage
-Object Detection", ICCV 2021, §3.2) on the FCOS detector; the T-head (task-aligned head) is not
-part of it: only the assignment and the loss change.
+Object Detection", ICCV 2021, §3.2): only the assignment and the loss. The T-head (task-aligned
+head, §3.1) is a head option of the detector (``model.head: tood``, ``dwlab/models/thead.py``);
+on the FCOS head (the default) this is TOOD's assignment on a conventional head, on the T-head it
+is TOOD with its own head.
 
 - Alignment metric (TOOD §3.2, "Task-aligned Sample Assignment"): t = s^alpha * u^beta with s
   the joint score on the GT's class, u the IoU of the predicted box with the GT; alpha 1, beta 6.

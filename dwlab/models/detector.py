@@ -1,5 +1,6 @@
 """FCOS (Tian et al., ICCV 2019): ResNet-FPN + shared head. The same detector for every
-label-assignment method; ``forward`` always returns raw ``HeadOutputs``."""
+label-assignment method; ``forward`` always returns raw ``HeadOutputs``. The head is FCOS's
+(``model.head: fcos``) or TOOD's T-head (``tood``, ``dwlab.models.thead``): the same outputs."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dwlab.config import ModelConfig
 from dwlab.models.backbone import STRIDES, build_backbone
 from dwlab.models.head import FCOSHead
 from dwlab.models.outputs import Anchors, HeadOutputs
+from dwlab.models.thead import THead
 
 
 def _flatten_levels(maps: list[Tensor]) -> Tensor:
@@ -18,7 +20,7 @@ def _flatten_levels(maps: list[Tensor]) -> Tensor:
 
 
 class FCOS(nn.Module):
-    def __init__(self, backbone: nn.Module, head: FCOSHead, anchor_offset: float = 0.5) -> None:
+    def __init__(self, backbone: nn.Module, head: FCOSHead | THead, anchor_offset: float = 0.5) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = head
@@ -55,6 +57,18 @@ def build_model(cfg: ModelConfig, num_classes: int, *, centerness_bias: float | 
         fpn_channels=cfg.fpn_channels,
         dcn=cfg.backbone_dcn,
     )
+    if cfg.head == "tood":
+        head = THead(
+            cfg.fpn_channels,
+            num_classes,
+            STRIDES,
+            stacked_convs=cfg.thead_convs,
+            norm_groups=cfg.head_norm_groups,
+            prior_prob=cfg.prior_prob,
+            anchor_offset=cfg.anchor_offset,
+            centerness_bias=0.0 if centerness_bias is None else centerness_bias,
+        )
+        return FCOS(backbone, head, cfg.anchor_offset)
     head = FCOSHead(
         cfg.fpn_channels,
         num_classes,

@@ -84,10 +84,21 @@ def _neg_variant_key(p: dict) -> tuple:
     return (neg,) if variant == "official" else (f"{neg}, {PAPER_EQUATIONS}",)
 
 
+T_HEAD = "+thead"  # a method name's suffix on TOOD's T-head
+
+
 def method_name(p: dict) -> str:
-    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on."""
+    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on and ``+thead`` on
+    TOOD's T-head (``model.head: tood``; a run logged before the key had the FCOS head)."""
     name = p["assigner.name"]
-    return f"{name}+box_refine" if _truthy(p.get("model.box_refine", "false")) else name
+    name += "+box_refine" if _truthy(p.get("model.box_refine", "false")) else ""
+    return name + (T_HEAD if p.get("model.head", "fcos") == "tood" else "")
+
+
+def on_t_head(key: tuple) -> bool:
+    """A Table 6 / 7 row key of a run on TOOD's T-head: not the paper's FCOS detector (every
+    paper row of Table 6 is), so the claims about that detector leave it out."""
+    return str(key[0]).endswith(T_HEAD)
 
 
 def _table6_row_key(p: dict) -> tuple:

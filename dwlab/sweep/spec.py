@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dwlab import paper
 from dwlab.assign import ASSIGNERS
-from dwlab.config import HASH_NEUTRAL, Config, flatten, load_config, parse_override, read_yaml, resolve_path
+from dwlab.config import HASH_NEUTRAL, HASH_UNREAD, Config, flatten, load_config, parse_override, read_yaml, resolve_path
 from dwlab.errors import DwlabError
 from dwlab.store import ROLE_DEFAULTS, ROLE_TUNED, TRIAL
 from dwlab.sweep.search_spec import Context, MethodSearch, expand_search
@@ -183,15 +183,17 @@ class Plan:
 def config_hash(cfg: Config) -> str:
     """sha256 of what decides a run, as canonical JSON: the idempotence key of a trial (``--resume``).
 
-    That is the resolved config without two things no run reads, so that a sweep resumed after
-    dwlab has grown keeps its finished trials: the sections of the assigners other than
-    ``assigner.name`` (a new method adds one), and the options of ``HASH_NEUTRAL`` at their
-    neutral value (an off-by-default option added later)."""
+    That is the resolved config without what the run does not read, so that a sweep resumed
+    after dwlab has grown keeps its finished trials: the sections of the assigners other than
+    ``assigner.name`` (a new method adds one), the options of ``HASH_UNREAD`` where their test
+    says the run does not read them, and the options of ``HASH_NEUTRAL`` at their neutral value
+    (an off-by-default option added later)."""
     flat = flatten(cfg)
     own = f"assigner.{ASSIGNERS[cfg.assigner.name].section}."
     kept = {
         k: v for k, v in flat.items()
         if not (k.startswith("assigner.") and k != "assigner.name" and not k.startswith(own))
+        and not (k in HASH_UNREAD and HASH_UNREAD[k](flat))
         and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])
     }  # fmt: skip
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
