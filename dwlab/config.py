@@ -111,6 +111,13 @@ class ModelConfig(Strict):
     anchor_offset: float = Field(0.5, ge=0.0, le=1.0)  # point = stride * (i + offset)
     box_refine: bool = False  # paper Eq. 9-10
     refine_sampler: Literal["deform_conv", "grid_sample"] = "deform_conv"
+    # GFL's general distribution (dwlab.models.head): the reg branch predicts 4 x (reg_max + 1)
+    # bin logits per point, distance = their integral x stride. null: as the method decides
+    # (gfl, gflv2 ask for their own assigner.<name>.reg_max; a different value here is refused)
+    reg_max: int | None = Field(None, ge=1)
+    # GFLv2's distribution-guided quality predictor in the centerness branch's place (needs a
+    # distribution head); false: as the method decides (gflv2 turns it on)
+    dgqp: bool = False
 
     @model_validator(mode="after")
     def _check_groups(self) -> ModelConfig:
@@ -126,6 +133,8 @@ class ModelConfig(Strict):
             )
         if self.head_dcn and not self.head_convs:
             raise ValueError("head_dcn needs head_convs >= 1 (its last tower conv becomes a DCNv2)")
+        if self.box_refine and self.reg_max is not None:
+            raise ValueError(f"box_refine with reg_max={self.reg_max} (a distribution head) is not implemented")
         return self
 
 
