@@ -200,13 +200,33 @@ class ATSSAssignerConfig(Strict):
     box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (released ATSS code)
 
 
-class GFLAssignerConfig(Strict):
-    """GFL (Li et al., NeurIPS 2020): ATSS assignment + Quality Focal Loss (no DFL branch)."""
+class QFLAssignerConfig(Strict):
+    """GFL's Quality Focal Loss alone (Li et al., NeurIPS 2020) on ATSS assignment, without the
+    distribution branch and its DFL (dwlab's ``gfl`` before GFL's DFL was added)."""
 
     topk: int = Field(9, ge=1)
     anchor_scale: float = Field(8.0, gt=0.0)
     beta: float = Field(2.0, ge=0.0)  # QFL: |y - s|^beta
     box_weight: float = Field(2.0, ge=0.0)  # lambda_0, GIoU loss weight
+
+
+class GFLAssignerConfig(QFLAssignerConfig):
+    """GFL (Li et al., NeurIPS 2020) as published: ATSS assignment, QFL, GIoU and the
+    Distribution Focal Loss of the distribution head (``model.reg_max``, 16 unless set)."""
+
+    dfl_weight: float = Field(0.25, ge=0.0)  # lambda_1, DFL weight
+    # n: the distribution head's bins 0..n per side in strides (the method builds it: HeadInit)
+    reg_max: int = Field(16, ge=1)
+
+
+class GFLv2AssignerConfig(GFLAssignerConfig):
+    """GFLv2 (Li et al., CVPR 2021): GFL with the distribution-guided quality predictor (DGQP) in
+    the score; on ATSS's or FCOS's sampling (DW Table 6: "ATSS+GFLv2", "FCOS+GFLv2")."""
+
+    sampling: Literal["atss", "fcos"] = "atss"
+    # FCOS sampling's centre radius and size ranges (as ``assigner.fcos``), unused with atss
+    center_radius: float = Field(1.5, gt=0.0)
+    size_ranges: list[float] = [0.0, 64.0, 128.0, 256.0, 512.0, 1e8]
 
 
 class VFLAssignerConfig(Strict):
@@ -306,7 +326,9 @@ class AssignerConfig(Strict):
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
     paa: PAAAssignerConfig = PAAAssignerConfig()
     ota: OTAAssignerConfig = OTAAssignerConfig()
+    qfl: QFLAssignerConfig = QFLAssignerConfig()
     gfl: GFLAssignerConfig = GFLAssignerConfig()
+    gflv2: GFLv2AssignerConfig = GFLv2AssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
     autoassign_paper: AutoAssignPaperAssignerConfig = AutoAssignPaperAssignerConfig()

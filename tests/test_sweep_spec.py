@@ -66,7 +66,7 @@ def test_only_names_unknown_point_and_seeds_per_scale(tmp_path):
 
 @pytest.mark.parametrize(
     ("table", "n_points"),
-    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 1), ("table7", 15)],  # + DW refine
+    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 2), ("table7", 15)],  # + FCOS+GFLv2, DW refine
 )
 @pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
 def test_every_table_validates_at_every_scale(table, n_points, scale):
@@ -88,12 +88,15 @@ def test_table3_4_6_points():
     bags = [(c.bag, c.bag_radius if c.bag == "threshold" else c.bag_topk if c.bag == "topk" else None)
             for c in (t.config.assigner.dw for t in t4.trials)]
     assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
-    t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")  # every method once, in ASSIGNERS order
+    # every method once, in ASSIGNERS order, GFLv2's FCOS sampling (its row's variant) before it
+    t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")
     methods = list(ASSIGNERS)
-    assert [p.id for p in t6.points] == methods + ["dw+refine"]
+    at = methods.index("gflv2")
+    assert [p.id for p in t6.points] == methods[:at] + ["gflv2+fcos"] + methods[at:] + ["dw+refine"]
     assert [(t.config.assigner.name, t.config.model.box_refine) for t in t6.trials] == [
-        (m, False) for m in methods
+        (m, False) for m in methods[:at] + ["gflv2"] + methods[at:]
     ] + [("dw", True)]
+    assert [t.config.assigner.gflv2.sampling for t in t6.trials if t.config.assigner.name == "gflv2"] == ["fcos", "atss"]
     assert all(p.label for p in t6.points)  # the report's name of a method the paper does not list
 
 

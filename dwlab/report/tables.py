@@ -25,6 +25,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from dwlab import paper
+from dwlab.assign import ASSIGNERS
 from dwlab.report import tuned
 from dwlab.report.markdown import render_table
 from dwlab.store import Tag, column
@@ -82,8 +83,14 @@ def _neg_variant_key(p: dict) -> tuple:
 
 
 def method_name(p: dict) -> str:
-    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on."""
+    """``assigner.name``, with ``+<value>`` when its ``ASSIGNERS`` row has a ``variant`` field
+    set to one of the variant's values (``gflv2+fcos``) and ``+box_refine`` when
+    ``model.box_refine`` is on."""
     name = p["assigner.name"]
+    method = ASSIGNERS.get(name)
+    if method is not None and method.variant is not None:
+        value = p.get(f"assigner.{method.section}.{method.variant[0]}")
+        name = f"{name}+{value}" if value in method.variant[1] else name
     return f"{name}+box_refine" if _truthy(p.get("model.box_refine", "false")) else name
 
 
