@@ -116,6 +116,13 @@ class ModelConfig(Strict):
     # and boxes); every assigner runs on either
     head: Literal["fcos", "tood"] = "fcos"
     thead_convs: int = Field(6, ge=1)  # the T-head's stacked convs (released TOOD: 6); head: tood only
+    # GFL's general distribution (dwlab.models.head): the reg branch predicts 4 x (reg_max + 1)
+    # bin logits per point, distance = their integral x stride. null: as the method decides
+    # (gfl, gflv2 ask for their own assigner.<name>.reg_max; a different value here is refused)
+    reg_max: int | None = Field(None, ge=1)
+    # GFLv2's distribution-guided quality predictor in the centerness branch's place (needs a
+    # distribution head); false: as the method decides (gflv2 turns it on)
+    dgqp: bool = False
 
     @model_validator(mode="after")
     def _check_groups(self) -> ModelConfig:
@@ -143,6 +150,8 @@ class ModelConfig(Strict):
             ):
                 if getattr(self, key):
                     raise ValueError(f"{key}=true needs head=fcos, not head=tood: {why}")
+        if self.box_refine and self.reg_max is not None:
+            raise ValueError(f"box_refine with reg_max={self.reg_max} (a distribution head) is not implemented")
         return self
 
 
@@ -222,13 +231,33 @@ class ATSSAssignerConfig(Strict):
     box_weight: float = Field(2.0, ge=0.0)  # GIoU loss weight (released ATSS code)
 
 
-class GFLAssignerConfig(Strict):
-    """GFL (Li et al., NeurIPS 2020): ATSS assignment + Quality Focal Loss (no DFL branch)."""
+class QFLAssignerConfig(Strict):
+    """GFL's Quality Focal Loss alone (Li et al., NeurIPS 2020) on ATSS assignment, without the
+    distribution branch and its DFL (dwlab's ``gfl`` before GFL's DFL was added)."""
 
     topk: int = Field(9, ge=1)
     anchor_scale: float = Field(8.0, gt=0.0)
     beta: float = Field(2.0, ge=0.0)  # QFL: |y - s|^beta
     box_weight: float = Field(2.0, ge=0.0)  # lambda_0, GIoU loss weight
+
+
+class GFLAssignerConfig(QFLAssignerConfig):
+    """GFL (Li et al., NeurIPS 2020) as published: ATSS assignment, QFL, GIoU and the
+    Distribution Focal Loss of the distribution head (``model.reg_max``, 16 unless set)."""
+
+    dfl_weight: float = Field(0.25, ge=0.0)  # lambda_1, DFL weight
+    # n: the distribution head's bins 0..n per side in strides (the method builds it: HeadInit)
+    reg_max: int = Field(16, ge=1)
+
+
+class GFLv2AssignerConfig(GFLAssignerConfig):
+    """GFLv2 (Li et al., CVPR 2021): GFL with the distribution-guided quality predictor (DGQP) in
+    the score; on ATSS's or FCOS's sampling (DW Table 6: "ATSS+GFLv2", "FCOS+GFLv2")."""
+
+    sampling: Literal["atss", "fcos"] = "atss"
+    # FCOS sampling's centre radius and size ranges (as ``assigner.fcos``), unused with atss
+    center_radius: float = Field(1.5, gt=0.0)
+    size_ranges: list[float] = [0.0, 64.0, 128.0, 256.0, 512.0, 1e8]
 
 
 class VFLAssignerConfig(Strict):
@@ -367,7 +396,9 @@ class AssignerConfig(Strict):
     atss: ATSSAssignerConfig = ATSSAssignerConfig()
     paa: PAAAssignerConfig = PAAAssignerConfig()
     ota: OTAAssignerConfig = OTAAssignerConfig()
+    qfl: QFLAssignerConfig = QFLAssignerConfig()
     gfl: GFLAssignerConfig = GFLAssignerConfig()
+    gflv2: GFLv2AssignerConfig = GFLv2AssignerConfig()
     vfl: VFLAssignerConfig = VFLAssignerConfig()
     tood: TOODAssignerConfig = TOODAssignerConfig()
     musu: MuSuAssignerConfig = MuSuAssignerConfig()
@@ -504,6 +535,8 @@ def validate(raw: dict[str, Any], source: str) -> Config:
 HASH_NEUTRAL: dict[str, Any] = {
     "eval.score_voting": False,  # PAA's score voting
     "model.head": "fcos",  # TOOD's T-head
+    "model.reg_max": None,  # GFL's distribution head (a method that needs it asks through head_init)
+    "model.dgqp": False,  # GFLv2's quality predictor
 }
 
 #: Options a run reads only in some configurations, each with the test that tells it does not

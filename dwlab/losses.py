@@ -154,6 +154,31 @@ def focal_loss(
     return reduce(loss, reduction)
 
 
+# ----------------------------------------------------------------------------- distributions
+
+
+def distribution_focal_loss(logits: Tensor, target: Tensor, *, reduction: str = "none") -> Tensor:
+    """Distribution Focal Loss (Li et al., "Generalized Focal Loss", NeurIPS 2020, §3, Eq. 5)
+    of a discrete distribution over the bins ``0..n`` against a continuous ``target`` y in
+    ``[0, n)``, with y_i = floor(y) and y_{i+1} = y_i + 1 its two neighbouring bins:
+
+        DFL(S, y) = -((y_{i+1} - y) ln S_i + (y - y_i) ln S_{i+1}),  S = softmax(logits)
+
+    i.e. the cross-entropy against the two bins around y, weighted by closeness; it is smallest
+    when the distribution's integral sum_j j S_j equals y with all mass on those two bins.
+    logits ``Tensor[..., n + 1]``; target ``Tensor[...]`` (no gradient) with ``y < n`` (the
+    caller clamps it: ``n - 0.1`` in the released code). Computed in float32.
+    """
+    _check_reduction(reduction)
+    log_p = F.log_softmax(logits.float(), dim=-1)
+    y = target.detach().float()
+    left = y.floor()
+    right_index = (left + 1).long().clamp(max=log_p.shape[-1] - 1)  # y < n: never clamps a weight > 0
+    log_left = log_p.gather(-1, left.long().unsqueeze(-1)).squeeze(-1)
+    log_right = log_p.gather(-1, right_index.unsqueeze(-1)).squeeze(-1)
+    return reduce(-((left + 1 - y) * log_left + (y - left) * log_right), reduction)
+
+
 # ----------------------------------------------------------------------------- weighted BCE
 
 

@@ -156,9 +156,17 @@ TABLE6: dict[tuple[str], PaperAP] = {
 #: §4.4 reports as 36.6 AP ("we tried to detach the weights in Autoassign and assigned them to
 #: loss, but only obtained 39.8 and 36.6 AP, respectively"). "AutoAssign(detach)" (39.8) keeps the
 #: detached weights on the score, and "AutoAssign" (40.4) is the original with gradients through
-#: the weights. ``gfl`` is GFL's Quality Focal Loss on ATSS assignment (GFL row, not GFLv2).
+#: the weights. ``gfl`` is GFL as published (QFL, GIoU and DFL on the distribution head: the GFL
+#: row); ``qfl`` (its Quality Focal Loss alone) has no row. ``gflv2`` is "ATSS+GFLv2", and with
+#: ``assigner.gflv2.sampling: fcos`` the method ``gflv2+fcos``, "FCOS+GFLv2" (its row's ``variant``).
 METHOD_TO_TABLE6: dict[str, str] = {
     **{name: method.paper_row for name, method in ASSIGNERS.items() if method.paper_row},
+    **{
+        f"{name}+{value}": row
+        for name, method in ASSIGNERS.items()
+        if method.variant
+        for value, row in method.variant[1].items()
+    },
     "dw+box_refine": "DW + box refine",
 }
 

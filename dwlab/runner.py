@@ -41,6 +41,7 @@ from dwlab.engine import StepState, TrainStep, lr_at, param_groups, predict, tra
 from dwlab.errors import DwlabError, NonFiniteLoss
 from dwlab.evaluation import coco_evaluate, to_coco_results
 from dwlab.models.detector import FCOS, build_model
+from dwlab.models.detector import head_options as model_head_options
 from dwlab.models.postprocess import postprocess_settings
 
 __all__ = ["EpochReport", "RunResult", "NonFiniteLoss", "run_training", "run_evaluation"]
@@ -163,8 +164,15 @@ def make_assigner(cfg: Config, num_classes: int) -> LabelAssigner:
 
 def build_detector(cfg: Config, num_classes: int, assigner: LabelAssigner) -> FCOS:
     """``build_model`` with the head initialised as the method asks (``assign.base.head_init``:
-    e.g. an objectness prior on the centerness branch); the detector's default otherwise."""
-    model = build_model(cfg.model, num_classes, centerness_bias=head_init(assigner).centerness_bias)
+    e.g. an objectness prior on the centerness branch, GFL's distribution head); the detector's
+    default otherwise. A head the options cannot build is a one-line ``DwlabError``."""
+    init = head_init(assigner)
+    try:
+        model = build_model(
+            cfg.model, num_classes, centerness_bias=init.centerness_bias, reg_max=init.reg_max, dgqp=init.dgqp
+        )
+    except ValueError as err:
+        raise DwlabError(f"model ({cfg.assigner.name}): {err}") from None
     learnable = getattr(assigner, "learnable", None)
     if learnable is not None:  # the method's own parameters train, save and move with the detector
         model.add_module("assigner", learnable)
@@ -176,6 +184,14 @@ def eval_detector(cfg: Config, num_classes: int) -> FCOS:
     included), untrained and without pretrained weights: ``load_state_dict`` it."""
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"pretrained": False})})
     return build_detector(cfg, num_classes, make_assigner(cfg, num_classes))
+
+
+def head_options(cfg: Config, assigner: LabelAssigner) -> dict[str, Any]:
+    """The head options a run builds (``build_model``'s rule): ``{"reg_max", "dgqp"}``, from
+    ``model.*`` and the method's ``head_init``."""
+    init = head_init(assigner)
+    reg_max, dgqp = model_head_options(cfg.model, init.reg_max, init.dgqp)
+    return {"reg_max": reg_max, "dgqp": dgqp}
 
 
 def resolved_record(cfg: Config, assigner: LabelAssigner, device: torch.device) -> dict[str, Any]:
@@ -191,6 +207,9 @@ def resolved_record(cfg: Config, assigner: LabelAssigner, device: torch.device) 
     if resolved_params is not None:
         record["assigner"] = {cfg.assigner.name: resolved_params()}
     record["loss_weights"] = dict(assigner.loss_weights)
+    head = head_options(cfg, assigner)
+    if head["reg_max"] is not None:  # a distribution head, perhaps the method's (config.yaml: null)
+        record["model"] = head
     record["train"] = {
         "device": device.type, "precision": resolve_precision(cfg.train, device),
         "deterministic": cfg.train.deterministic or device.type == "cpu",

@@ -13,9 +13,16 @@ import torch
 
 from dwlab import paper
 from dwlab.assign import ASSIGNERS, assigner_class, build_assigner
-from dwlab.assign.base import LOSS_TERMS, HeadInit, LabelAssigner, head_init, weighted_total
+from dwlab.assign.base import (
+    LOSS_TERMS,
+    HeadInit,
+    LabelAssigner,
+    head_init,
+    weighted_total,
+)
 from dwlab.config import AssignerConfig
 from dwlab.data.target import Target
+from dwlab.models.head import integral
 from dwlab.models.outputs import Anchors, HeadOutputs
 
 C = 3
@@ -27,16 +34,29 @@ def anchors() -> Anchors:
     return Anchors.grid(SIZES, [8, 16, 32, 64, 128], 0.5, torch.device("cpu"))
 
 
-def outputs(batch: int, seed: int = 0) -> HeadOutputs:
-    """Random head outputs, leaves with gradient: logits around a 0.1 score, boxes of 4-28 px."""
+def outputs(batch: int, seed: int = 0, head: HeadInit | None = None) -> HeadOutputs:
+    """Random head outputs, leaves with gradient: logits around a 0.1 score, boxes of 4-28 px.
+    With ``head.reg_max`` n (a method that needs the distribution head), the leaf is the
+    distribution's logits ``[B, A, 4, n + 1]`` and the distances their integral x stride."""
     g = torch.Generator().manual_seed(seed)
     a = len(anchors())
-    return HeadOutputs(
-        (torch.randn(batch, a, C, generator=g) - 2).requires_grad_(),
-        torch.randn(batch, a, generator=g).requires_grad_(),
-        (torch.rand(batch, a, 4, generator=g) * 12 + 2).requires_grad_(),
-        anchors(),
-    )
+    cls = (torch.randn(batch, a, C, generator=g) - 2).requires_grad_()
+    ctr = torch.randn(batch, a, generator=g).requires_grad_()
+    if head is None or head.reg_max is None:
+        return HeadOutputs(cls, ctr, (torch.rand(batch, a, 4, generator=g) * 12 + 2).requires_grad_(), anchors())
+    logits = torch.randn(batch, a, 4, head.reg_max + 1, generator=g).requires_grad_()
+    return with_distribution(cls, ctr, logits)
+
+
+def with_distribution(cls: torch.Tensor, ctr: torch.Tensor, logits: torch.Tensor) -> HeadOutputs:
+    """Head outputs of a distribution head: distances = integral(logits) x stride."""
+    points = anchors()
+    return HeadOutputs(cls, ctr, integral(logits) * points.strides[:, None], points, distribution=logits)
+
+
+def leaf_of_boxes(out: HeadOutputs) -> torch.Tensor:
+    """The leaf the boxes' gradient reaches: the distances, or the distribution's logits."""
+    return out.distances if out.distribution is None else out.distribution
 
 
 def gts(*boxes_and_labels) -> Target:
@@ -66,7 +86,7 @@ def test_builds_from_its_default_section_as_its_constructor_defaults(method):
     assert LabelAssigner in cls.__mro__ and row.section in AssignerConfig.model_fields
     assigner = cls.from_config(getattr(AssignerConfig(), row.section), C)
     assert isinstance(assigner, cls) and assigner.num_classes == C
-    out = outputs(3)
+    out = outputs(3, head=head_init(assigner))
     by_config, by_constructor = assigner(out, BATCHES["gts"]), cls(C)(out, BATCHES["gts"])
     assert {k: v.item() for k, v in by_config.items()} == {k: v.item() for k, v in by_constructor.items()}
     with pytest.raises(ValueError):
@@ -77,7 +97,7 @@ def test_builds_from_its_default_section_as_its_constructor_defaults(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_terms_are_its_weight_tables_with_finite_values_and_gradients(method, batch):
     assigner = build(method)
-    out = outputs(3)
+    out = outputs(3, head=head_init(assigner))
     terms = assigner(out, BATCHES[batch])
     assert set(terms) == set(assigner.loss_weights) and set(terms) <= set(LOSS_TERMS)
     assert all(isinstance(w, float) and math.isfinite(w) and w >= 0 for w in assigner.loss_weights.values())
@@ -85,7 +105,7 @@ def test_terms_are_its_weight_tables_with_finite_values_and_gradients(method, ba
     total = weighted_total(terms, assigner.loss_weights)
     assert total.requires_grad and total.item() > 0
     total.backward()
-    grads = {"cls": out.cls_logits.grad, "ctr": out.centerness.grad, "dist": out.distances.grad}
+    grads = {"cls": out.cls_logits.grad, "ctr": out.centerness.grad, "dist": leaf_of_boxes(out).grad}
     assert all(g is None or bool(torch.isfinite(g).all()) for g in grads.values()), grads
     # negatives train the score s = sigmoid(cls) * sigmoid(ctr): through the class logits, or
     # through the objectness alone (YOLOX: an image without GTs trains only the objectness)
@@ -96,14 +116,20 @@ def test_terms_are_its_weight_tables_with_finite_values_and_gradients(method, ba
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_few_steps_on_its_own_loss_lower_it(method):
-    """Free head outputs (cls and centerness logits, log distances) trained by Adam on one batch."""
+    """Free head outputs (cls and centerness logits, log distances or the distribution's logits)
+    trained by Adam on one batch."""
     assigner = build(method)
-    out = outputs(3, seed=1)
-    params = [out.cls_logits, out.centerness, out.distances.detach().log().requires_grad_()]
+    out = outputs(3, seed=1, head=head_init(assigner))
+    if out.distribution is None:
+        params = [out.cls_logits, out.centerness, out.distances.detach().log().requires_grad_()]
+        make = lambda: HeadOutputs(params[0], params[1], params[2].exp(), out.anchors)
+    else:
+        params = [out.cls_logits, out.centerness, out.distribution]
+        make = lambda: with_distribution(*params)
     optimizer = torch.optim.Adam(params, lr=0.05)
     losses = []
     for _ in range(8):
-        terms = assigner(HeadOutputs(params[0], params[1], params[2].exp(), out.anchors), BATCHES["gts"])
+        terms = assigner(make(), BATCHES["gts"])
         total = weighted_total(terms, assigner.loss_weights)
         optimizer.zero_grad()
         total.backward()
@@ -124,7 +150,7 @@ def test_optional_hooks_are_what_base_py_and_its_row_promise(method):
         assert isinstance(assigner.resolved_params(), dict)
     if row.weight_maps:
         with torch.no_grad():
-            maps = assigner.weight_maps(outputs(3), BATCHES["gts"], image=0)
+            maps = assigner.weight_maps(outputs(3, head=head_init(assigner)), BATCHES["gts"], image=0)
         assert list(maps) == ["P3", "P4", "P5", "P6", "P7"]
         assert all(set(lv) == {"score", "iou", "pos", "neg"} for lv in maps.values())
         assert [tuple(lv["pos"].shape) for lv in maps.values()] == SIZES

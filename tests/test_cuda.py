@@ -17,13 +17,14 @@ import torch
 
 from dwlab import checkpoint
 from dwlab.assign import ASSIGNERS, build_assigner
-from dwlab.assign.base import weighted_total
+from dwlab.assign.base import head_init, weighted_total
 from dwlab.bench.train_step import synthetic_images
 from dwlab.config import AssignerConfig, validate
 from dwlab.data.coco import CocoDetection, SkippedImage
 from dwlab.data.target import Target
 from dwlab.engine import TrainStep
 from dwlab.models.detector import build_model
+from dwlab.models.head import integral
 from dwlab.models.outputs import Anchors, HeadOutputs
 from dwlab.models.postprocess import postprocess
 from dwlab.models.refine import BoxRefine
@@ -44,17 +45,21 @@ CASES = [pytest.param(name, {}, None, id=name) for name in ASSIGNERS] + [
     pytest.param("dw", {"variant": "official"}, None, id="dw-official"),
     pytest.param("dw", {"bag": "threshold"}, None, id="dw-threshold-bag"),
     pytest.param("dw", {"bag": "topk"}, None, id="dw-topk-bag"),
+    pytest.param("gflv2", {"sampling": "fcos"}, None, id="gflv2-fcos-sampling"),
 ]
 
 
-def head_batch(seed: int = 0) -> tuple[HeadOutputs, list[Target]]:
+def head_batch(seed: int = 0, reg_max: int | None = None) -> tuple[HeadOutputs, list[Target]]:
     """Two 64 px images of random head outputs (P3-P7) and random GT boxes (continuous corners:
-    no two anchors tie on a distance or IoU that an assigner ranks)."""
+    no two anchors tie on a distance or IoU that an assigner ranks); with ``reg_max`` (a method
+    that needs the distribution head) random distribution logits too."""
     g = torch.Generator().manual_seed(seed)
     anchors = Anchors.grid([(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)], [8, 16, 32, 64, 128], 0.5, torch.device("cpu"))
     a = len(anchors)
     outputs = HeadOutputs(torch.randn(2, a, C, generator=g) - 1, torch.randn(2, a, generator=g),
                           torch.rand(2, a, 4, generator=g) * 24 + 2, anchors)  # fmt: skip
+    if reg_max is not None:
+        outputs.distribution = torch.randn(2, a, 4, reg_max + 1, generator=g)
     targets = []
     for n in (3, 2):
         corner = torch.rand(n, 2, generator=g) * 30
@@ -68,6 +73,10 @@ def on(outputs: HeadOutputs, targets: list[Target], device: str) -> tuple[HeadOu
     a = outputs.anchors
     anchors = Anchors(a.points.to(device), a.strides.to(device), a.levels.to(device), a.level_sizes)
     leaves = [t.detach().to(device).requires_grad_() for t in (outputs.cls_logits, outputs.centerness, outputs.distances)]
+    if outputs.distribution is not None:  # the distances decoded from the distribution, the leaf
+        logits = outputs.distribution.detach().to(device).requires_grad_()
+        leaves[2] = integral(logits) * anchors.strides[:, None]
+        return HeadOutputs(*leaves, anchors, distribution=logits), [t.to(device) for t in targets]
     return HeadOutputs(*leaves, anchors), [t.to(device) for t in targets]
 
 
@@ -75,7 +84,8 @@ def terms_and_grads(assigner, outputs: HeadOutputs, targets: list[Target]) -> di
     """Each loss term and the gradient of their weighted total w.r.t. each head output."""
     terms = assigner(outputs, targets)
     weighted_total(terms, assigner.loss_weights).backward()
-    grads = {f"grad {k}": getattr(outputs, k).grad for k in ("cls_logits", "centerness", "distances")}
+    leaves = {k: getattr(outputs, k) for k in ("cls_logits", "centerness", "distances", "distribution")}
+    grads = {f"grad {k}": v.grad for k, v in leaves.items() if v is not None and v.is_leaf}
     return {**terms, **{k: v for k, v in grads.items() if v is not None}}
 
 
@@ -89,7 +99,7 @@ def test_every_assigner_gives_the_cpu_terms_and_gradients(device, name, section,
     assigner = build_assigner(cfg, C)
     if epoch is not None:
         assigner.set_epoch(epoch)
-    outputs, targets = head_batch()
+    outputs, targets = head_batch(reg_max=head_init(assigner).reg_max)
     kept = [t.clone() for t in (outputs.cls_logits, outputs.centerness, outputs.distances, targets[0].boxes)]
     expected = terms_and_grads(assigner, *on(outputs, targets, "cpu"))
     got = terms_and_grads(assigner, *on(outputs, targets, device))

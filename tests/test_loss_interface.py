@@ -44,7 +44,7 @@ def batch(seed: int = 0) -> tuple[HeadOutputs, list[Target]]:
 OLD_TOTALS = {
     "fcos": lambda a, t: t["loss_cls"] + t["loss_box"] + t["loss_ctr"],
     "atss": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"] + t["loss_ctr"],
-    "gfl": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],
+    "qfl": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],  # the former gfl (QFL only)
     "vfl": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],
     "tood": lambda a, t: t["loss_cls"] + a.box_weight * t["loss_box"],
     # loss_pos_cls, loss_pos_reg (lambda inside), loss_neg

@@ -107,7 +107,7 @@ def test_point_runs_just_the_named_points_in_place_of_only(tmp_path, monkeypatch
 
 @pytest.mark.parametrize(
     ("table", "n_points"),
-    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 4), ("table7", 17)],  # + DW refine, DW on the paper equations, 2 T-head
+    [("table2", 10), ("table3", 7), ("table4", 9), ("table5", 6), ("table6", len(ASSIGNERS) + 5), ("table7", 17)],  # + FCOS+GFLv2, DW refine, DW on the paper equations, 2 T-head
 )
 @pytest.mark.parametrize("scale", ["smoke", "mini", "paper"])
 def test_every_table_validates_at_every_scale(table, n_points, scale):
@@ -129,12 +129,16 @@ def test_table3_4_6_points():
     bags = [(c.bag, c.bag_radius if c.bag == "threshold" else c.bag_topk if c.bag == "topk" else None)
             for c in (t.config.assigner.dw for t in t4.trials)]
     assert bags == [("threshold", r) for r in (1.0, 1.3, 1.7, 2.0, 2.5)] + [("topk", k) for k in (9, 12, 15)] + [("soft", None)]
-    t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")  # every method once, in ASSIGNERS order
+    # every method once, in ASSIGNERS order, GFLv2's FCOS sampling (its row's variant) before it
+    t6 = load_plan(EXPERIMENTS / "table6.yaml", scale="smoke")
     methods = list(ASSIGNERS)
-    assert [p.id for p in t6.points] == methods + ["dw+refine", "dw-paper-eq", "tood+thead", "dw+thead"]
+    at = methods.index("gflv2")
+    ordered = methods[:at] + ["gflv2+fcos"] + methods[at:]
+    assert [p.id for p in t6.points] == ordered + ["dw+refine", "dw-paper-eq", "tood+thead", "dw+thead"]
     assert [(t.config.assigner.name, t.config.model.box_refine, t.config.model.head) for t in t6.trials] == [
-        (m, False, "fcos") for m in methods
+        (m, False, "fcos") for m in methods[:at] + ["gflv2"] + methods[at:]
     ] + [("dw", True, "fcos"), ("dw", False, "fcos"), ("tood", False, "tood"), ("dw", False, "tood")]
+    assert [t.config.assigner.gflv2.sampling for t in t6.trials if t.config.assigner.name == "gflv2"] == ["fcos", "atss"]
     dw_variants = [(t.config.assigner.dw.variant, t.config.model.prior_prob) for t in t6.trials if t.config.assigner.name == "dw"]
     assert dw_variants == [("official", 0.02), ("official", 0.02), ("paper", 0.01), ("official", 0.02)]  # DW's paper rows: as released
     assert [t.config.assigner.name for t in t6.trials if t.config.eval.score_voting] == ["paa"]  # as PAA's 40.4

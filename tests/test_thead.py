@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dwlab.assign import ASSIGNERS, build_assigner
+from dwlab.assign.base import head_init
 from dwlab.config import AssignerConfig, ModelConfig, validate
 from dwlab.data.target import Target
 from dwlab.errors import DwlabError
@@ -155,7 +156,7 @@ def test_initialisation_is_the_released_one():
     assert head.reg_offset[2].bias.eq(0).all() and head.reg_offset[2].weight.std().item() == pytest.approx(0.001, rel=0.1)
     assert head.cls_decomp.layer_attention[0].weight.std().item() == pytest.approx(0.001, rel=0.1)
     features = [torch.randn(1, 64, s, s) for s in (8, 4, 2, 1, 1)]
-    cls, _, dist = head(features)
+    cls, _, dist, _ = head(features)
     # the aligned score starts at sqrt(p * p) = p, the distances at about one stride
     assert torch.sigmoid(cls[0]).mean().item() == pytest.approx(0.01, rel=0.05)
     assert (dist[0] / 8).mean().item() == pytest.approx(1.0, rel=0.1)
@@ -191,7 +192,12 @@ def test_gradient_reaches_every_head_parameter(method):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("method", list(ASSIGNERS))
+def _needs_distribution(method: str) -> bool:
+    init = head_init(build_assigner(AssignerConfig(name=method), 3))
+    return init.reg_max is not None or init.dgqp
+
+
+@pytest.mark.parametrize("method", [m for m in ASSIGNERS if not _needs_distribution(m)])
 def test_every_assigner_runs_on_the_t_head(method):
     """Every registered method reads the T-head's outputs: its loss terms (its weight table's
     keys) are finite, with finite gradients into the head, and the joint score is in (0, 1)."""
@@ -205,6 +211,14 @@ def test_every_assigner_runs_on_the_t_head(method):
     assert set(losses) == set(assigner.loss_weights) and all(torch.isfinite(v) for v in losses.values())
     sum(assigner.loss_weights[k] * v for k, v in losses.items()).backward()
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.head.parameters())
+
+
+@pytest.mark.parametrize("method", [m for m in ASSIGNERS if _needs_distribution(m)])
+def test_the_t_head_refuses_a_distribution_head(method):
+    """GFL's distribution regression (gfl, gflv2) is an FCOS-head option: on the T-head, one line."""
+    init = head_init(build_assigner(AssignerConfig(name=method), 3))
+    with pytest.raises(ValueError, match="head=tood with a distribution head"):
+        build_model(tiny_model_config(head="tood", thead_convs=2), 3, reg_max=init.reg_max, dgqp=init.dgqp)
 
 
 def test_config_refuses_what_the_t_head_has_no_place_for():

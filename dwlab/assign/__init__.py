@@ -32,13 +32,17 @@ class Method(NamedTuple):
     ``cls.from_config(getattr(cfg, section), num_classes)``; ``weight_maps``: the class draws
     per-anchor weight maps (``weight_maps``, Fig. 5); ``paper_row``: the row of the paper's
     Table 6 it reproduces (``paper.TABLE6``), None when the paper does not list it (the report
-    then names it by its sweep point's ``label``)."""
+    then names it by its sweep point's ``label``); ``variant``: ``(field, {value: paper row})``
+    when a field of the method's section selects another of the paper's rows (GFLv2's
+    ``sampling``): a run with ``assigner.<section>.<field>: value`` is the method
+    ``<name>+<value>`` (``paper.METHOD_TO_TABLE6``, the report's ``method_name``)."""
 
     module: str
     cls: str
     section: str
     weight_maps: bool
     paper_row: str | None = None
+    variant: tuple[str, dict[str, str]] | None = None
 
 
 #: Every method, name -> its row, in Table 6 order.
@@ -70,8 +74,16 @@ ASSIGNERS: dict[str, Method] = {
     ),
     # FreeAnchor's bag likelihood with MAL's scheduled anchor selection, without anchor depression
     "mal": Method("dwlab.assign.mal", "MALAssigner", "mal", weight_maps=False, paper_row="MAL"),
-    "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),  # QFL, not GFLv2
+    # GFL's Quality Focal Loss alone, without the distribution head and its DFL: no paper row
+    "qfl": Method("dwlab.assign.gfl", "QFLAssigner", "qfl", weight_maps=True),
+    # GFL as published: QFL + GIoU + DFL on the distribution head (model.reg_max, set by the method)
+    "gfl": Method("dwlab.assign.gfl", "GFLAssigner", "gfl", weight_maps=True, paper_row="GFL"),
     "vfl": Method("dwlab.assign.vfl", "VFLAssigner", "vfl", weight_maps=True, paper_row="VFL"),
+    # GFLv2: GFL with the DGQP quality in the score; sampling atss (default) or fcos
+    "gflv2": Method(
+        "dwlab.assign.gfl", "GFLv2Assigner", "gflv2", weight_maps=True, paper_row="ATSS+GFLv2",
+        variant=("sampling", {"fcos": "FCOS+GFLv2"}),
+    ),  # fmt: skip
     # mutual supervision, from the paper (no released code): each head's samples chosen by the other
     "musu": Method("dwlab.assign.musu", "MuSuAssigner", "musu", weight_maps=False, paper_row="MuSu"),
     "tood": Method("dwlab.assign.tood", "TOODAssigner", "tood", weight_maps=True, paper_row="TOOD"),

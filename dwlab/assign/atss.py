@@ -17,7 +17,7 @@ of positives; GIoU loss of the predicted boxes weighted by the centerness target
 their sum (weight 2.0); BCE of the centerness logits against the centerness targets
 (``common.centerness_target`` from the anchor point) over the number of positives. The matched
 GT index per anchor, ``Tensor[B, A]`` (-1 = background), is the boundary between assignment
-and loss, as in ``fcos.fcos_match``. The matching itself, ``common.atss_match``, is shared with
+and loss, as in ``common.fcos_match``. The matching itself, ``common.atss_match``, is shared with
 GFL, VFL and TOOD's warm-up.
 """
 

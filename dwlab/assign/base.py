@@ -31,7 +31,10 @@ Optional hooks (an assigner has them or not; the code that uses one checks with 
 - ``set_epoch(epoch: int)``: called by the training loop before each epoch (0-based), e.g. for
   TOOD's ATSS warm-up epochs.
 - ``head_init: HeadInit``: how the method wants the shared head initialised (YOLOX-style
-  objectness prior on the centerness branch); without it the detector's default.
+  objectness prior on the centerness branch) and the head options it needs (GFL's distribution
+  head, ``reg_max``; GFLv2's quality predictor, ``dgqp``): ``runner.build_detector`` builds the
+  head so, whatever ``model.*`` says (a set ``model.reg_max`` wins over the method's bin count);
+  without it the detector's default.
 - ``learnable: torch.nn.Module``: the method's own learnable parameters (AutoAssign's per-class
   centre prior), trained with the detector: ``runner.build_detector`` registers the module on the
   detector as ``model.assigner``, so the optimiser, gradient clipping, checkpoints, ``.to(device)``
@@ -49,6 +52,7 @@ keys it returns; the training loss is ``weighted_total(losses, loss_weights)`` (
 - ``loss_cls_pos``: the positive classification term alone (DW, AutoAssign: ``w_pos * -ln s``).
 - ``loss_neg``: the negative classification term alone (DW, AutoAssign: ``w_neg * -ln(1 - s)``).
 - ``loss_box``: the box regression term (GIoU loss, weighted per anchor by the method).
+- ``loss_dfl``: GFL's Distribution Focal Loss on the distribution head's bin logits.
 - ``loss_ctr``: the centerness BCE against a geometric target (FCOS, ATSS).
 - ``loss_obj``: an objectness or quality term on the centerness branch with a learned target
   (YOLOX's objectness BCE, PAA's and OTA's IoU prediction).
@@ -74,23 +78,34 @@ from torch import Tensor
 from dwlab.data.target import Target
 from dwlab.models.outputs import HeadOutputs
 
-LOSS_TERMS = ("loss_cls", "loss_cls_pos", "loss_neg", "loss_box", "loss_ctr", "loss_obj", "loss_prior")
+LOSS_TERMS = ("loss_cls", "loss_cls_pos", "loss_neg", "loss_box", "loss_dfl", "loss_ctr", "loss_obj", "loss_prior")
 
 
 @dataclass(frozen=True)
 class HeadInit:
-    """How a method wants the shared head initialised; None keeps the detector's default.
+    """How a method wants the shared head initialised, and the head options it needs; None
+    (False) keeps the detector's default.
 
     centerness_prior: the starting probability of the centerness (objectness) branch, its bias
     set to ``log(p / (1 - p))`` (YOLOX: 0.01). None: bias 0, probability 0.5 (FCOS).
+    reg_max: the method needs GFL's distribution head with bins ``0..reg_max``
+    (``model.reg_max``; a set ``model.reg_max`` wins). None: the head of ``model.reg_max``.
+    dgqp: the method needs GFLv2's distribution-guided quality predictor as the centerness
+    branch (``model.dgqp``); it needs a distribution head.
     """
 
     centerness_prior: float | None = None
+    reg_max: int | None = None
+    dgqp: bool = False
 
     def __post_init__(self) -> None:
         p = self.centerness_prior
         if p is not None and not 0.0 < p < 1.0:
             raise ValueError(f"centerness_prior must be in (0, 1), got {p}")
+        if self.reg_max is not None and self.reg_max < 1:
+            raise ValueError(f"reg_max must be >= 1, got {self.reg_max}")
+        if self.dgqp and self.reg_max is None:
+            raise ValueError("dgqp needs reg_max (the quality predictor reads the box distribution)")
 
     @property
     def centerness_bias(self) -> float | None:

@@ -37,6 +37,8 @@ Hard assignments and their losses
 - ``centerness_target``: FCOS's centerness target (FCOS, ATSS, TOOD's warm-up).
 - ``anchor_boxes`` / ``ATSSMatch`` / ``atss_match``: ATSS's assignment (ATSS, GFL, VFL, TOOD's
   warm-up).
+- ``fcos_match``: FCOS's assignment (centre sampling, size ranges, smallest GT; FCOS, GFLv2's
+  FCOS sampling).
 - ``Positives`` / ``positives``: the pairs of a hard assignment (``matched`` ``Tensor[B, A]``,
   -1 = background), with the predicted boxes (gradient) and their IoU with the GT (no gradient).
 - ``atss_positives``: inputs checked, ATSS's match and its positives (GFL, VFL, TOOD's warm-up).
@@ -437,6 +439,35 @@ def atss_match(
     claims = torch.zeros(b, a, g, dtype=torch.bool, device=device).scatter_(1, cand, pos)
     iou = torch.zeros(b, a, g, device=device).scatter_(1, cand, cand_iou)
     return ATSSMatch(one_gt_per_anchor(claims, iou, largest=True), threshold, cand, cand_iou)
+
+
+@torch.no_grad()
+def fcos_match(
+    anchors: Anchors, gt_boxes: Tensor, gt_valid: Tensor, *, center_radius: float, size_ranges: list[float]
+) -> Tensor:
+    """FCOS's assignment (``dwlab.assign.fcos``'s docstring: centre sampling within
+    ``center_radius`` strides, per-level size ranges closed at both ends, the smallest GT):
+    the matched GT index per anchor, ``Tensor[B, A]`` long, -1 = background (FCOS, GFLv2's
+    FCOS sampling). gt_boxes ``Tensor[B, G, 4]`` xyxy; gt_valid ``Tensor[B, G]``.
+    """
+    b, g = gt_valid.shape
+    if g == 0:
+        return torch.full((b, len(anchors)), -1, dtype=torch.long, device=gt_boxes.device)
+    points = anchors.points[None, :, None, :]  # [1, A, 1, 2]
+    boxes = gt_boxes[:, None]  # [B, 1, G, 4]
+    dist = boxes_to_distances(points, boxes)  # [B, A, G, 4]
+    inside_box = dist.min(-1).values > 0
+    # (i) center sampling: the point is inside the radius*stride square around g's centre, within g
+    in_center = centre_region(points, anchors.strides[None, :, None], boxes, center_radius)
+    # (ii) the level's size range
+    bounds = torch.tensor(size_ranges, device=gt_boxes.device)
+    lo, hi = bounds[anchors.levels][None, :, None], bounds[anchors.levels + 1][None, :, None]
+    max_dist = dist.max(-1).values
+    in_range = (max_dist >= lo) & (max_dist <= hi)
+    match = inside_box & in_center & in_range & gt_valid[:, None, :]
+    # several GTs: the one of smallest area
+    area = ((gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1]))[:, None, :]
+    return one_gt_per_anchor(match, area.expand_as(match), largest=False)
 
 
 class Positives(NamedTuple):

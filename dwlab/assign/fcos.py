@@ -19,39 +19,11 @@ from torch import Tensor
 from torchvision.ops import generalized_box_iou_loss, sigmoid_focal_loss
 
 from dwlab.assign.base import LabelAssigner, check_positive
-from dwlab.assign.common import centerness_target, centre_region, check_outputs, one_gt_per_anchor, pad_targets
+from dwlab.assign.common import centerness_target, check_outputs, fcos_match, pad_targets
 from dwlab.box_ops import boxes_to_distances
 from dwlab.data.target import Target
 from dwlab.distributed import normaliser
-from dwlab.models.outputs import Anchors, HeadOutputs
-
-
-@torch.no_grad()
-def fcos_match(
-    anchors: Anchors, gt_boxes: Tensor, gt_valid: Tensor, *, center_radius: float, size_ranges: list[float]
-) -> Tensor:
-    """Matched GT index per anchor, ``Tensor[B, A]`` long, -1 = background.
-
-    gt_boxes ``Tensor[B, G, 4]`` xyxy; gt_valid ``Tensor[B, G]``.
-    """
-    b, g = gt_valid.shape
-    if g == 0:
-        return torch.full((b, len(anchors)), -1, dtype=torch.long, device=gt_boxes.device)
-    points = anchors.points[None, :, None, :]  # [1, A, 1, 2]
-    boxes = gt_boxes[:, None]  # [B, 1, G, 4]
-    dist = boxes_to_distances(points, boxes)  # [B, A, G, 4]
-    inside_box = dist.min(-1).values > 0
-    # (i) center sampling: the point is inside the radius*stride square around g's centre, within g
-    in_center = centre_region(points, anchors.strides[None, :, None], boxes, center_radius)
-    # (ii) the level's size range
-    bounds = torch.tensor(size_ranges, device=gt_boxes.device)
-    lo, hi = bounds[anchors.levels][None, :, None], bounds[anchors.levels + 1][None, :, None]
-    max_dist = dist.max(-1).values
-    in_range = (max_dist >= lo) & (max_dist <= hi)
-    match = inside_box & in_center & in_range & gt_valid[:, None, :]
-    # several GTs: the one of smallest area
-    area = ((gt_boxes[..., 2] - gt_boxes[..., 0]) * (gt_boxes[..., 3] - gt_boxes[..., 1]))[:, None, :]
-    return one_gt_per_anchor(match, area.expand_as(match), largest=False)
+from dwlab.models.outputs import HeadOutputs
 
 
 class FCOSAssigner(LabelAssigner):

@@ -13,8 +13,7 @@ from dwlab.bench.train_step import synthetic_images
 from dwlab.config import Config
 from dwlab.data.transforms import normalize
 from dwlab.engine import StepState, TrainStep, train_one_epoch
-from dwlab.models.detector import build_model
-from dwlab.runner import make_optimizer, precision
+from dwlab.runner import build_detector, make_optimizer, precision
 
 NUM_CLASSES = 6  # the generated dataset's
 
@@ -23,10 +22,12 @@ def step_fn(cfg: Config, device: torch.device) -> Callable[[], None]:
     """One optimizer step of ``cfg``'s training on a fixed batch of ``train.batch_size`` random
     images of ``data.min_size x data.max_size`` (random init: the speed does not depend on it)."""
     torch.manual_seed(0)
-    model = build_model(cfg.model.model_copy(update={"pretrained": False}), NUM_CLASSES).to(device)
+    assigner = build_assigner(cfg.assigner, NUM_CLASSES)
+    # the method's head (GFL's distribution head, a centerness prior) and learnable parameters
+    model_cfg = cfg.model.model_copy(update={"pretrained": False})
+    model = build_detector(cfg.model_copy(update={"model": model_cfg}), NUM_CLASSES, assigner).to(device)
     scaler, autocast_dtype, memory_format = precision(cfg, device)
     model = model.to(memory_format=memory_format)
-    assigner = build_assigner(cfg.assigner, NUM_CLASSES)
     optimizer = make_optimizer(model, cfg)  # its lr is set by the step's lr_fn
     images, targets = synthetic_images(cfg, NUM_CLASSES)
     batch = (normalize(images * 255), torch.tensor([images.shape[-2:]] * len(targets)), targets)

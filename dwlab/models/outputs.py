@@ -62,16 +62,21 @@ class HeadOutputs:
     """Raw per-anchor predictions of a batch, levels concatenated (P3 first).
 
     cls_logits: ``Tensor[B, A, C]`` classification logits.
-    centerness: ``Tensor[B, A]`` centerness (quality) logits.
+    centerness: ``Tensor[B, A]`` centerness (quality) logits; with the head's ``dgqp`` option,
+        GFLv2's distribution-guided quality logit.
     distances: ``Tensor[B, A, 4]`` (l, t, r, b) in pixels, >= 0; the refined ones when
-        box refinement is on (paper Eq. 9-10).
+        box refinement is on (paper Eq. 9-10); with a distribution head, its integral x stride.
     anchors: the batch's anchor points.
+    distribution: with the head's ``reg_max`` n (GFL's general distribution), the logits
+        ``Tensor[B, A, 4, n + 1]`` float32 over the bins ``0..n`` (stride units) of each side
+        (l, t, r, b), from which ``distances`` were decoded; None without it.
     """
 
     cls_logits: Tensor
     centerness: Tensor
     distances: Tensor
     anchors: Anchors
+    distribution: Tensor | None = None
 
     def boxes(self) -> Tensor:
         """Decoded boxes ``Tensor[B, A, 4]``, xyxy pixels."""

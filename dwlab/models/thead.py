@@ -184,10 +184,11 @@ class THead(nn.Module):
         nn.init.constant_(self.cls_prob[2].bias, prior_bias)
         nn.init.constant_(self.centerness.bias, centerness_bias)  # 0; an assigner's HeadInit may set a prior
 
-    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    def forward(self, features: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor], None]:
         """features: per level ``Tensor[B, F, H_l, W_l]``. Returns per-level lists of aligned cls
         logits ``[B, C, H, W]`` (fp32), centerness ``[B, 1, H, W]`` and aligned distances
-        ``[B, 4, H, W]`` (l, t, r, b pixels, fp32), as ``FCOSHead.forward``."""
+        ``[B, 4, H, W]`` (l, t, r, b pixels, fp32), as ``FCOSHead.forward``, and no distribution
+        logits (GFL's distribution head is an FCOS-head option)."""
         cls_out, ctr_out, dist_out = [], [], []
         for level, (x, stride) in enumerate(zip(features, self.strides)):
             stack = []
@@ -202,7 +203,7 @@ class THead(nn.Module):
             # fp32 from here on, as the FCOS head's distances: stride units until the last line
             dist = self.scales[level] * self.bbox_pred(reg_feat).float().exp()
             dist_out.append(self.align_boxes(dist, self.reg_offset(inter).float()) * stride)
-        return cls_out, ctr_out, dist_out
+        return cls_out, ctr_out, dist_out, None
 
     def align_boxes(self, dist: Tensor, offsets: Tensor) -> Tensor:
         """Eq. 6. dist ``Tensor[B, 4, H, W]`` (l, t, r, b) in stride units, offsets ``Tensor[B, 8,

@@ -28,6 +28,7 @@ import pandas as pd
 from scipy.stats import kendalltau
 
 from dwlab import paper
+from dwlab.assign import ASSIGNERS
 from dwlab.report import tuned
 from dwlab.report.markdown import render_table
 from dwlab.store import Tag, column
@@ -88,9 +89,15 @@ T_HEAD = "+thead"  # a method name's suffix on TOOD's T-head
 
 
 def method_name(p: dict) -> str:
-    """``assigner.name``, with ``+box_refine`` when ``model.box_refine`` is on and ``+thead`` on
-    TOOD's T-head (``model.head: tood``; a run logged before the key had the FCOS head)."""
+    """``assigner.name``, with ``+<value>`` when its ``ASSIGNERS`` row has a ``variant`` field
+    set to one of the variant's values (``gflv2+fcos``), ``+box_refine`` when ``model.box_refine``
+    is on and ``+thead`` on TOOD's T-head (``model.head: tood``; a run logged before the key had
+    the FCOS head)."""
     name = p["assigner.name"]
+    method = ASSIGNERS.get(name)
+    if method is not None and method.variant is not None:
+        value = p.get(f"assigner.{method.section}.{method.variant[0]}")
+        name = f"{name}+{value}" if value in method.variant[1] else name
     name += "+box_refine" if _truthy(p.get("model.box_refine", "false")) else ""
     return name + (T_HEAD if p.get("model.head", "fcos") == "tood" else "")
 
