@@ -48,15 +48,26 @@ SUBSTITUTES = {"mlflow": ("mlflow-skinny", "sqlalchemy", "alembic")}  # the clie
 ALWAYS = ("typing-extensions",)  # pydantic needs >= 4.16, newer than older torch installs bring
 GLIBC = (2, 28)  # torch >= 2.6's own wheels need it, so every host that runs them has it
 ARCH = "x86_64"
-STRIP = (  # (glob under site/, why it can go): nothing that a dwlab command imports (tests/test_bundle.py)
+STRIP = (  # (glob under site/, why it can go): nothing that a dwlab command loads (tests/test_bundle.py)
     ("ray/jars", "Ray's Java workers"),
     ("ray/rllib", "Ray libraries dwlab never imports"),
     ("ray/serve", "Ray libraries dwlab never imports"),
     ("ray/llm", "Ray libraries dwlab never imports"),
     ("ray/dashboard/client/build", "the dashboard's web pages: dwlab starts Ray without its dashboard"),
-    *((f"scipy/{sub}", "scipy subpackages that scipy.stats does not import")
-      for sub in ("cluster", "datasets", "differentiate", "fftpack", "io", "misc", "odr", "signal")),
-    ("scipy/**/tests", "test suites"),
+    ("pyarrow/libarrow_flight.so*", "Arrow Flight RPC: only pyarrow.flight loads it, not pyarrow.lib or pyarrow.fs"),
+    ("pyarrow/_flight*", "Arrow Flight RPC: only pyarrow.flight loads it, not pyarrow.lib or pyarrow.fs"),
+    ("pyarrow/flight.py", "Arrow Flight RPC: only pyarrow.flight loads it, not pyarrow.lib or pyarrow.fs"),
+    *((f"pyarrow/{path}", "C++ and Cython sources, for building against Arrow")
+      for path in ("include", "src", "includes", "*.pyx", "*.pxd", "*.pxi")),
+    ("pyarrow/tests", "test suites"),
+    *((f"fontTools/{sub}", ("matplotlib's PDF/PS font subsetting: dwlab writes PNG; matplotlib.dviread "
+                             "imports only fontTools.agl and fontTools.misc"))
+      for sub in ("cffLib", "colorLib", "config", "cu2qu", "designspaceLib", "diff", "encodings", "feaLib", "merge",
+                  "mtiLib", "otlLib", "pens", "qu2cu", "subset", "svgLib", "t1Lib", "ttLib", "ttx.py", "ufoLib",
+                  "unicodedata", "varLib", "voltLib")),
+    ("fontTools/**/*.c", "C sources of fontTools' compiled modules"),
+    ("databricks/sdk", ("the Databricks workspace client, for databricks:// stores only (databricks/__init__.py "
+                        "stays: mlflow asks find_spec('databricks.agents'), which needs the parent package)")),
     ("pandas/tests", "test suites"),
     ("matplotlib/tests", "test suites"),
     ("mpl_toolkits/*/tests", "test suites"),

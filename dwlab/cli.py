@@ -354,7 +354,7 @@ def bundle(
     python: Annotated[str, typer.Option(help="The GPU host's Python, major.minor, e.g. 3.12.")],
     out: Annotated[Path, typer.Option(help="Folder to write; must not exist yet, or be empty.")],
     backbone: Annotated[str, typer.Option(help="Preset whose domain-pretrained backbone travels along (built here if not cached).")] = "mini",
-    host_has: Annotated[str, typer.Option(help="Comma-separated distributions the host already has, e.g. pandas,scipy,matplotlib: left out with what they require.")] = "",
+    host_has: Annotated[str, typer.Option(help="Comma-separated distributions the host already has, e.g. pandas,matplotlib: left out with what they require.")] = "",
 ) -> None:
     """An offline install for a GPU host that has torch and torchvision: one archive of dwlab and
     the rest of its stack (pinned to this environment), the pretrained backbone, a manifest."""

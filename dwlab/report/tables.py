@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import pandas as pd
-from scipy.stats import kendalltau
 
 from dwlab import paper
 from dwlab.assign import ASSIGNERS
 from dwlab.report import tuned
+from dwlab.report.kendall import kendall_tau
 from dwlab.report.markdown import render_table
 from dwlab.store import Tag, column
 
@@ -468,8 +468,7 @@ def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
     both = rows[(rows["AP_n"] > 0) & rows["AP_paper"].notna()].drop_duplicates("label")
     tau = p = math.nan
     if len(both) >= 2:
-        res = kendalltau(both["AP_mean"], both["AP_paper"])
-        tau, p = float(res.statistic), float(res.pvalue)
+        tau, p = kendall_tau(both["AP_mean"], both["AP_paper"])
     paper_keys, paper_top = paper.best(spec.name)
     out = {
         "tau": tau, "p": p, "n_tau": len(both),
