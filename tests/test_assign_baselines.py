@@ -21,7 +21,6 @@ from dwlab.assign.gfl import QFLAssigner
 from dwlab.assign.table1 import TABLE1
 from dwlab.assign.tood import TOODAssigner
 from dwlab.assign.vfl import VFLAssigner
-from dwlab.box_ops import boxes_to_distances
 from dwlab.cli import app
 from dwlab.config import AssignerConfig, validate
 from dwlab.data.coco import collate
@@ -37,8 +36,8 @@ from dwlab.runner import (
     seed_everything,
 )
 from tests.conftest import tiny_config
+from tests.hand_outputs import GT, anchors_of, outputs_of
 
-GT = [0.0, 0.0, 16.0, 16.0]
 LN = math.log
 
 
@@ -53,28 +52,6 @@ def _one_thread():
 def scaled(assigner, losses: dict) -> dict:
     """Each term times its weight: the pre-weighted terms the hand cases state."""
     return {k: assigner.loss_weights[k] * v for k, v in losses.items()}
-
-
-def anchors_of(levels: list[list[tuple[float, float]]], strides: list[float]) -> Anchors:
-    """Anchors at arbitrary points, one list of (x, y) per level."""
-    return Anchors(
-        points=torch.tensor([p for level in levels for p in level], dtype=torch.float32),
-        strides=torch.cat([torch.full((len(lv),), float(s)) for lv, s in zip(levels, strides)]),
-        levels=torch.cat([torch.full((len(lv),), i, dtype=torch.long) for i, lv in enumerate(levels)]),
-        level_sizes=tuple(len(lv) for lv in levels),
-    )
-
-
-def outputs_of(anchors: Anchors, boxes, scores, ctr_logit: float = 40.0) -> HeadOutputs:
-    """One image: predicted boxes ``[A, 4]``, scores ``[A, C]`` (probabilities of sigmoid(cls));
-    ctr_logit 40 makes sigmoid(ctr) = 1 in float32, so the joint score is sigmoid(cls)."""
-    dist = boxes_to_distances(anchors.points, torch.tensor(boxes, dtype=torch.float32))
-    return HeadOutputs(
-        cls_logits=torch.logit(torch.tensor(scores, dtype=torch.float32))[None].requires_grad_(),
-        centerness=torch.full((1, len(anchors)), ctr_logit).requires_grad_(),
-        distances=dist[None].requires_grad_(),
-        anchors=anchors,
-    )
 
 
 def target(*boxes, labels) -> Target:

@@ -11,37 +11,9 @@ import torch
 
 from dwlab.assign.common import pad_targets
 from dwlab.assign.mal import MALAssigner, mean_max, selection_size
-from dwlab.box_ops import boxes_to_distances
-from dwlab.data.target import Target
 from dwlab.losses import joint_log_scores
-from dwlab.models.outputs import Anchors, HeadOutputs
-
-GT = [0.0, 0.0, 16.0, 16.0]
-
-
-def anchors_at(points: list[tuple[float, float]], stride: float = 8.0) -> Anchors:
-    """One level of anchor points at arbitrary positions."""
-    n = len(points)
-    return Anchors(
-        torch.tensor(points, dtype=torch.float32), torch.full((n,), stride), torch.zeros(n, dtype=torch.long), (n,)
-    )
-
-
-def outputs_of(anchors: Anchors, boxes, scores) -> HeadOutputs:
-    """One image: predicted boxes ``[A, 4]`` (each holding its point), scores ``[A, C]``; the
-    centerness logit 40 makes the joint score sigmoid(cls) in float32."""
-    dist = boxes_to_distances(anchors.points, torch.tensor(boxes, dtype=torch.float32))
-    return HeadOutputs(
-        torch.logit(torch.tensor(scores, dtype=torch.float32))[None].requires_grad_(),
-        torch.full((1, len(anchors)), 40.0).requires_grad_(),
-        dist[None].requires_grad_(),
-        anchors,
-    )
-
-
-def one_gt(label: int = 0) -> list[Target]:
-    return [Target(torch.tensor([GT]), torch.tensor([label]))]
-
+from dwlab.models.outputs import HeadOutputs
+from tests.hand_outputs import GT, anchors_of, one_gt, outputs_of
 
 # ----------------------------------------------------------------------------- MAL
 
@@ -77,7 +49,7 @@ MAL_SCORES = [[0.5, 0.1], [0.8, 0.2], [0.3, 0.05]]
 
 def mal_case(**kw) -> tuple[MALAssigner, HeadOutputs]:
     assigner = MALAssigner(2, bag_size=2, anchor_scale=2.0, **kw)
-    return assigner, outputs_of(anchors_at(MAL_POINTS), MAL_BOXES, MAL_SCORES)
+    return assigner, outputs_of(anchors_of([MAL_POINTS], [8.0]), MAL_BOXES, MAL_SCORES)
 
 
 def test_mal_bag_is_the_top_anchor_ious_and_confidence_is_cls_times_loc():

@@ -8,37 +8,10 @@ import pytest
 import torch
 
 from dwlab.assign.musu import MuSuAssigner, per_gt_max_ratio, top_in_bag
-from dwlab.box_ops import boxes_to_distances
 from dwlab.data.target import Target
 from dwlab.losses import quality_focal_loss
-from dwlab.models.outputs import Anchors, HeadOutputs
-
-GT = [0.0, 0.0, 16.0, 16.0]
-
-
-def anchors_at(points: list[tuple[float, float]], stride: float = 8.0) -> Anchors:
-    """One level of anchor points at arbitrary positions."""
-    n = len(points)
-    return Anchors(
-        torch.tensor(points, dtype=torch.float32), torch.full((n,), stride), torch.zeros(n, dtype=torch.long), (n,)
-    )
-
-
-def outputs_of(anchors: Anchors, boxes, scores) -> HeadOutputs:
-    """One image: predicted boxes ``[A, 4]`` (each holding its point), scores ``[A, C]``; the
-    centerness logit 40 makes the joint score sigmoid(cls) in float32."""
-    dist = boxes_to_distances(anchors.points, torch.tensor(boxes, dtype=torch.float32))
-    return HeadOutputs(
-        torch.logit(torch.tensor(scores, dtype=torch.float32))[None].requires_grad_(),
-        torch.full((1, len(anchors)), 40.0).requires_grad_(),
-        dist[None].requires_grad_(),
-        anchors,
-    )
-
-
-def one_gt(label: int = 0) -> list[Target]:
-    return [Target(torch.tensor([GT]), torch.tensor([label]))]
-
+from dwlab.models.outputs import HeadOutputs
+from tests.hand_outputs import GT, anchors_of, one_gt, outputs_of
 
 # ----------------------------------------------------------------------------- MuSu
 
@@ -55,7 +28,7 @@ MUSU_SCORES = [[0.1, 0.05], [0.8, 0.05], [0.6, 0.05], [0.2, 0.05], [0.9, 0.05]]
 
 def musu_case(**kw) -> tuple[MuSuAssigner, HeadOutputs]:
     assigner = MuSuAssigner(2, cls_topk=2, reg_topk=2, **kw)
-    return assigner, outputs_of(anchors_at(MUSU_POINTS), MUSU_BOXES, MUSU_SCORES)
+    return assigner, outputs_of(anchors_of([MUSU_POINTS], [8.0]), MUSU_BOXES, MUSU_SCORES)
 
 
 def test_top_in_bag_takes_the_k_largest_keys_of_each_bag_only():
