@@ -119,6 +119,8 @@ def _trial(client, exp_id, parent, table, point, overrides, seed, status, final,
         metrics += [Metric("AP", ap - 0.05, 1000, 0), Metric("AP", ap, 1002, EPOCHS - 1),
                     Metric("AP50", ap50, 1002, EPOCHS - 1), Metric("AP75", ap75, 1002, EPOCHS - 1),
                     Metric("APs", ap / 2, 1002, EPOCHS - 1)]
+    if table == "table6" and point == "fcos":  # the last epoch's step rate: 4 and 5 it/s (250, 200 ms)
+        metrics.append(Metric("iters_per_s", 4.0 + seed, 1002, EPOCHS - 1))
     client.log_batch(run_id, metrics=metrics)
     if status == "FAILED":
         client.set_tag(run_id, "dwlab.error", "RuntimeError: boom")
@@ -242,6 +244,10 @@ def test_other_tables_layouts(report):
     assert _line(t6, "DW (ours: dw)")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]  # the FCOS-head runs alone
     assert _line(t6, "DW, paper equations")[1:3] == ["37.0 (n=1)", "—"]
     assert _line(t6, "DW* (DW on the T-head)")[1:3] == ["43.0 (n=1)", "—"]
+    # Table 6 (and no grid table) has the step-time column: the seed mean of 250 and 200 ms
+    assert "train ms/step" in t6 and "train ms/step" not in t5
+    assert _line(t6, "FCOS (ours: fcos)")[11:13] == ["225", "2 finished"]
+    assert _line(t6, "DW (ours: dw)")[11] == "—"  # no rate logged
 
 
 def test_figures_are_pngs_of_the_expected_size(report):

@@ -84,12 +84,17 @@ def tuned_cells(row) -> list[str]:
             "" if _nan(gap) else f"{gap:+.1f} ({word})"]  # fmt: skip
 
 
+def step_cell(row) -> str:
+    ms = row.get("step_ms")
+    return DASH if _nan(ms) else f"{ms:.0f}"
+
+
 def lines_table(row_header: str, rows: pd.DataFrame, metrics: tuple[str, ...] = METRICS,
-                tuned: bool = False) -> list[str]:
+                tuned: bool = False, step_time: bool = False) -> list[str]:
     head = [row_header]
     for m in metrics:
         head += [f"{m} ours", f"{m} paper", f"Δ{m}"]
-    head += ["gap to best here", "runs"]
+    head += ["gap to best here", *(["train ms/step"] if step_time else []), "runs"]
     if tuned:
         head += ["tuned values", "AP at defaults", "AP tuned", "tuned - defaults"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -97,7 +102,8 @@ def lines_table(row_header: str, rows: pd.DataFrame, metrics: tuple[str, ...] = 
         cells = [r["label"]]
         for m in metrics:
             cells += [ours_cell(r, m), paper_cell(r, m), diff_cell(r, m)]
-        cells += [gap_cell(r), runs_cell(r)] + (tuned_cells(r) if tuned else [])
+        cells += [gap_cell(r), *([step_cell(r)] if step_time else []), runs_cell(r)]
+        cells += tuned_cells(r) if tuned else []
         out.append("| " + " | ".join(_escape(c) for c in cells) + " |")
     return out
 
@@ -168,11 +174,14 @@ def render_table(spec, result) -> str:
     for block, part in result.rows.groupby("block", sort=False):
         if block:
             out += [f"**{block}**", ""]
-        out += lines_table(spec.row_header, part, spec.metrics, tuned) + [""]
+        out += lines_table(spec.row_header, part, spec.metrics, tuned, spec.step_time) + [""]
     out += searches_lines(result.searches)
     out += [
         "Ours: COCO AP in percent, mean ± sample std over seeds (n finished); Δ = ours - paper; "
-        "gap = our AP - our best AP.",
+        "gap = our AP - our best AP."
+        + (" Train ms/step: the last epoch's mean step time inside the trials, seed mean; trials share the"
+           " machine, so compare it with `dwlab bench --parts train` (one method at a time) before reading"
+           " small differences." if spec.step_time else ""),
         "",
     ]
     out += agreement_lines(result.agreement, result.paper_scale) + [""]

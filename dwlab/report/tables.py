@@ -212,6 +212,7 @@ class TableSpec:
     varied: tuple[str, ...] = ()  # header settings the rows differ in by design (not "mixed")
     note: str = ""  # printed under the header
     sweep_labels: bool = False  # a row the paper does not list is named by its sweep point's label
+    step_time: bool = False  # a "train ms/step" column (methods differ in cost; a grid's points do not)
 
 
 SPECS: dict[str, TableSpec] = {
@@ -234,7 +235,7 @@ SPECS: dict[str, TableSpec] = {
     "table6": TableSpec(
         "table6", "Table 6: label-assignment methods on the same FCOS detector", ("method",),
         "method (paper row)", _table6_row_key, _table6_row_label, _one_block_in_paper_order(list(paper.TABLE6)),
-        sweep_labels=True,
+        sweep_labels=True, step_time=True,
     ),
     "table7": TableSpec(
         "table7", "Table 7: one-stage detectors with larger backbones, 2x multi-scale", ("method", "backbone"),
@@ -301,6 +302,8 @@ def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
             row[f"{m}_mean"], row[f"{m}_std"], row[f"{m}_n"] = _stat(col)
         seen = done.get("metrics.images_seen", pd.Series(dtype=float)).dropna()
         row["images_seen"] = float(seen.mean()) if len(seen) else math.nan
+        rate = done.get("metrics.iters_per_s", pd.Series(dtype=float)).dropna().astype(float)
+        row["step_ms"] = float((1000.0 / rate).mean()) if len(rate) else math.nan  # last epoch's, seed mean
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -384,7 +387,7 @@ def header_info(runs: pd.DataFrame) -> dict[str, str]:
 
 def _empty_row(table: str, key: tuple) -> dict:
     row = {"table": table, "point": "", "key": key, "n_runs": 0, "n_finished": 0, "n_running": 0,
-           "n_failed": 0, "seeds": "", "images_seen": math.nan}
+           "n_failed": 0, "seeds": "", "images_seen": math.nan, "step_ms": math.nan}
     for m in METRICS + SIZE_METRICS:
         row.update({f"{m}_mean": math.nan, f"{m}_std": math.nan, f"{m}_n": 0})
     return row
@@ -533,7 +536,7 @@ def csv_frame(result: TableResult) -> pd.DataFrame:
         cols += [f"{m}_mean", f"{m}_std", f"{m}_n", f"{m}_paper", f"{m}_diff"]
     for m in (m for m in SIZE_METRICS if m not in spec.metrics):
         cols += [f"{m}_mean", f"{m}_std"]
-    cols += ["images_seen", "gap_to_best", "gap_threshold", "significant", "undecided"]
+    cols += ["images_seen", *(["step_ms"] if spec.step_time else []), "gap_to_best", "gap_threshold", "significant", "undecided"]
     if result.rows["tuned_values"].notna().any():
         cols += list(tuned.COLUMNS)
     return result.rows.reindex(columns=cols)
