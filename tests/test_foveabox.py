@@ -11,7 +11,8 @@ import torch
 
 from dwlab.assign.foveabox import MIN_RATIO, FoveaBoxAssigner, fovea_match
 from dwlab.box_ops import boxes_to_distances
-from dwlab.config import AssignerConfig
+from dwlab.config import AssignerConfig, load_config
+from dwlab.data import synth
 from dwlab.data.target import Target
 from dwlab.models.outputs import Anchors, HeadOutputs
 
@@ -135,3 +136,27 @@ def test_config_section_defaults_are_the_released_config():
     assert cfg.base_edge_list == [16.0, 32.0, 64.0, 128.0, 256.0] and cfg.sigma == 0.4
     assert cfg.scale_ranges == [[1.0, 64.0], [32.0, 128.0], [64.0, 256.0], [128.0, 512.0], [256.0, 2048.0]]
     assert (cfg.focal_alpha, cfg.focal_gamma, cfg.smooth_l1_beta) == (0.4, 1.5, 0.11)
+
+
+def _share_of_gts_with_a_positive(scale_ranges: list[list[float]], n_images: int = 200) -> float:
+    """Of the GTs of the first ``n_images`` generated train images (128 px, P3-P7 grid)."""
+    boxes = [[[x, y, x + w, y + h] for (x, y, w, h), _, _ in synth.render(0, synth.STREAMS["train"], i, 128)[1]]
+             for i in range(n_images)]  # fmt: skip
+    gt_boxes = torch.zeros(n_images, max(map(len, boxes)), 4)
+    gt_valid = torch.zeros(gt_boxes.shape[:2], dtype=torch.bool)
+    for i, b in enumerate(boxes):
+        gt_boxes[i, : len(b)], gt_valid[i, : len(b)] = torch.tensor(b), True
+    anchors = Anchors.grid([(16, 16), (8, 8), (4, 4), (2, 2), (1, 1)], [8, 16, 32, 64, 128], 0.5, CPU)
+    matched = fovea_match(anchors, gt_boxes, gt_valid, scale_ranges=torch.tensor(scale_ranges), sigma=0.4)
+    hit = (matched[:, :, None] == torch.arange(gt_boxes.shape[1])).any(1)  # [B, G]
+    return float(hit[gt_valid].float().mean())
+
+
+@pytest.mark.parametrize("scale", ["smoke", "mini"])
+def test_the_cpu_presets_give_most_generated_gts_a_positive(scale):
+    # The presets keep the released ranges: 76 % of the GTs have a positive (the smallest, under
+    # 20 px, may have none on P3). FCOS's ranges divided by 4 put a GT on a level whose stride is
+    # 4x coarser beside its fovea: 40 %.
+    ranges = load_config(scale).assigner.foveabox.scale_ranges
+    assert _share_of_gts_with_a_positive(ranges) > 0.7
+    assert _share_of_gts_with_a_positive([[lo / 4, hi / 4] for lo, hi in ranges]) < 0.5
