@@ -162,6 +162,7 @@ def sweep(
     cpus_per_trial: Annotated[Optional[float], typer.Option(help="CPUs per trial, over the file's resources.")] = None,
     gpus_per_trial: Annotated[Optional[float], typer.Option(help="GPUs per trial, over the file's resources (0.25: four trials per GPU).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue interrupted trials from their checkpoints and MLflow runs.")] = False,
+    copy_finished: Annotated[bool, typer.Option(help="A trial with a FINISHED run of the same config (hash, workers, device) in another experiment of the store gets a copy of that run instead of training again.")] = False,
     dry_run: Annotated[bool, typer.Option(help="Print the expanded trials and their config differences; run nothing.")] = False,
     runs_dir: Annotated[Path, typer.Option(help="Where trial run directories and Ray's results go.")] = Path("runs/sweeps"),
 ) -> None:
@@ -185,10 +186,12 @@ def sweep(
     from dwlab.sweep.tune_run import run_sweep
 
     outcome = run_sweep(
-        plan, default_uri(), console=Console(), address=address, max_concurrent=max_concurrent, resume=resume
+        plan, default_uri(), console=Console(), address=address, max_concurrent=max_concurrent, resume=resume,
+        copy_finished=copy_finished,
     )
+    copied = f"{len(outcome.copied)} copied, " if outcome.copied else ""
     typer.echo(
-        f"sweep {plan.name}: {len(outcome.finished)} finished, {len(outcome.skipped)} skipped, "
+        f"sweep {plan.name}: {len(outcome.finished)} finished, {copied}{len(outcome.skipped)} skipped, "
         f"{len(outcome.failed)} failed, {len(outcome.killed)} killed in {outcome.wall_s:.0f} s"
     )
     for key, error in outcome.failed.items():

@@ -63,6 +63,7 @@ class Tag:
     ERROR = "dwlab.error"
     LAST_ERROR = "dwlab.last_error"
     CLOSED_REASON = "dwlab.closed_reason"
+    COPIED_FROM = "dwlab.copied_from"  # a trial run copied from a FINISHED run of the same config: its run id
     # a search sweep: its search runs, their tuning trials and its final runs
     SEARCH = "dwlab.search"  # the method's id in the sweep file (search, tuning trial and final runs)
     SEARCH_HASH = "dwlab.search_hash"  # search runs: what makes two searches the same one

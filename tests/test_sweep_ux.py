@@ -4,6 +4,7 @@ on disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -188,3 +189,52 @@ def test_a_resumed_trial_keeps_its_checkpoint_across_gpu_shares_not_across_worke
     assert run.data.tags["dwlab.resources"] == "cpus_per_trial=1 gpus_per_trial=0.25 workers_per_trial=1"
     assert SweepTracker(plans[0.5], uri).reconcile(resume=True)[half.key].finished
     assert not SweepTracker(plans[2], uri).reconcile(resume=True)[two.key].finished
+
+
+def test_a_trial_with_a_finished_run_of_its_config_in_another_experiment_gets_a_copy(tmp_path, monkeypatch):
+    """Sweep b's only point is sweep a's finished one (same config hash, workers, device): with
+    --copy-finished, b copies the run (params, metric history, artifacts, run directory) and trains nothing (no
+    Ray); another config, or the same on a GPU, finds nothing to copy."""
+    from mlflow.entities import Metric
+
+    from dwlab.store import Tag
+    from dwlab.sweep.spec import load_plan
+    from dwlab.sweep.tracking import SweepTracker
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for f in (a, b):
+        f.write_text(yaml.safe_dump({"points": [{"train.lr": 0.01}]}))
+    plan_a = load_plan(a, runs_dir=tmp_path / "runs")
+    source = SweepTracker(plan_a, uri)
+    source.start_parent(None, 1, 0)
+    trial = plan_a.trials[0]
+    src = source.started(trial, 0)
+    source.client.log_batch(src, metrics=[Metric("loss", 1.0, 1, 1), Metric("loss", 0.5, 2, 2), Metric("AP", 0.25, 2, 2)])
+    trial.run_dir.mkdir(parents=True)
+    (trial.run_dir / "eval.json").write_text('{"AP": 0.25}\n')
+    source.client.log_artifact(src, str(trial.run_dir / "eval.json"))
+    source.client.set_terminated(src, "FINISHED")
+
+    result = CliRunner().invoke(app, ["sweep", str(b), "--runs-dir", str(tmp_path / "runs"), "--copy-finished"])
+    assert result.exit_code == 0, result.output
+    assert f"copied from the FINISHED run of the same config in a ({trial.key}, AP 25.0)" in result.output
+    assert "sweep b: 0 finished, 1 copied, 0 skipped, 0 failed, 0 killed" in result.output
+    tracker = SweepTracker(load_plan(b, runs_dir=tmp_path / "runs"), uri)
+    copy, = tracker.client.search_runs([tracker.experiment_id], "tags.`dwlab.kind` = 'trial'")
+    assert copy.info.status == "FINISHED" and copy.data.tags[Tag.COPIED_FROM] == src
+    assert copy.data.tags[Tag.SWEEP] == "b" and copy.data.params == source.client.get_run(src).data.params
+    assert [(m.step, m.value) for m in tracker.client.get_metric_history(copy.info.run_id, "loss")] == [(1, 1.0), (2, 0.5)]
+    assert [f.path for f in tracker.client.list_artifacts(copy.info.run_id)] == ["eval.json"]
+    copied_dir = tmp_path / "runs" / "b" / trial.key
+    assert (copied_dir / "eval.json").read_text() == '{"AP": 0.25}\n'
+    assert json.loads((copied_dir / "trial.json").read_text())["mlflow_run_id"] == copy.info.run_id
+
+    again = CliRunner().invoke(app, ["sweep", str(b), "--runs-dir", str(tmp_path / "runs"), "--copy-finished"])
+    assert "sweep b: 0 finished, 1 skipped" in again.output  # its own FINISHED run now
+    other_lr = load_plan(b, runs_dir=tmp_path / "runs", set_=["train.lr=0.02"])
+    on_gpu = load_plan(b, runs_dir=tmp_path / "runs", resources={"gpus_per_trial": 1})
+    assert SweepTracker(other_lr, uri).finished_elsewhere(other_lr.trials) == {}
+    assert SweepTracker(on_gpu, uri).finished_elsewhere(on_gpu.trials) == {}

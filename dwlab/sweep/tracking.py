@@ -25,7 +25,9 @@ search run with the same search hash is not run again: its chosen values are reu
 from __future__ import annotations
 
 import json
+import shutil
 import socket
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -228,6 +230,72 @@ class SweepTracker:
         if parents:
             self.close_parents(kept_parents)
         return out
+
+    def finished_elsewhere(self, trials: list[Trial]) -> dict[str, Any]:
+        """Trial key -> a FINISHED trial run of another experiment in the store with the same
+        config hash, workers and device (the earliest), for the ``trials`` that have one.
+
+        Runs are reproducible from their config (README, "Reproducible runs"), so such a run is
+        this trial's result: a point two tables share (Table 5's full DW is Table 2's beta=5,
+        mu=5) trains once."""
+        from mlflow.entities import ViewType
+
+        wanted = {(t.config_hash, str(t.workers), self.trial_tags(t)[Tag.DEVICE]): t.key for t in trials}
+        if not wanted:
+            return {}
+        others = [e.experiment_id for e in self.client.search_experiments(ViewType.ACTIVE_ONLY)
+                  if e.experiment_id != self.experiment_id]  # fmt: skip
+        found: dict[str, Any] = {}
+        for i in range(0, len(others), 100):  # MLflow searches at most 100 experiments at once
+            token = None
+            while True:
+                page = self.client.search_runs(
+                    others[i : i + 100], f"{kind_filter(TRIAL)} and attributes.status = 'FINISHED'",
+                    ViewType.ACTIVE_ONLY, 1000, ["attributes.start_time ASC"], token,
+                )  # fmt: skip
+                for run in page:
+                    tags = run.data.tags
+                    key = wanted.get((tags.get(Tag.CONFIG_HASH), tags.get(Tag.WORLD_SIZE), tags.get(Tag.DEVICE)))
+                    if key is not None and Tag.COPIED_FROM not in tags:
+                        found.setdefault(key, run)
+                token = page.token
+                if not token:
+                    break
+        return found
+
+    def copy_run(self, trial: Trial, source) -> tuple[str, str | None]:
+        """A FINISHED run of ``trial`` in this experiment holding ``source``'s params, metric
+        histories, artifacts, times and run directory (``finished_elsewhere``); returns its id
+        and, when the source's artifacts could not be read, why (the numbers are copied)."""
+        import mlflow
+        from mlflow.entities import Metric, Param
+
+        src = source.info.run_id
+        where = {k: source.data.tags[k] for k in (Tag.HOST, Tag.NODE, Tag.DEVICE, Tag.WORKER_PID) if k in source.data.tags}
+        tags = {**self.trial_tags(trial), **where, Tag.COPIED_FROM: src}
+        run = self.client.create_run(self.experiment_id, source.info.start_time, tags=tags, run_name=trial.key)
+        run_id = self.run_ids[trial.key] = run.info.run_id
+        params = [Param(k, v) for k, v in source.data.params.items()]
+        for i in range(0, len(params), 100):
+            self.client.log_batch(run_id, params=params[i : i + 100])
+        history = [Metric(m.key, m.value, m.timestamp, m.step)
+                   for key in source.data.metrics for m in self.client.get_metric_history(src, key)]  # fmt: skip
+        for i in range(0, len(history), 500):
+            self.client.log_batch(run_id, metrics=history[i : i + 500])
+        missing = None
+        with tempfile.TemporaryDirectory() as tmp:
+            try:
+                local = mlflow.artifacts.download_artifacts(run_id=src, tracking_uri=self.uri, dst_path=tmp)
+            except Exception as err:  # a store copied without its artifacts: the numbers still hold
+                missing = f"its artifacts were not copied ({' '.join(str(err).split())[:200]})"
+            else:
+                self.client.log_artifacts(run_id, local)
+        src_dir = Path(source.data.tags.get(Tag.RUN_DIR, ""))
+        if src_dir.is_dir() and src_dir.resolve() != trial.run_dir.resolve():
+            shutil.rmtree(trial.run_dir, ignore_errors=True)
+            shutil.copytree(src_dir, trial.run_dir)
+        self.client.set_terminated(run_id, "FINISHED", source.info.end_time)
+        return run_id, missing
 
     def close_parents(self, keep: set[str]) -> None:
         """Close the unfinished parent runs of interrupted invocations, but those in ``keep``."""

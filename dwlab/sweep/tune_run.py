@@ -46,6 +46,7 @@ class Outcome:
     finished: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)  # trial key -> error
     skipped: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)  # FINISHED runs of the same config in other experiments
     killed: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     searches: dict[str, dict | None] = field(default_factory=dict)  # a search sweep: method id -> chosen values
@@ -367,6 +368,7 @@ def run_sweep(
     address: str | None = None,
     max_concurrent: int | None = None,
     resume: bool = False,
+    copy_finished: bool = False,
 ) -> Outcome:
     """Run the plan's trials that are not already FINISHED in the MLflow store ``uri`` (a
     search sweep: its searches, then its final trials, ``search_run``); see the module doc."""
@@ -389,7 +391,7 @@ def run_sweep(
         else:
             existing = tracker.reconcile(resume=resume)
             run_grid(plan, plan.trials, existing, tracker, outcome, console, ray_session, max_concurrent=max_concurrent,
-                     resume=resume)  # fmt: skip
+                     resume=resume, copy_finished=copy_finished)  # fmt: skip
     finally:
         ray_session.stop()
         lock.close()
@@ -400,26 +402,46 @@ def run_sweep(
 def run_grid(
     plan: Plan, trials: list[Trial], existing: dict, tracker: SweepTracker, outcome: Outcome, console: Console,
     ray_session: RaySession, *, max_concurrent: int | None, resume: bool, parent: str | None = None,
+    copy_finished: bool = False,
 ) -> None:  # fmt: skip
     """Run ``trials`` (those not FINISHED in ``existing``, ``tracker.reconcile``'s) under a
-    parent run: the one given, the interrupted invocation's, or a new one."""
+    parent run: the one given, the interrupted invocation's, or a new one. With ``copy_finished``, a
+    trial with a FINISHED run of the same config in another experiment of the store gets a copy
+    of it instead of training again (``SweepTracker.finished_elsewhere``)."""
     todo = [t for t in trials if not existing[t.key].finished]
     outcome.skipped += [t.key for t in trials if existing[t.key].finished]
     if outcome.skipped:
         console.print(f"{len(outcome.skipped)} trial(s) already FINISHED with the same config: skipped")
-    if not todo:
+    copies = tracker.finished_elsewhere([t for t in todo if not existing[t.key].reopen]) if copy_finished else {}
+    todo = [t for t in todo if t.key not in copies]
+    if not todo and not copies:
         console.print(f"sweep {plan.name}: nothing to run")
         if parent is not None:  # a search sweep's, whose searches ran
             tracker.end_parent("FAILED" if outcome.failed else "FINISHED", {"finished": 0, "failed": len(outcome.failed), "killed": 0})
         return
-    prepare_all(todo, console)
-    ray_session.start()  # before any run is opened: a bad --address writes nothing
+    if todo:
+        prepare_all(todo, console)
+        ray_session.start()  # before any run is opened: a bad --address writes nothing
     if parent is None:
         parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
         reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
         for stale in parents - {reuse}:
             tracker.close(stale, "KILLED", "sweep driver was interrupted")
         tracker.start_parent(reuse, len(todo), len(outcome.skipped))
+    for trial in trials:
+        if trial.key in copies:
+            source = copies[trial.key]
+            run_id, missing = tracker.copy_run(trial, source)
+            write_marker(trial, run_id)
+            outcome.copied.append(trial.key)
+            console.print(f"{trial.key}: copied from the FINISHED run of the same config in "
+                          f"{tracker.client.get_experiment(source.info.experiment_id).name} ({source.info.run_name}, "
+                          f"AP {100 * source.data.metrics.get('AP', math.nan):.1f})"
+                          + (f"; [yellow]warning:[/] {missing}" if missing else ""), soft_wrap=True)  # fmt: skip
+    if not todo:
+        tracker.end_parent("FAILED" if outcome.failed else "FINISHED",
+                           {"finished": 0, "failed": len(outcome.failed), "killed": 0, "copied": len(copies)})  # fmt: skip
+        return
     reopen = {t.key: existing[t.key].reopen for t in todo}
     run_trials(plan, todo, reopen, tracker, outcome, console, max_concurrent, resume)
 
@@ -480,7 +502,8 @@ def run_trials(
                 outcome.killed.append(key)
         tracker.end_parent(
             status if not outcome.killed else "KILLED",
-            {"finished": len(outcome.finished), "failed": len(outcome.failed), "killed": len(outcome.killed)},
+            {"finished": len(outcome.finished), "failed": len(outcome.failed), "killed": len(outcome.killed),
+             "copied": len(outcome.copied)},
         )
 
 
