@@ -290,8 +290,8 @@ class SweepTracker:
                 missing = f"its artifacts were not copied ({' '.join(str(err).split())[:200]})"
             else:
                 self.client.log_artifacts(run_id, local)
-        src_dir = Path(source.data.tags.get(Tag.RUN_DIR, ""))
-        if src_dir.is_dir() and src_dir.resolve() != trial.run_dir.resolve():
+        src_dir = Path(source.data.tags[Tag.RUN_DIR]) if source.data.tags.get(Tag.RUN_DIR) else None
+        if src_dir is not None and src_dir.is_dir() and src_dir.resolve() != trial.run_dir.resolve():
             shutil.rmtree(trial.run_dir, ignore_errors=True)
             shutil.copytree(src_dir, trial.run_dir)
         self.client.set_terminated(run_id, "FINISHED", source.info.end_time)
