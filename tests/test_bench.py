@@ -79,6 +79,7 @@ def test_report_has_every_part_and_target(tmp_path):
         assert target in text
     assert "Sweep concurrency" not in text
     assert all(f"| dwlab {m} |" in text for m in ASSIGNERS if m not in ("dw", "fcos"))  # every method's step
+    assert "| dwlab TOOD on its T-head |" in text and "| dwlab DW* (DW on the T-head) |" in text
 
 
 def test_eval_and_data_parts_at_the_paper_scale_use_the_generated_datasets_names(tmp_path):

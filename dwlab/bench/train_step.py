@@ -1,5 +1,6 @@
 """Training step (forward + loss + backward + optimizer step) of dwlab's FCOS with DW, with DW +
-box refinement, with the FCOS assigner and with every other method of ``ASSIGNERS``, against
+box refinement, with the FCOS assigner, with every other method of ``ASSIGNERS`` and with TOOD
+and DW on TOOD's T-head, against
 ``torchvision.models.detection.FCOS`` built from the same backbone, FPN width, head depth and
 GroupNorm groups, on the same images."""
 
@@ -24,7 +25,10 @@ from dwlab.runner import build_detector, precision
 GTS_PER_IMAGE = 7  # COCO train2017 has about 7.3 per image
 #: every other method's step, by its name: the cost of its assignment on the same detector
 METHOD_CANDIDATES = {f"dwlab {name}": name for name in ASSIGNERS if name not in ("dw", "fcos")}
-CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", *METHOD_CANDIDATES, "torchvision FCOS")
+#: TOOD's T-head in place of the FCOS head (``model.head: tood``): with TOOD, and with DW (DW*)
+T_HEAD_CANDIDATES = {"dwlab TOOD on its T-head": "tood", "dwlab DW* (DW on the T-head)": "dw"}
+CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", *METHOD_CANDIDATES, *T_HEAD_CANDIDATES,
+              "torchvision FCOS")  # fmt: skip
 
 
 def synthetic_images(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[Target]]:
@@ -83,11 +87,14 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
         return torch.optim.SGD(param_groups(model, 1e-4), lr=1e-4, momentum=0.9)
 
     fns: dict[str, Callable[[], None]] = {}
-    runs = [("dwlab DW", False, "dw"), ("dwlab DW + refine", True, "dw"), ("dwlab FCOS assigner", False, "fcos")]
-    for name, refine, assigner_name in runs + [(n, False, m) for n, m in METHOD_CANDIDATES.items()]:
+    runs = [("dwlab DW", False, "dw", "fcos"), ("dwlab DW + refine", True, "dw", "fcos"),
+            ("dwlab FCOS assigner", False, "fcos", "fcos")]  # fmt: skip
+    runs += [(n, False, m, "fcos") for n, m in METHOD_CANDIDATES.items()]
+    runs += [(n, False, m, "tood") for n, m in T_HEAD_CANDIDATES.items()]
+    for name, refine, assigner_name, head in runs:
         torch.manual_seed(0)
         assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
-        model_cfg = cfg.model.model_copy(update={"pretrained": False, "box_refine": refine})
+        model_cfg = cfg.model.model_copy(update={"pretrained": False, "box_refine": refine, "head": head})
         # the method's head initialisation and learnable parameters, as in training
         model = build_detector(cfg.model_copy(update={"model": model_cfg}), num_classes, assigner)
         scaler, autocast_dtype, memory_format = precision(cfg, device)
