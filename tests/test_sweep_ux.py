@@ -238,3 +238,62 @@ def test_a_trial_with_a_finished_run_of_its_config_in_another_experiment_gets_a_
     on_gpu = load_plan(b, runs_dir=tmp_path / "runs", resources={"gpus_per_trial": 1})
     assert SweepTracker(other_lr, uri).finished_elsewhere(other_lr.trials) == {}
     assert SweepTracker(on_gpu, uri).finished_elsewhere(on_gpu.trials) == {}
+
+
+def test_a_copy_source_is_the_latest_run_with_an_ap_and_a_failed_copy_leaves_nothing(tmp_path):
+    """finished_elsewhere: a FINISHED run without an AP is no source, the latest of two is, and a
+    GPU run (its device tag names the card) matches a GPU trial. copy_run keeps the source's
+    commit; when the copy fails (here: its staging path is taken by a file) it raises and leaves
+    no active run and the trial's directory as it was."""
+    from mlflow.entities import Metric, RunTag
+
+    from dwlab.store import Tag
+    from dwlab.sweep.spec import load_plan
+    from dwlab.sweep.tracking import SweepTracker
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    for f in (a, b):
+        f.write_text(yaml.safe_dump({"points": [{"train.lr": 0.01}]}))
+
+    def finished(plan, ap: float | None, device: str | None = None, commit: str = "c0") -> str:
+        tracker = SweepTracker(plan, uri)
+        tracker.start_parent(None, 1, 0)
+        run_id = tracker.started(plan.trials[0], 0)
+        tags = {Tag.GIT_COMMIT: commit, **({Tag.DEVICE: device} if device else {})}
+        tracker.client.log_batch(run_id, metrics=[Metric("AP", ap, 1, 1)] if ap is not None else [],
+                                 tags=[RunTag(k, v) for k, v in tags.items()])  # fmt: skip
+        tracker.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    plan_a, plan_b = (load_plan(f, runs_dir=tmp_path / "runs") for f in (a, b))
+    finished(plan_a, None)  # FINISHED without a result
+    assert SweepTracker(plan_b, uri).finished_elsewhere(plan_b.trials) == {}
+    finished(plan_a, 0.2, commit="old")
+    time.sleep(0.01)
+    latest = finished(plan_a, 0.3, commit="new")
+    tracker = SweepTracker(plan_b, uri)
+    found = tracker.finished_elsewhere(plan_b.trials)
+    trial = plan_b.trials[0]
+    assert found[trial.key].info.run_id == latest
+
+    gpu_a, gpu_b = (load_plan(f, runs_dir=tmp_path / "runs", resources={"gpus_per_trial": 1}) for f in (a, b))
+    on_card = finished(gpu_a, 0.4, device="cuda:NVIDIA H200")
+    assert SweepTracker(gpu_b, uri).finished_elsewhere(gpu_b.trials)[gpu_b.trials[0].key].info.run_id == on_card
+
+    plan_a.trials[0].run_dir.mkdir(parents=True)
+    (plan_a.trials[0].run_dir / "eval.json").write_text('{"AP": 0.3}\n')
+    trial.run_dir.mkdir(parents=True)
+    (trial.run_dir / "left.txt").write_text("an earlier attempt's file\n")
+    staged = trial.run_dir.with_name(trial.run_dir.name + ".copying")
+    staged.write_text("in the way\n")  # copytree cannot stage there
+    tracker.start_parent(None, 1, 0)
+    with pytest.raises(OSError):
+        tracker.copy_run(trial, found[trial.key])
+    assert tracker.client.search_runs([tracker.experiment_id], "tags.`dwlab.kind` = 'trial'") == []
+    assert sorted(p.name for p in trial.run_dir.iterdir()) == ["left.txt"]
+    staged.unlink()
+    run_id, _ = tracker.copy_run(trial, found[trial.key])
+    copy = tracker.client.get_run(run_id)
+    assert copy.data.tags[Tag.GIT_COMMIT] == "new" and copy.data.metrics["AP"] == 0.3
+    assert sorted(p.name for p in trial.run_dir.iterdir()) == ["eval.json"]  # the old attempt's file is gone

@@ -233,14 +233,16 @@ class SweepTracker:
 
     def finished_elsewhere(self, trials: list[Trial]) -> dict[str, Any]:
         """Trial key -> a FINISHED trial run of another experiment in the store with the same
-        config hash, workers and device (the earliest), for the ``trials`` that have one.
+        config hash, workers and device kind (cpu / cuda) and an AP, for the ``trials`` that have
+        one: the latest, so that a code fix which leaves the hash alone is in it. Copies are not
+        sources.
 
         Runs are reproducible from their config (README, "Reproducible runs"), so such a run is
         this trial's result: a point two tables share (Table 5's full DW is Table 2's beta=5,
         mu=5) trains once."""
         from mlflow.entities import ViewType
 
-        wanted = {(t.config_hash, str(t.workers), self.trial_tags(t)[Tag.DEVICE]): t.key for t in trials}
+        wanted = {(t.config_hash, str(t.workers), _device_kind(self.trial_tags(t)[Tag.DEVICE])): t.key for t in trials}
         if not wanted:
             return {}
         others = [e.experiment_id for e in self.client.search_experiments(ViewType.ACTIVE_ONLY)
@@ -251,12 +253,12 @@ class SweepTracker:
             while True:
                 page = self.client.search_runs(
                     others[i : i + 100], f"{kind_filter(TRIAL)} and attributes.status = 'FINISHED'",
-                    ViewType.ACTIVE_ONLY, 1000, ["attributes.start_time ASC"], token,
+                    ViewType.ACTIVE_ONLY, 1000, ["attributes.start_time DESC"], token,
                 )  # fmt: skip
                 for run in page:
                     tags = run.data.tags
-                    key = wanted.get((tags.get(Tag.CONFIG_HASH), tags.get(Tag.WORLD_SIZE), tags.get(Tag.DEVICE)))
-                    if key is not None and Tag.COPIED_FROM not in tags:
+                    key = wanted.get((tags.get(Tag.CONFIG_HASH), tags.get(Tag.WORLD_SIZE), _device_kind(tags.get(Tag.DEVICE))))
+                    if key is not None and Tag.COPIED_FROM not in tags and "AP" in run.data.metrics:
                         found.setdefault(key, run)
                 token = page.token
                 if not token:
@@ -265,36 +267,52 @@ class SweepTracker:
 
     def copy_run(self, trial: Trial, source) -> tuple[str, str | None]:
         """A FINISHED run of ``trial`` in this experiment holding ``source``'s params, metric
-        histories, artifacts, times and run directory (``finished_elsewhere``); returns its id
-        and, when the source's artifacts could not be read, why (the numbers are copied)."""
+        histories, artifacts, times, commit and run directory (``finished_elsewhere``); returns
+        its id and, when the source's artifacts could not be read, why (the numbers are copied).
+        On any error the half-made copy (run and directory) is removed and the error raised: the
+        caller trains the trial instead."""
         import mlflow
         from mlflow.entities import Metric, Param
 
         src = source.info.run_id
-        where = {k: source.data.tags[k] for k in (Tag.HOST, Tag.NODE, Tag.DEVICE, Tag.WORKER_PID) if k in source.data.tags}
-        tags = {**self.trial_tags(trial), **where, Tag.COPIED_FROM: src}
-        run = self.client.create_run(self.experiment_id, source.info.start_time, tags=tags, run_name=trial.key)
-        run_id = self.run_ids[trial.key] = run.info.run_id
-        params = [Param(k, v) for k, v in source.data.params.items()]
-        for i in range(0, len(params), 100):
-            self.client.log_batch(run_id, params=params[i : i + 100])
-        history = [Metric(m.key, m.value, m.timestamp, m.step)
-                   for key in source.data.metrics for m in self.client.get_metric_history(src, key)]  # fmt: skip
-        for i in range(0, len(history), 500):
-            self.client.log_batch(run_id, metrics=history[i : i + 500])
-        missing = None
-        with tempfile.TemporaryDirectory() as tmp:
-            try:
-                local = mlflow.artifacts.download_artifacts(run_id=src, tracking_uri=self.uri, dst_path=tmp)
-            except Exception as err:  # a store copied without its artifacts: the numbers still hold
-                missing = f"its artifacts were not copied ({' '.join(str(err).split())[:200]})"
-            else:
-                self.client.log_artifacts(run_id, local)
+        kept = (Tag.HOST, Tag.NODE, Tag.DEVICE, Tag.WORKER_PID, Tag.GIT_COMMIT, Tag.VERSION, Tag.RESOURCES)
+        where = {k: source.data.tags[k] for k in kept if k in source.data.tags}  # where and by what code it ran
         src_dir = Path(source.data.tags[Tag.RUN_DIR]) if source.data.tags.get(Tag.RUN_DIR) else None
-        if src_dir is not None and src_dir.is_dir() and src_dir.resolve() != trial.run_dir.resolve():
-            shutil.rmtree(trial.run_dir, ignore_errors=True)
-            shutil.copytree(src_dir, trial.run_dir)
-        self.client.set_terminated(run_id, "FINISHED", source.info.end_time)
+        staged = trial.run_dir.with_name(trial.run_dir.name + ".copying")
+        run_id = None
+        try:
+            run = self.client.create_run(self.experiment_id, source.info.start_time,
+                                         tags={**self.trial_tags(trial), **where, Tag.COPIED_FROM: src}, run_name=trial.key)  # fmt: skip
+            run_id = self.run_ids[trial.key] = run.info.run_id
+            params = [Param(k, v) for k, v in source.data.params.items()]
+            for i in range(0, len(params), 100):
+                self.client.log_batch(run_id, params=params[i : i + 100])
+            history = [Metric(m.key, m.value, m.timestamp, m.step)
+                       for key in source.data.metrics for m in self.client.get_metric_history(src, key)]  # fmt: skip
+            for i in range(0, len(history), 500):
+                self.client.log_batch(run_id, metrics=history[i : i + 500])
+            missing = None
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    local = mlflow.artifacts.download_artifacts(run_id=src, tracking_uri=self.uri, dst_path=tmp)
+                except Exception as err:  # a store copied without its artifacts: the numbers still hold
+                    missing = f"its artifacts were not copied ({' '.join(str(err).split())[:200]})"
+                else:
+                    self.client.log_artifacts(run_id, local)
+            if src_dir is None or src_dir.resolve() != trial.run_dir.resolve():
+                shutil.rmtree(staged, ignore_errors=True)
+                if src_dir is not None and src_dir.is_dir():
+                    shutil.copytree(src_dir, staged)  # staged, then swapped in: never half a directory
+                shutil.rmtree(trial.run_dir, ignore_errors=True)  # an earlier attempt's files go either way
+                if staged.is_dir():
+                    staged.rename(trial.run_dir)
+            self.client.set_terminated(run_id, "FINISHED", source.info.end_time)
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            if run_id is not None:
+                self.client.delete_run(run_id)
+                self.run_ids.pop(trial.key, None)
+            raise
         return run_id, missing
 
     def close_parents(self, keep: set[str]) -> None:
@@ -586,3 +604,8 @@ def _param(value: Any) -> str:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _device_kind(device: str | None) -> str:
+    """'cpu' or 'cuda' of a DEVICE tag: a trial's first report names the GPU ('cuda:NVIDIA H200')."""
+    return (device or "").split(":")[0]

@@ -422,6 +422,7 @@ def run_grid(
     if todo:
         prepare_all(todo, console)
         ray_session.start()  # before any run is opened: a bad --address writes nothing
+    uncopied: list[Trial] = []
     if parent is None:
         parents = {existing[t.key].parent for t in todo if existing[t.key].reopen and existing[t.key].parent}
         reuse = next(iter(parents)) if len(parents) == 1 else None  # the interrupted invocation's
@@ -431,16 +432,28 @@ def run_grid(
     for trial in trials:
         if trial.key in copies:
             source = copies[trial.key]
-            run_id, missing = tracker.copy_run(trial, source)
+            try:
+                run_id, missing = tracker.copy_run(trial, source)
+            except Exception as err:  # the half-made copy is gone (copy_run): train it instead
+                console.print(f"[yellow]warning:[/] {trial.key}: copying run {source.info.run_id} failed "
+                              f"({' '.join(str(err).split())[:200]}); training it instead", soft_wrap=True)  # fmt: skip
+                uncopied.append(trial)
+                continue
             write_marker(trial, run_id)
             outcome.copied.append(trial.key)
             console.print(f"{trial.key}: copied from the FINISHED run of the same config in "
                           f"{tracker.client.get_experiment(source.info.experiment_id).name} ({source.info.run_name}, "
                           f"AP {100 * source.data.metrics.get('AP', math.nan):.1f})"
                           + (f"; [yellow]warning:[/] {missing}" if missing else ""), soft_wrap=True)  # fmt: skip
+    if uncopied:
+        prepare_all(uncopied, console)
+        if not todo:
+            ray_session.start()
+        keys = {t.key for t in todo + uncopied}
+        todo = [t for t in trials if t.key in keys]  # the file's order
     if not todo:
         tracker.end_parent("FAILED" if outcome.failed else "FINISHED",
-                           {"finished": 0, "failed": len(outcome.failed), "killed": 0, "copied": len(copies)})  # fmt: skip
+                           {"finished": 0, "failed": len(outcome.failed), "killed": 0, "copied": len(outcome.copied)})  # fmt: skip
         return
     reopen = {t.key: existing[t.key].reopen for t in todo}
     run_trials(plan, todo, reopen, tracker, outcome, console, max_concurrent, resume)
