@@ -253,7 +253,10 @@ def make_loader(dataset, batch_size: int, cfg: Config, *, train: bool, generator
         collate_fn=functools.partial(collate, size_divisor=cfg.data.size_divisor),
         generator=generator,
         pin_memory=cfg.train.device != "cpu" and torch.cuda.is_available(),  # so non_blocking copies overlap
-        persistent_workers=train and cfg.data.num_workers > 0,  # no worker start-up every epoch
+        # Workers start each epoch, seeded from ``generator`` (reseeded per epoch, _train_epoch):
+        # a persistent worker's RNG would carry on across epochs, which a run resumed from a
+        # checkpoint cannot reproduce (its workers start at the resumed epoch).
+        persistent_workers=False,
     )
 
 

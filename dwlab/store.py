@@ -26,7 +26,7 @@ DEFAULT_DIR = Path("mlruns")  # relative to the working directory, like ``mlflow
 
 class Tag:
     """Tag names. Experiment: TABLE, SCALE. Both run kinds: KIND, SWEEP, TABLE, SCALE,
-    SWEEP_FILE, GIT_COMMIT, VERSION, HOST, RESOURCES. Parent runs: TRIALS, SKIPPED, WARNINGS and the
+    SWEEP_FILE, GIT_COMMIT, VERSION, REVISION, HOST, RESOURCES. Parent runs: TRIALS, SKIPPED, WARNINGS and the
     summary counts (``dwlab.finished`` ...). Trial runs: the rest."""
 
     KIND = "dwlab.kind"
@@ -36,6 +36,7 @@ class Tag:
     SWEEP_FILE = "dwlab.sweep_file"
     GIT_COMMIT = "dwlab.git_commit"
     VERSION = "dwlab.version"
+    REVISION = "dwlab.training_revision"  # dwlab.TRAINING_REVISION; absent: 1
     HOST = "dwlab.host"
     NODE = "dwlab.node"  # the Ray node that ran the trial's (last) attempt: "<ip> <node id>"
     TRIALS = "dwlab.trials"

@@ -86,6 +86,17 @@ def test_config_hash_leaves_out_other_methods_sections_and_neutral_options(monke
     assert config_hash(thead) != config_hash(load_config("smoke", {"model.head": "tood", "model.thead_convs": 5}))
 
 
+def test_config_hash_changes_with_the_training_revision(monkeypatch):
+    """A change that makes the same config train to other numbers bumps TRAINING_REVISION: a
+    sweep then neither skips, copies nor resumes the earlier revision's runs."""
+    import dwlab.sweep.spec as spec
+
+    cfg = load_config("smoke", {})
+    before = config_hash(cfg)
+    monkeypatch.setattr(spec, "TRAINING_REVISION", spec.TRAINING_REVISION + 1)
+    assert config_hash(cfg) != before
+
+
 def test_every_hash_neutral_value_is_the_options_default():
     defaults = flatten(Config())
     assert all(defaults[key] == value for key, value in HASH_NEUTRAL.items())

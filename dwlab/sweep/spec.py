@@ -44,7 +44,7 @@ from typing import Annotated, Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dwlab import paper
+from dwlab import TRAINING_REVISION, paper
 from dwlab.assign import ASSIGNERS
 from dwlab.config import HASH_NEUTRAL, HASH_UNREAD, Config, flatten, load_config, parse_override, read_yaml, resolve_path
 from dwlab.errors import DwlabError
@@ -187,7 +187,8 @@ def config_hash(cfg: Config) -> str:
     after dwlab has grown keeps its finished trials: the sections of the assigners other than
     ``assigner.name`` (a new method adds one), the options of ``HASH_UNREAD`` where their test
     says the run does not read them, and the options of ``HASH_NEUTRAL`` at their neutral value
-    (an off-by-default option added later)."""
+    (an off-by-default option added later). ``TRAINING_REVISION`` is in it: the same config
+    trains to other numbers at another revision."""
     flat = flatten(cfg)
     own = f"assigner.{ASSIGNERS[cfg.assigner.name].section}."
     kept = {
@@ -196,6 +197,7 @@ def config_hash(cfg: Config) -> str:
         and not (k in HASH_UNREAD and HASH_UNREAD[k](flat))
         and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])
     }  # fmt: skip
+    kept["dwlab.training_revision"] = TRAINING_REVISION
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dwlab import __version__
+from dwlab import TRAINING_REVISION, __version__
 from dwlab.config import flatten
 from dwlab.errors import DwlabError
 from dwlab.store import (
@@ -275,7 +275,7 @@ class SweepTracker:
         from mlflow.entities import Metric, Param
 
         src = source.info.run_id
-        kept = (Tag.HOST, Tag.NODE, Tag.DEVICE, Tag.WORKER_PID, Tag.GIT_COMMIT, Tag.VERSION, Tag.RESOURCES)
+        kept = (Tag.HOST, Tag.NODE, Tag.DEVICE, Tag.WORKER_PID, Tag.GIT_COMMIT, Tag.VERSION, Tag.RESOURCES, Tag.REVISION)
         where = {k: source.data.tags[k] for k in kept if k in source.data.tags}  # where and by what code it ran
         src_dir = Path(source.data.tags[Tag.RUN_DIR]) if source.data.tags.get(Tag.RUN_DIR) else None
         staged = trial.run_dir.with_name(trial.run_dir.name + ".copying")
@@ -342,6 +342,7 @@ class SweepTracker:
             Tag.RESOURCES: plan.resources.record,
             Tag.GIT_COMMIT: git_commit(),
             Tag.VERSION: __version__,
+            Tag.REVISION: str(TRAINING_REVISION),
         }
 
     def start_parent(self, reuse: str | None, n_trials: int, n_skipped: int) -> str:
