@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from dwlab import paper
 from dwlab.cli import app
 from dwlab.config import flatten, load_config
-from dwlab.report import build_report
+from dwlab.report import build_report, load
 from dwlab.report.figures import DPI, FIGSIZE
 from dwlab.report.tables import noise_threshold
 
@@ -184,7 +184,7 @@ def test_table2_header_and_agreement(report):
     md = (report.out / "table2.md").read_text()
     for text in ("**dataset**: synth", "**scale**: smoke", "**backbone**: resnet18",
                  "**schedule**: 3 epochs, batch 8 x 1 worker(s)", "**images seen**: 1,200 per run",
-                 "**runs**: 13 (10 finished, 1 running, 2 failed)", "**dwlab**: 0.1.0 at commit 0123456789",
+                 "**runs**: 13 (10 finished, 1 running, 2 failed)", "**dwlab**: 0.1.0, training revision 1 at commit 0123456789",
                  "**experiments**: table2", "Not a COCO reproduction"):
         assert text in md, text
     # tau over the 4 points with both: ours 32.0, 35.5, 34.5, 33.0 vs paper 41.5, 41.5, 41.4, 41.3
@@ -362,6 +362,33 @@ def test_nothing_learnt_names_no_best_point_and_one_epoch_is_singular(tmp_path):
     assert "- Best here: none (no finished run with AP above 0)." in md
     assert "best" not in _line(md, "gamma1=2, gamma2=2") and "(noise)" not in md
     assert "**schedule**: 1 epoch, batch" in md
+
+
+def test_a_table_keeps_its_latest_training_revision_and_says_how_many_runs_it_left_out(tmp_path):
+    """Table 3 has revision-1 runs (no tag) and revision-2 runs of the same points: the report
+    pools the revision-2 runs only and notes the 2 left out; a table with revision-1 runs only
+    keeps them."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    for table in ("table3", "table5"):
+        exp_id = client.create_experiment(table, tags={"dwlab.table": table})
+        parent = client.create_run(exp_id, tags={"dwlab.kind": "sweep"}).info.run_id
+        for seed in (0, 1):
+            _trial(client, exp_id, parent, table, "a", {}, seed, "FINISHED", (0.30, 0.5, 0.3))
+    exp_id = client.get_experiment_by_name("table3").experiment_id
+    for seed in (0, 1):
+        _trial(client, exp_id, parent, "table3", "a", {}, seed, "FINISHED", ((0.40, 0.41)[seed], 0.5, 0.3))
+    latest = client.search_runs([exp_id], "attributes.start_time > 0", order_by=["attributes.start_time DESC"], max_results=2)
+    for run in latest:
+        client.set_tag(run.info.run_id, "dwlab.training_revision", "2")
+    rows, left_out = load.latest_revision(load.read(uri, None)[2])
+    assert left_out == {"table3": 2}
+    assert sorted(rows.loc[rows["tags.dwlab.table"] == "table3", "metrics.AP"]) == [0.40, 0.41]
+    assert len(rows[rows["tags.dwlab.table"] == "table5"]) == 2
+    build_report(None, tmp_path / "out", tracking_uri=uri)
+    md = (tmp_path / "out" / "table3.md").read_text()
+    assert "**2 run(s) of an earlier training revision left out**" in md and "training revision 2 at commit" in md
+    assert "training revision 1 at commit" in (tmp_path / "out" / "table5.md").read_text()
 
 
 def test_claim_verdicts_follow_the_noise_rule():

@@ -98,6 +98,7 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
     store when None) and write every table found, its figures, and the README index."""
     out = Path(out)
     uri, client, runs = load.read(tracking_uri, experiments)
+    runs, older = load.latest_revision(runs)
     found = list(dict.fromkeys(runs.get(column(Tag.TABLE), pd.Series(dtype=str)).dropna()))
     known = [t for t in SPECS if t in found]
     if not known:
@@ -111,7 +112,7 @@ def build_report(experiments: list[str] | None = None, out: Path | str = "report
     report = Report(out, uri, {})
     report.skipped += _untabled(runs, found)
     for name in known:
-        t = build_table(SPECS[name], agg, runs)
+        t = build_table(SPECS[name], agg, runs, older=older.get(name, 0))
         report.tables[name] = t
         report.files += _write_table(t, out)
     labels = {name: run_labels(t, runs) for name, t in report.tables.items()}

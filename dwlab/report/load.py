@@ -11,7 +11,7 @@ from __future__ import annotations
 import pandas as pd
 
 from dwlab.errors import DwlabError
-from dwlab.store import TRIAL_FILTER, connect, default_uri, sqlite_path
+from dwlab.store import TRIAL_FILTER, Tag, column, connect, default_uri, sqlite_path
 
 PAGE = 1000
 
@@ -95,3 +95,17 @@ def read(uri: str | None, experiments: list[str] | None) -> tuple[str, object, p
     client = open_store(uri)
     exps = find_experiments(client, uri, experiments)
     return uri, client, load_runs(client, uri, exps)
+
+
+def latest_revision(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
+    """``runs`` less, per table, the runs of a training revision older than the table's latest
+    (``dwlab.TRAINING_REVISION``: the same config trained to other numbers then; a run without
+    the tag is revision 1), and how many were left out per table. Runs without a table stay."""
+    if len(runs) == 0:
+        return runs, {}
+    revision = pd.to_numeric(runs.get(column(Tag.REVISION), pd.Series(index=runs.index, dtype=object)), errors="coerce").fillna(1)
+    table = runs.get(column(Tag.TABLE), pd.Series(index=runs.index, dtype=object))
+    latest = revision.groupby(table.fillna("")).transform("max")
+    old = table.notna() & (revision < latest)
+    dropped = {str(k): int(v) for k, v in table[old].value_counts().items()}
+    return runs[~old].reset_index(drop=True), dropped

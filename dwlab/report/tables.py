@@ -380,7 +380,8 @@ def header_info(runs: pd.DataFrame) -> dict[str, str]:
         "schedule": f"{epochs} epoch{'' if epochs == '1' else 's'}, batch {batch} x {workers} worker(s)",
         "images seen": images,
         "runs": f"{len(runs)} ({', '.join(parts)})",
-        "dwlab": f"{_values(get(column(Tag.VERSION)))} at commit {_values(get(column(Tag.GIT_COMMIT)), lambda c: str(c)[:10])}",
+        "dwlab": (f"{_values(get(column(Tag.VERSION)))}, training revision {_values(get(column(Tag.REVISION), pd.Series('1', index=runs.index)).fillna('1'))} "
+                  f"at commit {_values(get(column(Tag.GIT_COMMIT)), lambda c: str(c)[:10])}"),
         "experiments": _values(runs["experiment"]),
     }
 
@@ -496,9 +497,10 @@ def agreement(spec: TableSpec, rows: pd.DataFrame, ibest: int | None) -> dict:
     return out
 
 
-def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> TableResult:
+def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame, older: int = 0) -> TableResult:
     """One table: layout, header, gaps, agreement, the tuned columns (``tuned``) and its
-    markdown. ``agg`` aggregates the runs that are rows (``tuned.split_roles``)."""
+    markdown. ``agg`` aggregates the runs that are rows (``tuned.split_roles``); ``older``: how
+    many runs of an earlier training revision were left out (``load.latest_revision``)."""
     runs = runs[runs[column(Tag.TABLE)] == spec.name]
     header = header_info(runs)
     for key in spec.varied:  # differs between rows on purpose: not a "mixed" warning
@@ -517,6 +519,11 @@ def build_table(spec: TableSpec, agg: pd.DataFrame, runs: pd.DataFrame) -> Table
         )
     if spec.note:
         result.notes.append(spec.note)
+    if older:
+        result.notes.append(
+            f"**{older} run(s) of an earlier training revision left out**: the same configs train to other "
+            f"numbers at this revision ({header['dwlab']}; `dwlab.TRAINING_REVISION`)."
+        )
     mixed = [k for k in ("dataset", "scale", "backbone", "schedule") if "(mixed)" in header[k]]
     if mixed:
         result.notes.append(
