@@ -30,7 +30,7 @@ import torch.distributed as dist
 import yaml
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler, RandomSampler, SequentialSampler
 
-from dwlab import __version__, checkpoint, faults, paper
+from dwlab import TRAINING_REVISION, __version__, checkpoint, faults, paper
 from dwlab.assign import build_assigner
 from dwlab.assign.base import LabelAssigner, head_init
 from dwlab.config import Config, DataConfig, TrainConfig, dump_yaml, to_dict
@@ -201,8 +201,8 @@ def resolved_record(cfg: Config, assigner: LabelAssigner, device: torch.device) 
     "deterministic", "cpu_isa"}}``: what ``train.device: auto`` and ``train.precision: null``
     became, whether a repeat gives the same numbers (always on the CPU; ``train.deterministic``
     on CUDA) and the CPU kernels' instruction set (bf16 and fp32 kernels differ between, e.g.,
-    AVX2 and AVX512 machines)."""
-    record: dict[str, Any] = {}
+    AVX2 and AVX512 machines), and ``training_revision`` (``dwlab.TRAINING_REVISION``)."""
+    record: dict[str, Any] = {"training_revision": TRAINING_REVISION}
     resolved_params = getattr(assigner, "resolved_params", None)
     if resolved_params is not None:
         record["assigner"] = {cfg.assigner.name: resolved_params()}

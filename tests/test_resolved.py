@@ -8,6 +8,7 @@ import pytest
 import torch
 import yaml
 
+from dwlab import TRAINING_REVISION
 from dwlab.config import load_config
 from dwlab.data.target import Target
 from dwlab.models.outputs import Anchors, HeadOutputs
@@ -59,6 +60,7 @@ def test_run_config_keeps_unset_constants_null_and_records_them_resolved(saved):
     assert (dw["loc_score"], dw["mu_norm"], dw["pneg_high"], dw["pneg_bag_minmax"], dw["pos_scale"]) == (
         "iou_pow", 5.0, 0.95, False, 1.0)  # fmt: skip
     assert resolved["loss_weights"] == {"loss_cls_pos": 1.0, "loss_box": 5.0, "loss_neg": 1.0}
+    assert resolved["training_revision"] == TRAINING_REVISION
     assert yaml.safe_load((saved / "config.yaml").read_text())["train"]["precision"] is None
     assert resolved["train"] == {  # smoke's null precision, on the CPU, whose kernels are deterministic
         "device": "cpu", "precision": "fp32", "deterministic": True, "cpu_isa": torch.backends.cpu.get_cpu_capability()}
