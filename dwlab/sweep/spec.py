@@ -48,7 +48,7 @@ from dwlab import TRAINING_REVISION, paper
 from dwlab.assign import ASSIGNERS
 from dwlab.config import HASH_NEUTRAL, HASH_UNREAD, Config, flatten, load_config, parse_override, read_yaml, resolve_path
 from dwlab.errors import DwlabError
-from dwlab.store import ROLE_DEFAULTS, ROLE_TUNED, TRIAL
+from dwlab.store import ROLE_DEFAULTS, ROLE_TUNED, TRIAL, Tag
 from dwlab.sweep.search_spec import Context, MethodSearch, expand_search
 
 TABLES = ("table2", "table3", "table4", "table5", "table6", "table7")
@@ -197,7 +197,7 @@ def config_hash(cfg: Config) -> str:
         and not (k in HASH_UNREAD and HASH_UNREAD[k](flat))
         and not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])
     }  # fmt: skip
-    kept["dwlab.training_revision"] = TRAINING_REVISION
+    kept[Tag.REVISION] = TRAINING_REVISION  # renaming the key would orphan every finished run
     text = json.dumps(kept, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
