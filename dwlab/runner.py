@@ -576,6 +576,7 @@ def _resume(run: _Run) -> tuple[int, list[dict]]:
         if any(run.ckpt_dir.glob("*.pt")):
             raise DwlabError(f"{run.ckpt_dir}: no loadable checkpoint to resume from")
         return 0, []
+    _check_revision(saved, run.ckpt_dir)
     run.model.load_state_dict(saved["model"])
     if "optimizer" not in saved:  # checkpoint.keep_weights_only: a finished run's
         if int(saved["epoch"]) < run.cfg.train.epochs:
@@ -592,6 +593,21 @@ def _resume(run: _Run) -> tuple[int, list[dict]]:
     _read_history(run.out_dir / TIMING, start_epoch, rewrite=rank() == 0)
     torch.set_rng_state(saved["rng"])
     return start_epoch, history
+
+
+def _check_revision(saved: dict[str, Any], ckpt_dir: Path) -> None:
+    """Refuse a checkpoint of another ``TRAINING_REVISION``: its run resumed here would train to
+    neither revision's numbers. Checkpoints written before the revision was saved (dwlab 0.1.0
+    before this check) cannot be checked: a warning says so."""
+    revision = saved.get("training_revision")
+    if revision is None:
+        _warn(f"{ckpt_dir}: the checkpoint does not record its training revision; resuming it as revision "
+              f"{TRAINING_REVISION} unchecked")  # fmt: skip
+    elif int(revision) != TRAINING_REVISION:
+        raise DwlabError(
+            f"{ckpt_dir}: the checkpoint is of training revision {revision}, this dwlab trains revision "
+            f"{TRAINING_REVISION}; train it again in a new run directory"
+        )
 
 
 def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
@@ -643,6 +659,7 @@ def _record_epoch(run: _Run, epoch: int, metrics: dict[str, float], history: lis
                 "config": to_dict(run.cfg),
                 "resolved": run.resolved,
                 "dwlab_version": __version__,
+                "training_revision": TRAINING_REVISION,
             },
             run.ckpt_dir,
         )

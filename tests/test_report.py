@@ -390,6 +390,14 @@ def test_a_table_keeps_its_latest_training_revision_and_says_how_many_runs_it_le
     assert "**2 run(s) of an earlier training revision left out**" in md and "training revision 2 at commit" in md
     assert "training revision 1 at commit" in (tmp_path / "out" / "table5.md").read_text()
 
+    table5 = client.get_experiment_by_name("table5").experiment_id
+    _trial(client, table5, parent, "table5", "a", {}, 2, "RUNNING", (0.35, 0.5, 0.3))
+    running = client.search_runs([table5], "attributes.status = 'RUNNING'")[0].info.run_id
+    client.set_tag(running, "dwlab.training_revision", "2")  # a new revision's first run, still training
+    rows, left_out = load.latest_revision(load.read(uri, None)[2])
+    kept = rows[rows["tags.dwlab.table"] == "table5"]
+    assert "table5" not in left_out and sorted(kept["status"]) == ["FINISHED", "FINISHED", "RUNNING"]
+
 
 def test_claim_verdicts_follow_the_noise_rule():
     from dwlab.report.claims import FAILS, HOLDS, UNSURE, Stat, combine, compare

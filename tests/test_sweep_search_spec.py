@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 from dwlab.cli import app
 from dwlab.config import flatten, to_dict
 from dwlab.errors import DwlabError
+from dwlab.sweep import search_spec
 from dwlab.sweep.search_spec import apply_sampled, rungs
 from dwlab.sweep.spec import final_points, load_plan, trials_for
 
@@ -86,6 +87,14 @@ def test_the_search_hash_changes_with_the_search_not_with_the_method_order(tmp_p
     assert one == two
     more = {s.id: s.digest for s in load_plan(search_file(tmp_path, [DW, atss], budget={"trials": 5})).searches}
     assert more["dw"] != one["dw"] and more["atss"] != one["atss"]
+
+
+def test_the_search_hash_changes_with_the_training_revision(tmp_path, monkeypatch):
+    """A search resumed after TRAINING_REVISION moved must not reuse the older revision's trials."""
+    before = {s.id: s.digest for s in load_plan(search_file(tmp_path, [DW])).searches}
+    monkeypatch.setattr(search_spec, "TRAINING_REVISION", search_spec.TRAINING_REVISION + 1)
+    after = {s.id: s.digest for s in load_plan(search_file(tmp_path, [DW])).searches}
+    assert after["dw"] != before["dw"]
 
 
 def test_asha_rungs_and_the_descriptions(tmp_path):

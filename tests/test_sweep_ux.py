@@ -297,3 +297,45 @@ def test_a_copy_source_is_the_latest_run_with_an_ap_and_a_failed_copy_leaves_not
     copy = tracker.client.get_run(run_id)
     assert copy.data.tags[Tag.GIT_COMMIT] == "new" and copy.data.metrics["AP"] == 0.3
     assert sorted(p.name for p in trial.run_dir.iterdir()) == ["eval.json"]  # the old attempt's file is gone
+
+    client, terminated = tracker.client, tracker.client.set_terminated
+    client.set_terminated = lambda *a, **k: (_ for _ in ()).throw(OSError("store gone"))  # after the swap
+    with pytest.raises(OSError, match="store gone"):
+        tracker.copy_run(trial, found[trial.key])
+    client.set_terminated = terminated
+    assert not trial.run_dir.exists()  # no source files under the trial's name without its run
+    assert [r.info.run_id for r in client.search_runs([tracker.experiment_id], "tags.`dwlab.kind` = 'trial'")] == [run_id]
+
+
+def test_the_copy_source_is_the_latest_across_blocks_of_experiments(tmp_path, monkeypatch):
+    """MLflow searches runs in blocks of experiments: the latest source wins across blocks, not the
+    first block's."""
+    from mlflow.entities import Metric, ViewType
+
+    from dwlab.sweep import tracking
+    from dwlab.sweep.spec import load_plan
+    from dwlab.sweep.tracking import SweepTracker
+
+    monkeypatch.setattr(tracking, "EXPERIMENTS_PER_SEARCH", 1)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    plans = {}
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({"points": [{"train.lr": 0.01}]}))
+        plans[name] = load_plan(tmp_path / f"{name}.yaml", runs_dir=tmp_path / "runs" / name)
+
+    def finished(plan) -> str:
+        tracker = SweepTracker(plan, uri)
+        tracker.start_parent(None, 1, 0)
+        run_id = tracker.started(plan.trials[0], 0)
+        tracker.client.log_batch(run_id, metrics=[Metric("AP", 0.3, 1, 1)])
+        tracker.client.set_terminated(run_id, "FINISHED")
+        time.sleep(0.01)
+        return run_id
+
+    finished(plans["a"]), finished(plans["c"])
+    searcher = SweepTracker(plans["b"], uri)
+    ids = {SweepTracker(plans[n], uri).experiment_id: plans[n] for n in ("a", "c")}
+    order = [e.experiment_id for e in searcher.client.search_experiments(ViewType.ACTIVE_ONLY) if e.experiment_id in ids]
+    last_block = ids[order[-1]]
+    latest = finished(last_block)
+    assert searcher.finished_elsewhere(plans["b"].trials)[plans["b"].trials[0].key].info.run_id == latest

@@ -10,6 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from dwlab import checkpoint, faults
+from dwlab import runner as runner_module
 from dwlab.cli import app
 from dwlab.config import validate
 from dwlab.data.synth import generate
@@ -75,6 +76,20 @@ def test_a_resumed_run_with_loader_workers_and_flips_writes_the_straight_runs_fi
     run_training(cfg(3), tmp_path / "split", resume=True)
     for name in ("metrics.jsonl", "eval.json"):
         assert (tmp_path / "split" / name).read_text() == (tmp_path / "straight" / name).read_text(), name
+
+
+def test_a_checkpoint_of_another_training_revision_is_refused(tmp_path, synth_root, monkeypatch, capsys):
+    """Resumed across a TRAINING_REVISION bump, a run would train to neither revision's numbers."""
+    run_training(validate(tiny_config(synth_root, train={"epochs": 1}), "t"), tmp_path / "r")
+    monkeypatch.setattr(runner_module, "TRAINING_REVISION", runner_module.TRAINING_REVISION + 1)
+    with pytest.raises(DwlabError, match=r"checkpoint is of training revision \d+, this dwlab trains revision \d+"):
+        run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "r", resume=True)
+    last = tmp_path / "r" / "checkpoints" / "last.pt"
+    state = checkpoint.load(last)
+    del state["training_revision"]  # written before the revision was saved: resumed with a warning
+    torch.save(state, last)
+    run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "r", resume=True)
+    assert "does not record its training revision" in capsys.readouterr().err
 
 
 def test_resume_falls_back_to_previous_checkpoint_when_last_is_corrupt(tmp_path, synth_root, capsys):

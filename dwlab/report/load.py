@@ -100,12 +100,16 @@ def read(uri: str | None, experiments: list[str] | None) -> tuple[str, object, p
 def latest_revision(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
     """``runs`` less, per table, the runs of a training revision older than the table's latest
     (``dwlab.TRAINING_REVISION``: the same config trained to other numbers then; a run without
-    the tag is revision 1), and how many were left out per table. Runs without a table stay."""
+    the tag is revision 1), and how many were left out per table. The latest is that of the
+    table's FINISHED runs (a first run of a new revision, still training, leaves the table as it
+    was), or of all its runs when none has finished. Runs without a table stay."""
     if len(runs) == 0:
         return runs, {}
     revision = pd.to_numeric(runs.get(column(Tag.REVISION), pd.Series(index=runs.index, dtype=object)), errors="coerce").fillna(1)
     table = runs.get(column(Tag.TABLE), pd.Series(index=runs.index, dtype=object))
-    latest = revision.groupby(table.fillna("")).transform("max")
+    finished = revision.where(runs.get("status", pd.Series(index=runs.index, dtype=object)) == "FINISHED")
+    by_table = table.fillna("")
+    latest = finished.groupby(by_table).transform("max").fillna(revision.groupby(by_table).transform("max"))
     old = table.notna() & (revision < latest)
     dropped = {str(k): int(v) for k, v in table[old].value_counts().items()}
     return runs[~old].reset_index(drop=True), dropped

@@ -37,6 +37,7 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from dwlab import TRAINING_REVISION
 from dwlab.config import Config, apply_overrides, flatten, to_dict, validate
 from dwlab.errors import DwlabError
 
@@ -209,7 +210,10 @@ def apply_sampled(config: dict[str, Any], sampled: dict[str, Any]) -> Config:
 
 
 def trial_digest(search: MethodSearch) -> str:
+    """What a resumed search must match to reuse a finished tuning trial: the search itself and
+    ``TRAINING_REVISION`` (the same trial trains to other numbers at another revision)."""
     text = json.dumps({
+        "revision": TRAINING_REVISION,
         "config": to_dict(search.config), "space": {k: [p.kind, list(p.values)] for k, p in search.space.items()},
         "algorithm": search.algorithm, "seed": search.seed, "startup_trials": search.startup_trials, "trials": search.trials,
         "trial_epochs": search.trial_epochs, "asha": search.asha.model_dump() if search.asha else None,

@@ -59,6 +59,7 @@ if TYPE_CHECKING:
 
 FINAL_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 UNFINISHED = ("RUNNING", "SCHEDULED")
+EXPERIMENTS_PER_SEARCH = 100  # the most experiments one MLflow search_runs takes
 
 
 UI_HOST = "127.0.0.1"  # the MLflow UI has no authentication: this machine only, unless asked
@@ -248,18 +249,20 @@ class SweepTracker:
         others = [e.experiment_id for e in self.client.search_experiments(ViewType.ACTIVE_ONLY)
                   if e.experiment_id != self.experiment_id]  # fmt: skip
         found: dict[str, Any] = {}
-        for i in range(0, len(others), 100):  # MLflow searches at most 100 experiments at once
+        for i in range(0, len(others), EXPERIMENTS_PER_SEARCH):
             token = None
             while True:
                 page = self.client.search_runs(
-                    others[i : i + 100], f"{kind_filter(TRIAL)} and attributes.status = 'FINISHED'",
+                    others[i : i + EXPERIMENTS_PER_SEARCH], f"{kind_filter(TRIAL)} and attributes.status = 'FINISHED'",
                     ViewType.ACTIVE_ONLY, 1000, ["attributes.start_time DESC"], token,
                 )  # fmt: skip
                 for run in page:
                     tags = run.data.tags
                     key = wanted.get((tags.get(Tag.CONFIG_HASH), tags.get(Tag.WORLD_SIZE), _device_kind(tags.get(Tag.DEVICE))))
-                    if key is not None and Tag.COPIED_FROM not in tags and "AP" in run.data.metrics:
-                        found.setdefault(key, run)
+                    if key is None or Tag.COPIED_FROM in tags or "AP" not in run.data.metrics:
+                        continue
+                    if key not in found or run.info.start_time > found[key].info.start_time:  # across blocks
+                        found[key] = run
                 token = page.token
                 if not token:
                     break
@@ -279,7 +282,7 @@ class SweepTracker:
         where = {k: source.data.tags[k] for k in kept if k in source.data.tags}  # where and by what code it ran
         src_dir = Path(source.data.tags[Tag.RUN_DIR]) if source.data.tags.get(Tag.RUN_DIR) else None
         staged = trial.run_dir.with_name(trial.run_dir.name + ".copying")
-        run_id = None
+        run_id, swapped = None, False
         try:
             run = self.client.create_run(self.experiment_id, source.info.start_time,
                                          tags={**self.trial_tags(trial), **where, Tag.COPIED_FROM: src}, run_name=trial.key)  # fmt: skip
@@ -306,9 +309,12 @@ class SweepTracker:
                 shutil.rmtree(trial.run_dir, ignore_errors=True)  # an earlier attempt's files go either way
                 if staged.is_dir():
                     staged.rename(trial.run_dir)
+                    swapped = True
             self.client.set_terminated(run_id, "FINISHED", source.info.end_time)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
+            if swapped:  # the source's files under this trial's name, without a FINISHED run
+                shutil.rmtree(trial.run_dir, ignore_errors=True)
             if run_id is not None:
                 self.client.delete_run(run_id)
                 self.run_ids.pop(trial.key, None)
