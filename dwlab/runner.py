@@ -597,9 +597,9 @@ def _resume(run: _Run) -> tuple[int, list[dict]]:
 
 def _check_revision(saved: dict[str, Any], ckpt_dir: Path) -> None:
     """Refuse a checkpoint of another ``TRAINING_REVISION``: its run resumed here would train to
-    neither revision's numbers. Checkpoints written before the revision was saved (dwlab 0.1.0
-    before this check) cannot be checked: a warning says so."""
-    revision = saved.get("training_revision")
+    neither revision's numbers. Checkpoints written before ``resolved_record`` held the revision
+    (dwlab 0.1.0 before a92bafb) cannot be checked: a warning says so."""
+    revision = saved.get("resolved", {}).get("training_revision")  # resolved_record's
     if revision is None:
         _warn(f"{ckpt_dir}: the checkpoint does not record its training revision; resuming it as revision "
               f"{TRAINING_REVISION} unchecked")  # fmt: skip
@@ -659,7 +659,6 @@ def _record_epoch(run: _Run, epoch: int, metrics: dict[str, float], history: lis
                 "config": to_dict(run.cfg),
                 "resolved": run.resolved,
                 "dwlab_version": __version__,
-                "training_revision": TRAINING_REVISION,
             },
             run.ckpt_dir,
         )

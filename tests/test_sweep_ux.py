@@ -332,7 +332,8 @@ def test_the_copy_source_is_the_latest_across_blocks_of_experiments(tmp_path, mo
         time.sleep(0.01)
         return run_id
 
-    finished(plans["a"]), finished(plans["c"])
+    finished(plans["a"])
+    finished(plans["c"])
     searcher = SweepTracker(plans["b"], uri)
     ids = {SweepTracker(plans[n], uri).experiment_id: plans[n] for n in ("a", "c")}
     order = [e.experiment_id for e in searcher.client.search_experiments(ViewType.ACTIVE_ONLY) if e.experiment_id in ids]

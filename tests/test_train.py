@@ -86,7 +86,7 @@ def test_a_checkpoint_of_another_training_revision_is_refused(tmp_path, synth_ro
         run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "r", resume=True)
     last = tmp_path / "r" / "checkpoints" / "last.pt"
     state = checkpoint.load(last)
-    del state["training_revision"]  # written before the revision was saved: resumed with a warning
+    del state["resolved"]["training_revision"]  # written before the revision was saved: resumed with a warning
     torch.save(state, last)
     run_training(validate(tiny_config(synth_root, train={"epochs": 2}), "t"), tmp_path / "r", resume=True)
     assert "does not record its training revision" in capsys.readouterr().err

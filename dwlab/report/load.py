@@ -107,7 +107,7 @@ def latest_revision(runs: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, int]]:
         return runs, {}
     revision = pd.to_numeric(runs.get(column(Tag.REVISION), pd.Series(index=runs.index, dtype=object)), errors="coerce").fillna(1)
     table = runs.get(column(Tag.TABLE), pd.Series(index=runs.index, dtype=object))
-    finished = revision.where(runs.get("status", pd.Series(index=runs.index, dtype=object)) == "FINISHED")
+    finished = revision.where(runs["status"] == "FINISHED")
     by_table = table.fillna("")
     latest = finished.groupby(by_table).transform("max").fillna(revision.groupby(by_table).transform("max"))
     old = table.notna() & (revision < latest)
