@@ -209,7 +209,10 @@ def test_a_killed_search_resumes_from_rays_saved_state_each_trial_once(in_store,
     state_dir = in_store / "runs" / "sweeps" / "_ray" / "killed.search.fcos"
     driver = subprocess.Popen(
         [sys.executable, "-m", "dwlab.cli", "sweep", str(f), "--address", ray_address, "--max-concurrent", "1"],
-        cwd=in_store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_ADDRESS": ""},
+        # Tune saves its state at most every 10 s by default: a fast machine ran the whole search in
+        # less, so the kill below never found a trial in the saved state. Saving on every step does.
+        cwd=in_store, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "RAY_ADDRESS": "", "TUNE_GLOBAL_CHECKPOINT_S": "0"},
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 240
