@@ -288,6 +288,8 @@ def test_a_copy_source_is_the_latest_run_with_an_ap_and_a_failed_copy_leaves_not
     staged = trial.run_dir.with_name(trial.run_dir.name + ".copying")
     staged.write_text("in the way\n")  # copytree cannot stage there
     tracker.start_parent(None, 1, 0)
+    tracker.recount_trials(2)  # what run_grid does when a failed copy trains instead
+    assert tracker.client.get_run(tracker.parent_id).data.tags[Tag.TRIALS] == "2"
     with pytest.raises(OSError):
         tracker.copy_run(trial, found[trial.key])
     assert tracker.client.search_runs([tracker.experiment_id], "tags.`dwlab.kind` = 'trial'") == []

@@ -375,6 +375,11 @@ class SweepTracker:
                 pass
         return self.parent_id
 
+    def recount_trials(self, n_trials: int) -> None:
+        """Correct the parent's trial count (``start_parent`` counted trials whose copy then failed
+        and which now train)."""
+        self.client.set_tag(self.parent_id, Tag.TRIALS, str(n_trials))
+
     def trial_tags(self, trial: Trial) -> dict[str, str]:
         plan, cfg = self.plan, trial.config
         world = plan.world_size

@@ -452,7 +452,7 @@ def run_grid(
         keys = {t.key for t in todo + uncopied}
         todo = [t for t in trials if t.key in keys]  # the file's order
         if parent is None:  # start_parent counted the trials before these copies failed
-            tracker.client.set_tag(tracker.parent_id, Tag.TRIALS, str(len(todo)))
+            tracker.recount_trials(len(todo))
     if not todo:
         tracker.end_parent("FAILED" if outcome.failed else "FINISHED",
                            {"finished": 0, "failed": len(outcome.failed), "killed": 0, "copied": len(outcome.copied)})  # fmt: skip
