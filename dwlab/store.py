@@ -157,8 +157,12 @@ def connect(uri: str, *, create: bool = False):
     25 s for a tracking server that is down: ``fail_fast_http``); else a one-line
     ``DwlabError`` naming ``uri``. With ``create``, a sqlite store is made if missing, under a
     lock file beside it: MLflow builds (or migrates) the database on its first request, and
-    two sweeps started at once must not both do that."""
+    two sweeps started at once must not both do that. MLflow's artifact progress bars stay off
+    (a row of bars for every copied run or checkpoint in a piped log) unless the user set them."""
     from mlflow import MlflowClient
+    from mlflow.environment_variables import MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR
+
+    os.environ.setdefault(MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR.name, "false")
 
     path = sqlite_path(uri) if create else None
     try:

@@ -222,6 +222,7 @@ def test_a_trial_with_a_finished_run_of_its_config_in_another_experiment_gets_a_
     assert result.exit_code == 0, result.output
     assert f"copied from the FINISHED run of the same config in a ({trial.key}, AP 25.0)" in result.output
     assert "sweep b: 0 finished, 1 copied, 0 skipped, 0 failed, 0 killed" in result.output
+    assert "Downloading artifacts" not in result.output  # MLflow's progress bar, a line of bars per copy in a log
     tracker = SweepTracker(load_plan(b, runs_dir=tmp_path / "runs"), uri)
     copy, = tracker.client.search_runs([tracker.experiment_id], "tags.`dwlab.kind` = 'trial'")
     assert copy.info.status == "FINISHED" and copy.data.tags[Tag.COPIED_FROM] == src
