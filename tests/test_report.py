@@ -74,8 +74,11 @@ TABLE6 = [
     ("simota", {"assigner.name": "simota"}, [(0, "FINISHED", 0.35, 0.55, 0.33)]),
     # DW on TOOD's T-head: a row of its own (not pooled with DW), named by its label
     ("dw+thead", {**OFFICIAL, "model.head": "tood"}, [(0, "FINISHED", 0.43, 0.63, 0.41)]),
+    # TOOD with its T-head: with DW*, what the T-head claim reads where Table 7 never ran
+    ("tood+thead", {"assigner.name": "tood", "model.head": "tood"}, [(0, "FINISHED", 0.41, 0.61, 0.39)]),
 ]
-POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS", "dw-paper-eq": "DW, paper equations", "dw+thead": "DW* (DW on the T-head)"}
+POINT_LABELS = {"simota": "SimOTA", "fcos": "FCOS", "dw-paper-eq": "DW, paper equations", "dw+thead": "DW* (DW on the T-head)",
+                "tood+thead": "TOOD (T-head)"}  # fmt: skip
 R101, DCN = {"model.backbone": "resnet101"}, {"model.backbone_dcn": True, "model.head_dcn": True}
 TABLE7 = [
     # 47.0 ± 1.4 on AP, AP50 65.0, AP75 51.0, APs (AP / 2) 23.5 ± 0.7; paper 46.2 / 64.8 / 50.0 / 27.1
@@ -238,8 +241,8 @@ def test_other_tables_layouts(report):
     assert _line(t6, "FoveaBox (ours: foveabox)")[1:3] == ["not run", "36.4"]  # a method, no run
     rows = [ln for ln in t6.splitlines() if ln.startswith("| ") and "---" not in ln]
     # not in the paper: after its rows
-    assert len(rows) == 1 + len(paper.TABLE6) + 3
-    assert {r.split(" |")[0] for r in rows[-3:]} == {"| SimOTA", "| DW, paper equations", "| DW* (DW on the T-head)"}
+    assert len(rows) == 1 + len(paper.TABLE6) + 4
+    assert {r.split(" |")[0] for r in rows[-4:]} == {"| SimOTA", "| DW, paper equations", "| DW* (DW on the T-head)", "| TOOD (T-head)"}
     assert _line(t6, "SimOTA")[1:3] == ["35.0 (n=1)", "—"]
     assert _line(t6, "DW (ours: dw)")[1:4] == ["40.0 (n=1)", "41.5", "-1.5"]  # the FCOS-head runs alone
     assert _line(t6, "DW, paper equations")[1:3] == ["37.0 (n=1)", "—"]
@@ -428,8 +431,10 @@ def test_reproduction_lists_every_claim_with_a_verdict(report):
     # +4.0 beyond noise on ResNet-101, but the other backbones lack a refined point (or both)
     assert rows["Table 7: box refinement improves DW on every backbone"][1:] == [
         "+0.6, +0.2, +0.5", "ResNet-101: +4.0; ResNet-101-DCN: not run; ResNeXt-101-64x4d: not run", "**not run**"]
+    # Table 7 has no TOOD point: Table 6's two T-head points instead, one seed each
     assert rows["Table 7: on TOOD's T-head, DW (DW*) is above TOOD"][1:] == [
-        "49.8 vs 48.3: +1.5 (ResNeXt-101-64x4d)", "—", "**not run**"]
+        "49.8 vs 48.3: +1.5 (ResNeXt-101-64x4d)", "43.0 (n=1) vs 41.0 (n=1): +2.0 (Table 6's T-head points, resnet18)",
+        "**cannot tell at this noise**"]  # fmt: skip
 
 
 def test_table7_layout_six_metrics_per_backbone_block(report):
