@@ -57,6 +57,8 @@ def test_the_fair_comparison_example_tunes_each_methods_own_keys_on_the_tune_spl
         assert (search.algorithm, search.seed, search.trials, search.asha) == ("tpe", 0, 8, None)
         assert cfg.train.epochs == 15 and cfg.train.seed == 1000  # the full mini schedule, a fresh seed
         assert (cfg.data.val_ann, cfg.data.val_images) == ("tune/instances_tune.json", "tune")  # never val
+    dw = next(s.config for s in plan.searches if s.id == "dw")  # Table 6's DW row: the released recipe
+    assert (dw.assigner.dw.variant, dw.model.prior_prob) == ("official", 0.02)
     result = CliRunner().invoke(app, ["sweep", str(EXPERIMENTS / "tune-table6.yaml"), "--dry-run"])
     assert result.exit_code == 0, result.output
     assert "search over 6 method(s), scale mini, table table6" in result.stdout
