@@ -343,3 +343,28 @@ def test_the_copy_source_is_the_latest_across_blocks_of_experiments(tmp_path, mo
     last_block = ids[order[-1]]
     latest = finished(last_block)
     assert searcher.finished_elsewhere(plans["b"].trials)[plans["b"].trials[0].key].info.run_id == latest
+
+
+def test_the_eta_keeps_the_sweeps_concurrency_between_one_trials_end_and_the_next_start(monkeypatch):
+    """Two trials at a time, 4 epochs each, one epoch every 10 s: when one ends and the next has
+    not started, one runs, but the ETA still divides the work left by two."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from dwlab.sweep import progress as progress_module
+    from dwlab.sweep.progress import SweepProgress
+
+    clock = [0.0]
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
+    trials = [SimpleNamespace(key=k, config=SimpleNamespace(train=SimpleNamespace(epochs=4))) for k in "abc"]
+    p = SweepProgress(trials, Console(file=io.StringIO()))
+    p.started("a"), p.started("b")
+    for epoch in (1, 2, 3, 4):
+        clock[0] += 10
+        p.result("a", {"epoch": epoch}), p.result("b", {"epoch": epoch})
+    p.finished("a")
+    assert p.eta_s() == (0 + 4) * 10 / 2  # b's last report is its 4th epoch; c's 4 epochs, 2 at a time
+    p.finished("b")
+    assert p.eta_s() == 4 * 10 / 1  # one trial left: at most one runs

@@ -49,6 +49,7 @@ class SweepProgress:
         self.rows = {t.key: Row(epochs=t.config.train.epochs) for t in trials}
         self.title, self.expected, self.epochs = title, expected, epochs
         self.t0 = time.monotonic()
+        self.peak_running = 0  # trials seen running at once: the sweep's concurrency, for the ETA
         self.lines = not console.is_terminal  # one line per event instead of the live table
 
     def add(self, key: str, epochs: int) -> None:
@@ -65,6 +66,7 @@ class SweepProgress:
     def started(self, key: str) -> None:
         row = self.rows[key]
         row.status, row.started, row.last_report = "RUNNING", time.monotonic(), time.monotonic()
+        self.peak_running = max(self.peak_running, sum(r.status == "RUNNING" for r in self.rows.values()))
         self._line(key, "started")
 
     def result(self, key: str, result: dict[str, Any]) -> None:
@@ -112,15 +114,18 @@ class SweepProgress:
     # ------------------------------------------------------------------ view
 
     def eta_s(self) -> float | None:
-        """Remaining epochs x mean seconds per epoch / trials running at once."""
+        """Remaining epochs x mean seconds per epoch / trials running at once: as many as ever ran
+        at once (not just now: between one trial's end and the next one's start fewer run),
+        at most as many as are left."""
         times = [t for row in self.rows.values() for t in row.epoch_times]
         if not times:
             return None
         per_epoch = sum(times) / len(times)
         left = sum(r.epochs - r.epoch for r in self.rows.values() if r.status not in _ENDED)
-        left += max(0, (self.expected or 0) - len(self.rows)) * self.epochs  # not started yet
-        running = sum(r.status == "RUNNING" for r in self.rows.values())
-        return left * per_epoch / max(running, 1)
+        not_started = max(0, (self.expected or 0) - len(self.rows))
+        left += not_started * self.epochs
+        trials_left = not_started + sum(r.status not in _ENDED for r in self.rows.values())
+        return left * per_epoch / max(min(self.peak_running, trials_left), 1)
 
     def summary(self) -> str:
         """``"1/4 finished, 2 running, 0 failed | ETA 0:12:00"`` (``, 1 stopped`` in a search)"""
