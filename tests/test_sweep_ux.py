@@ -360,10 +360,12 @@ def test_the_eta_keeps_the_sweeps_concurrency_between_one_trials_end_and_the_nex
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: clock[0])
     trials = [SimpleNamespace(key=k, config=SimpleNamespace(train=SimpleNamespace(epochs=4))) for k in "abc"]
     p = SweepProgress(trials, Console(file=io.StringIO()))
-    p.started("a"), p.started("b")
+    p.started("a")
+    p.started("b")
     for epoch in (1, 2, 3, 4):
         clock[0] += 10
-        p.result("a", {"epoch": epoch}), p.result("b", {"epoch": epoch})
+        p.result("a", {"epoch": epoch})
+        p.result("b", {"epoch": epoch})
     p.finished("a")
     assert p.eta_s() == (0 + 4) * 10 / 2  # b's last report is its 4th epoch; c's 4 epochs, 2 at a time
     p.finished("b")

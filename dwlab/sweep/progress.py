@@ -121,11 +121,10 @@ class SweepProgress:
         if not times:
             return None
         per_epoch = sum(times) / len(times)
-        left = sum(r.epochs - r.epoch for r in self.rows.values() if r.status not in _ENDED)
+        live = [r for r in self.rows.values() if r.status not in _ENDED]
         not_started = max(0, (self.expected or 0) - len(self.rows))
-        left += not_started * self.epochs
-        trials_left = not_started + sum(r.status not in _ENDED for r in self.rows.values())
-        return left * per_epoch / max(min(self.peak_running, trials_left), 1)
+        left = sum(r.epochs - r.epoch for r in live) + not_started * self.epochs
+        return left * per_epoch / max(min(self.peak_running, len(live) + not_started), 1)
 
     def summary(self) -> str:
         """``"1/4 finished, 2 running, 0 failed | ETA 0:12:00"`` (``, 1 stopped`` in a search)"""
