@@ -17,7 +17,7 @@ from typing import Callable
 import pandas as pd
 
 from dwlab import paper
-from dwlab.report.tables import T_HEAD, TableResult, method_name, noise_threshold, on_t_head
+from dwlab.report.tables import SPECS, T_HEAD, TableResult, noise_threshold, on_t_head, run_key
 from dwlab.store import Tag, column
 
 HOLDS, FAILS, UNSURE, NOT_RUN = "holds", "does not hold", "cannot tell at this noise", "not run"
@@ -102,25 +102,29 @@ def t_label(t: TableResult, key: tuple) -> str:
     return str(rows["label"].iloc[0]) if len(rows) else str(key)
 
 
-def step_time(runs: pd.DataFrame, method: str) -> Stat | None:
-    """Training step time (ms, from the last epoch's ``iters_per_s``) of ``method``'s finished
-    Table 6 runs."""
+def step_time(runs: pd.DataFrame, row: tuple) -> Stat | None:
+    """Training step time (ms, from the last epoch's ``iters_per_s``) of the finished runs of
+    Table 6's paper row ``row`` (``("DW",)``: the released recipe, not the paper-equation runs)."""
     if runs.empty or "metrics.iters_per_s" not in runs:
         return None
     done = runs[(runs["status"] == "FINISHED") & (runs.get(column(Tag.TABLE)) == "table6")]
-    params = done.filter(like="params.").rename(columns=lambda c: c[len("params."):])
-    mine = [i for i, p in params.iterrows() if method_name(p.dropna().to_dict()) == method] if len(params) else []
+    mine = [i for i, run in done.iterrows() if run_key(SPECS["table6"], run) == row]
     ms = 1000.0 / done.loc[mine, "metrics.iters_per_s"].dropna().astype(float)
     if ms.empty:
         return None
     return Stat(float(ms.mean()), float(ms.std(ddof=1)) if len(ms) > 1 else math.nan, len(ms))
 
 
+def _ms(s: Stat) -> str:
+    spread = "" if math.isnan(s.std) else f" ± {s.std:.0f}"
+    return f"{s.mean:.0f}{spread} ms (n={s.n})"
+
+
 def dw_step_cost(runs: pd.DataFrame) -> tuple[str, str]:
-    dw, fcos = step_time(runs, "dw"), step_time(runs, "fcos")
+    dw, fcos = step_time(runs, ("DW",)), step_time(runs, ("FCOS",))
     if dw is None or fcos is None:
         return "—", NOT_RUN
-    text = f"DW {dw.mean:.0f} ms vs FCOS {fcos.mean:.0f} ms per step (x{dw.mean / fcos.mean:.2f})"
+    text = f"DW {_ms(dw)} vs FCOS {_ms(fcos)} per step (x{dw.mean / fcos.mean:.2f}), timed inside the trials"
     outcome = compare(dw, fcos)  # "no more": DW not slower beyond noise
     return text, (FAILS if outcome == 1 else HOLDS if outcome in (0, -1) else UNSURE)
 
