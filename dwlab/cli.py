@@ -259,7 +259,7 @@ def report(
 @user_errors
 def bench(
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    scale: Annotated[str, typer.Option(help="Preset of the training-step, eval and data parts: smoke or paper.")] = "smoke",
+    scale: Annotated[str, typer.Option(help="Preset of the training-step, eval and data parts: smoke, mini or paper.")] = "smoke",
     out: Annotated[Path, typer.Option(help="Markdown report to write.")] = Path("reports/bench.md"),
     parts: Annotated[str, typer.Option(help="Comma-separated parts: train, throughput, loss, eval, data, sweep.")] = "train,throughput,loss,eval,data,sweep",
     reps: Annotated[int, typer.Option(min=1, help="Measured repetitions per figure (the median is reported).")] = 20,

@@ -72,7 +72,7 @@ def test_report_has_every_part_and_target(tmp_path):
     text = run_bench(opts, echo=sections.append)
     assert len(sections) == 4
     for heading in ("## Targets", "## Training step", "## DW weights + loss alone", "## Evaluation of a 6-image",
-                    "## Data loading", "torchvision FCOS", "| cores |"):  # fmt: skip
+                    "## Data loading", "torchvision FCOS", "| cores |", "| load (1 min) at start |"):  # fmt: skip
         assert heading in text
     for target in ("DW / FCOS assigner <= 1.05", "dwlab DW / torchvision FCOS <= 1.0", "never slower than the per-GT loop",
                    "<= 1.5x the FCOS loss", "peak memory <= 200 MB at 6 GTs", "data loading >= 3x"):  # fmt: skip
@@ -80,6 +80,23 @@ def test_report_has_every_part_and_target(tmp_path):
     assert "Sweep concurrency" not in text
     assert all(f"| dwlab {m} |" in text for m in ASSIGNERS if m not in ("dw", "fcos"))  # every method's step
     assert "| dwlab TOOD on its T-head |" in text and "| dwlab DW* (DW on the T-head) |" in text
+
+
+def test_the_report_warns_when_the_machine_was_busy():
+    from dwlab.bench.run import busy_note
+
+    assert busy_note(0.3, 2) == []
+    assert "**The machine was busy** (load 2.4 at the start, 2 cores)" in busy_note(2.4, 2)[0]
+
+
+def test_train_part_at_the_mini_scale_times_its_trials_step():
+    """At the learning scale the step is the trials' (ResNet-10, bf16 autocast, the generated
+    data's 6 classes), so that its rows read beside Table 6's in-trial step times."""
+    opts = BenchOptions(scale="mini", parts=("train",), reps=1, warmup=0, threads=1, set_=["train.batch_size=2"])
+    text = run_bench(opts, echo=lambda _: None)
+    assert "# dwlab bench (mini scale, cpu)" in text
+    assert "resnet10, FPN 64, 2-conv GN(16) head, 6 classes, batch 2 of 128x128" in text and "bf16 autocast" in text
+    assert all(f"| dwlab {m} |" in text for m in ASSIGNERS if m not in ("dw", "fcos"))
 
 
 def test_eval_and_data_parts_at_the_paper_scale_use_the_generated_datasets_names(tmp_path):
@@ -125,7 +142,7 @@ def test_the_sweep_parts_trials_get_a_share_of_the_gpus_on_cuda_only():
     [
         (["--parts", "train,nope"], "unknown part 'nope'"),
         (["--device", "tpu"], "expected cpu or cuda, got 'tpu'"),
-        (["--scale", "huge"], "expected smoke or paper, got 'huge'"),
+        (["--scale", "huge"], "expected one of smoke, mini, paper, got 'huge'"),
     ],
 )
 def test_bad_options_are_one_line_exit_2(tmp_path, args, message):

@@ -99,6 +99,11 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
+def busy_load() -> float:
+    """The 1-minute load average: the work other processes keep this machine busy with."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def machine_info(device: torch.device) -> dict[str, str]:
     """What the figures were measured on."""
     import torchvision
@@ -117,6 +122,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "device": device.type,
+        "load (1 min) at start": f"{busy_load():.2f}",
     }
     if device.type == "cuda":
         info["GPU"] = torch.cuda.get_device_name(device)

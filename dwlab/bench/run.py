@@ -4,17 +4,23 @@ ratios measured side by side, with each target and whether it was met."""
 from __future__ import annotations
 
 import datetime
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from dwlab.bench.measure import interleaved_medians, machine_info
+from dwlab.bench.measure import busy_load, interleaved_medians, machine_info
 from dwlab.config import Config, load_config
 from dwlab.errors import DwlabError
 
 PARTS = ("train", "throughput", "loss", "eval", "data", "sweep")
+SCALES = ("smoke", "mini", "paper")
+BUSY_LOAD = 1.0  # a load average from which the report warns that its figures are not an idle machine's
+#: classes of the training-step part: COCO's 80, except at the learning scale, whose steps read
+#: beside its trials (Table 6's "train ms/step") on its generated data's 6
+TRAIN_CLASSES = {"smoke": 80, "mini": 6, "paper": 80}
 THROUGHPUT_PRESETS = ("smoke", "mini")  # today's fp32 step against the learning scale's
 PRECISION_NAMES = {"fp32": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
 
@@ -44,6 +50,17 @@ class Check:
     met: bool
 
 
+def busy_note(load: float, cores: int) -> list[str]:
+    """The report's warning (markdown lines) when other work kept the machine busy."""
+    if load < BUSY_LOAD:
+        return []
+    return [
+        f"> **The machine was busy** (load {load:.1f} at the start, {cores} cores): bursts of other "
+        "work skew candidates unevenly even round-robin (seen: +30 to +60 % on a few of the 22 training "
+        "steps beside two training runs); re-run on an idle machine before reading its ratios.", "",
+    ]
+
+
 def _device(name: str) -> torch.device:
     if name not in ("cpu", "cuda"):
         raise DwlabError(f"--device: expected cpu or cuda, got {name!r}")
@@ -59,7 +76,7 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 Section = tuple[list[str], list[Check]]  # markdown lines of a part, its targets
 
 
-def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float]) -> Section:
+def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float], num_classes: int) -> Section:
     from dwlab.bench.train_step import CANDIDATES, GTS_PER_IMAGE
     from dwlab.runner import resolve_precision
 
@@ -72,7 +89,7 @@ def _train_section(cfg: Config, device: torch.device, step_s: dict[str, float]) 
     lines = [
         "## Training step (forward + loss + backward + SGD step)", "",
         f"{m.backbone}, FPN {m.fpn_channels}, {m.head_convs}-conv GN({m.head_norm_groups}) head, "
-        f"80 classes, batch {cfg.train.batch_size} of {cfg.data.min_size}x{cfg.data.max_size} random "
+        f"{num_classes} classes, batch {cfg.train.batch_size} of {cfg.data.min_size}x{cfg.data.max_size} random "
         f"images, {GTS_PER_IMAGE} random GTs each, {prec}. "
         "torchvision's FCOS gets the same backbone + FPN and head depth; it normalises and "
         "batches its images inside the step (its transform), dwlab's loader does that before.", "",
@@ -217,8 +234,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     unknown = [p for p in opts.parts if p not in PARTS]
     if unknown:
         raise DwlabError(f"--parts: unknown part {unknown[0]!r} (expected some of {', '.join(PARTS)})")
-    if opts.scale not in ("smoke", "paper"):
-        raise DwlabError(f"--scale: expected smoke or paper, got {opts.scale!r}")
+    if opts.scale not in SCALES:
+        raise DwlabError(f"--scale: expected one of {', '.join(SCALES)}, got {opts.scale!r}")
     device = _device(opts.device)
     if opts.threads:
         torch.set_num_threads(opts.threads)
@@ -237,9 +254,9 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     if "train" in opts.parts or "data" in opts.parts:  # the data part compares with the DW step
         from dwlab.bench.train_step import step_fns
 
-        step_s = interleaved_medians(step_fns(cfg, 80, device), reps=opts.reps, warmup=opts.warmup, device=device)
+        step_s = interleaved_medians(step_fns(cfg, TRAIN_CLASSES[opts.scale], device), reps=opts.reps, warmup=opts.warmup, device=device)
     if "train" in opts.parts:
-        emit(_train_section(cfg, device, step_s))
+        emit(_train_section(cfg, device, step_s, TRAIN_CLASSES[opts.scale]))
     if "throughput" in opts.parts:
         emit(_throughput_section(opts, device))
     if "loss" in opts.parts:
@@ -260,6 +277,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
         f"# dwlab bench ({opts.scale} scale, {device.type})", "",
         f"`{opts.command}`, {datetime.date.today().isoformat()}. Each time is the median of {opts.reps} "
         f"repetitions after {opts.warmup} warm-up ones, candidates run round-robin.", "",
+        *busy_note(busy_load(), os.cpu_count() or 1),
         *_table(["machine", ""], [[k, v] for k, v in info.items()]), "",
         "## Targets", "",
         *_table(["target", "measured", "met"], [[c.target, c.measured, "yes" if c.met else "**no**"] for c in checks]),
