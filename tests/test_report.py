@@ -533,3 +533,11 @@ def test_tuned_columns_come_from_search_sweeps_final_runs_never_rows_the_latest_
     assert header.endswith("tuned_values,AP_defaults_mean,AP_defaults_std,AP_defaults_n,AP_tuned_mean,AP_tuned_std,"
                            "AP_tuned_n,tuned_gap,tuned_significant,tuned_search")  # fmt: skip
     assert "2 method(s) tuned by a search" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_curves_of_up_to_30_points_never_share_a_style():
+    from dwlab.report.figures import line_style
+
+    styles = [tuple(sorted((k, str(v)) for k, v in line_style(i).items())) for i in range(30)]
+    assert len(set(styles)) == 30
+    assert line_style(0)["linestyle"] == "-" and line_style(10)["color"] == line_style(0)["color"]

@@ -104,6 +104,19 @@ def bars_figure(rows: pd.DataFrame, title: str, scale: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+LINES = ("-", "--", ":")
+MARKERS = ("o", "s", "^")
+
+
+def line_style(i: int) -> dict:
+    """The ``i``-th curve's colour, line and marker: the 10 colours of ``tab10``, then the same
+    colours dashed with squares, then dotted with triangles, so that Table 6's 23 curves stay
+    apart (``tab20``'s light shades read as their dark twins beside them)."""
+    palette = matplotlib.colormaps["tab10"].colors
+    k = (i // len(palette)) % len(LINES)
+    return {"color": palette[i % len(palette)], "linestyle": LINES[k], "marker": MARKERS[k]}
+
+
 def curves_figure(history: pd.DataFrame, labels: dict[str, str], title: str, path: Path) -> Path:
     """AP (percent) and loss per epoch, mean over the finished seeds of each point.
 
@@ -113,15 +126,12 @@ def curves_figure(history: pd.DataFrame, labels: dict[str, str], title: str, pat
     fig, (ax_ap, ax_loss) = _figure(2)
     data = history[history["run_id"].isin(labels)].copy()
     data["point"] = data["run_id"].map(labels)
-    cmap = "tab20" if len(set(labels.values())) > 10 else "tab10"
-    palette = matplotlib.colormaps[cmap].colors
     for i, point in enumerate(dict.fromkeys(labels.values())):
-        color = palette[i % len(palette)]
+        style = line_style(i)
         for ax, key, scale in ((ax_ap, "AP", 100.0), (ax_loss, "loss", 1.0)):
             curve = data[(data["point"] == point) & (data["key"] == key)].groupby("step")["value"].mean()
             if len(curve):
-                ax.plot(curve.index, curve.to_numpy() * scale, "o-", color=color, markersize=3,
-                        label=point if key == "loss" else None)
+                ax.plot(curve.index, curve.to_numpy() * scale, markersize=3, label=point if key == "loss" else None, **style)
     steps = data["step"]
     for ax in (ax_ap, ax_loss):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
