@@ -95,8 +95,9 @@ def bars_figure(rows: pd.DataFrame, title: str, scale: str, path: Path) -> Path:
         if math.isnan(r["AP_paper"]):
             ax2.annotate("not in paper", (x[i] + w / 2, 0.02), xycoords=("data", "axes fraction"),
                          rotation=90, ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, part["label"], rotation=20 if len(part) > 4 else 0, ha="right" if len(part) > 4 else "center",
-                  fontsize=8)
+    rotation = 0 if len(part) <= 4 else 20 if len(part) <= 12 else 45  # 45: Table 6's 23 long labels
+    ax.set_xticks(x, part["label"], rotation=rotation, ha="right" if rotation else "center",
+                  rotation_mode="anchor", fontsize=8 if len(part) <= 12 else 7)
     ax.set_title(title + " (y axes zoomed)")
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
