@@ -90,13 +90,27 @@ def test_the_report_warns_when_the_machine_was_busy():
 
 
 def test_train_part_at_the_mini_scale_times_its_trials_step():
-    """At the learning scale the step is the trials' (ResNet-10, bf16 autocast, the generated
-    data's 6 classes), so that its rows read beside Table 6's in-trial step times."""
+    """At the learning scale the step is the trials' model and precision (ResNet-10, bf16
+    autocast, the generated data's 6 classes), so that its rows read beside Table 6's in-trial
+    step times; DW is timed as Table 6 trains it, as released and on the paper's equations."""
     opts = BenchOptions(scale="mini", parts=("train",), reps=1, warmup=0, threads=1, set_=["train.batch_size=2"])
     text = run_bench(opts, echo=lambda _: None)
     assert "# dwlab bench (mini scale, cpu)" in text
     assert "resnet10, FPN 64, 2-conv GN(16) head, 6 classes, batch 2 of 128x128" in text and "bf16 autocast" in text
     assert all(f"| dwlab {m} |" in text for m in ASSIGNERS if m not in ("dw", "fcos"))
+    assert "| dwlab DW |" in text and "| dwlab DW, paper equations |" in text
+
+
+def test_dw_steps_train_as_table_6s_dw_rows():
+    from dwlab.bench.train_step import step_fns
+    from dwlab.config import load_config
+
+    cfg = load_config("smoke", ["train.batch_size=1", "model.fpn_channels=32", "model.head_norm_groups=8", "model.head_convs=1"])
+    fns = step_fns(cfg, 6, CPU)
+    variant = {name: fns[name].func.assigner.params.variant
+               for name in ("dwlab DW", "dwlab DW + refine", "dwlab DW* (DW on the T-head)", "dwlab DW, paper equations")}
+    assert variant == {"dwlab DW": "official", "dwlab DW + refine": "official", "dwlab DW* (DW on the T-head)": "official",
+                       "dwlab DW, paper equations": "paper"}  # fmt: skip
 
 
 def test_eval_and_data_parts_at_the_paper_scale_use_the_generated_datasets_names(tmp_path):

@@ -99,13 +99,17 @@ def in_fresh_process(fn: Callable[..., Any], *args: Any) -> Any:
         return pool.submit(fn, *args).result()
 
 
-def busy_load() -> float:
-    """The 1-minute load average: the work other processes keep this machine busy with."""
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+def busy_load() -> float | None:
+    """The 1-minute load average: the work other processes keep this machine busy with (None where
+    the OS does not say). In a CPU-limited container it is the host's, other tenants included."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # no getloadavg (Windows), or no figure to read
+        return None
 
 
-def machine_info(device: torch.device) -> dict[str, str]:
-    """What the figures were measured on."""
+def machine_info(device: torch.device, load: float | None) -> dict[str, str]:
+    """What the figures were measured on; ``load``: ``busy_load()`` before the first figure."""
     import torchvision
 
     cpu = platform.processor() or platform.machine()
@@ -122,7 +126,7 @@ def machine_info(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
         "device": device.type,
-        "load (1 min) at start": f"{busy_load():.2f}",
+        "load (1 min) at start": "n/a" if load is None else f"{load:.2f}",
     }
     if device.type == "cuda":
         info["GPU"] = torch.cuda.get_device_name(device)

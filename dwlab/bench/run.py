@@ -13,14 +13,15 @@ import torch
 
 from dwlab.bench.measure import busy_load, interleaved_medians, machine_info
 from dwlab.config import Config, load_config
+from dwlab.data.synth import CATEGORIES
 from dwlab.errors import DwlabError
 
 PARTS = ("train", "throughput", "loss", "eval", "data", "sweep")
 SCALES = ("smoke", "mini", "paper")
 BUSY_LOAD = 1.0  # a load average from which the report warns that its figures are not an idle machine's
 #: classes of the training-step part: COCO's 80, except at the learning scale, whose steps read
-#: beside its trials (Table 6's "train ms/step") on its generated data's 6
-TRAIN_CLASSES = {"smoke": 80, "mini": 6, "paper": 80}
+#: beside its trials (Table 6's "train ms/step") on its generated data's
+TRAIN_CLASSES = {"smoke": 80, "mini": len(CATEGORIES), "paper": 80}
 THROUGHPUT_PRESETS = ("smoke", "mini")  # today's fp32 step against the learning scale's
 PRECISION_NAMES = {"fp32": "fp32", "fp16": "fp16 autocast + GradScaler", "bf16": "bf16 autocast"}
 
@@ -50,14 +51,15 @@ class Check:
     met: bool
 
 
-def busy_note(load: float, cores: int) -> list[str]:
-    """The report's warning (markdown lines) when other work kept the machine busy."""
-    if load < BUSY_LOAD:
+def busy_note(load: float | None, cores: int) -> list[str]:
+    """The report's warning (markdown lines) when other work kept the machine busy at the start."""
+    if load is None or load < BUSY_LOAD:
         return []
     return [
         f"> **The machine was busy** (load {load:.1f} at the start, {cores} cores): bursts of other "
-        "work skew candidates unevenly even round-robin (seen: +30 to +60 % on a few of the 22 training "
-        "steps beside two training runs); re-run on an idle machine before reading its ratios.", "",
+        "work skew candidates unevenly even round-robin (seen: a few of the training steps 30-60 % "
+        "slower beside two training runs than on an idle pass); re-run on an idle machine before "
+        "reading its ratios.", "",
     ]
 
 
@@ -240,7 +242,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     cfg = load_config(opts.scale, opts.set_)
-    info = machine_info(device)  # before a part changes the thread count
+    load = busy_load()  # before the bench's own work adds to it
+    info = machine_info(device, load)  # before a part changes the thread count
     checks: list[Check] = []
     sections: list[str] = []
 
@@ -254,7 +257,8 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
     if "train" in opts.parts or "data" in opts.parts:  # the data part compares with the DW step
         from dwlab.bench.train_step import step_fns
 
-        step_s = interleaved_medians(step_fns(cfg, TRAIN_CLASSES[opts.scale], device), reps=opts.reps, warmup=opts.warmup, device=device)
+        fns = step_fns(cfg, TRAIN_CLASSES[opts.scale], device)
+        step_s = interleaved_medians(fns, reps=opts.reps, warmup=opts.warmup, device=device)
     if "train" in opts.parts:
         emit(_train_section(cfg, device, step_s, TRAIN_CLASSES[opts.scale]))
     if "throughput" in opts.parts:
@@ -277,7 +281,7 @@ def run_bench(opts: BenchOptions, echo: Callable[[str], None] = print) -> str:
         f"# dwlab bench ({opts.scale} scale, {device.type})", "",
         f"`{opts.command}`, {datetime.date.today().isoformat()}. Each time is the median of {opts.reps} "
         f"repetitions after {opts.warmup} warm-up ones, candidates run round-robin.", "",
-        *busy_note(busy_load(), os.cpu_count() or 1),
+        *busy_note(load, os.cpu_count() or 1),
         *_table(["machine", ""], [[k, v] for k, v in info.items()]), "",
         "## Targets", "",
         *_table(["target", "measured", "met"], [[c.target, c.measured, "yes" if c.met else "**no**"] for c in checks]),

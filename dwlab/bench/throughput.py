@@ -11,11 +11,12 @@ import torch
 from dwlab.assign import build_assigner
 from dwlab.bench.train_step import synthetic_images
 from dwlab.config import Config
+from dwlab.data.synth import CATEGORIES
 from dwlab.data.transforms import normalize
 from dwlab.engine import StepState, TrainStep, train_one_epoch
 from dwlab.runner import build_detector, make_optimizer, precision
 
-NUM_CLASSES = 6  # the generated dataset's
+NUM_CLASSES = len(CATEGORIES)  # the generated dataset's
 
 
 def step_fn(cfg: Config, device: torch.device) -> Callable[[], None]:

@@ -1,5 +1,6 @@
-"""Training step (forward + loss + backward + optimizer step) of dwlab's FCOS with DW, with DW +
-box refinement, with the FCOS assigner, with every other method of ``ASSIGNERS`` and with TOOD
+"""Training step (forward + loss + backward + optimizer step) of dwlab's FCOS with DW (the
+released recipe, Table 6's row), with DW + box refinement, with DW on the paper's equations, with
+the FCOS assigner, with every other method of ``ASSIGNERS`` and with TOOD
 and DW on TOOD's T-head, against
 ``torchvision.models.detection.FCOS`` built from the same backbone, FPN width, head depth and
 GroupNorm groups, on the same images."""
@@ -27,8 +28,10 @@ GTS_PER_IMAGE = 7  # COCO train2017 has about 7.3 per image
 METHOD_CANDIDATES = {f"dwlab {name}": name for name in ASSIGNERS if name not in ("dw", "fcos")}
 #: TOOD's T-head in place of the FCOS head (``model.head: tood``): with TOOD, and with DW (DW*)
 T_HEAD_CANDIDATES = {"dwlab TOOD on its T-head": "tood", "dwlab DW* (DW on the T-head)": "dw"}
-CANDIDATES = ("dwlab DW", "dwlab DW + refine", "dwlab FCOS assigner", *METHOD_CANDIDATES, *T_HEAD_CANDIDATES,
-              "torchvision FCOS")  # fmt: skip
+#: DW's steps are Table 6's rows: the released recipe, and the paper's equations as a row of its own
+DW_PAPER_EQUATIONS = "dwlab DW, paper equations"
+CANDIDATES = ("dwlab DW", "dwlab DW + refine", DW_PAPER_EQUATIONS, "dwlab FCOS assigner", *METHOD_CANDIDATES,
+              *T_HEAD_CANDIDATES, "torchvision FCOS")  # fmt: skip
 
 
 def synthetic_images(cfg: Config, num_classes: int, seed: int = 0) -> tuple[torch.Tensor, list[Target]]:
@@ -88,13 +91,18 @@ def step_fns(cfg: Config, num_classes: int, device: torch.device) -> dict[str, C
 
     fns: dict[str, Callable[[], None]] = {}
     runs = [("dwlab DW", False, "dw", "fcos"), ("dwlab DW + refine", True, "dw", "fcos"),
-            ("dwlab FCOS assigner", False, "fcos", "fcos")]  # fmt: skip
+            (DW_PAPER_EQUATIONS, False, "dw", "fcos"), ("dwlab FCOS assigner", False, "fcos", "fcos")]  # fmt: skip
     runs += [(n, False, m, "fcos") for n, m in METHOD_CANDIDATES.items()]
     runs += [(n, False, m, "tood") for n, m in T_HEAD_CANDIDATES.items()]
     for name, refine, assigner_name, head in runs:
         torch.manual_seed(0)
-        assigner = build_assigner(cfg.assigner.model_copy(update={"name": assigner_name}), num_classes)
-        model_cfg = cfg.model.model_copy(update={"pretrained": False, "box_refine": refine, "head": head})
+        assigner_cfg = cfg.assigner.model_copy(update={"name": assigner_name})
+        official = assigner_name == "dw" and name != DW_PAPER_EQUATIONS  # Table 6's DW rows: as released
+        if official:
+            assigner_cfg = assigner_cfg.model_copy(update={"dw": assigner_cfg.dw.model_copy(update={"variant": "official"})})
+        assigner = build_assigner(assigner_cfg, num_classes)
+        model_cfg = cfg.model.model_copy(update={"pretrained": False, "box_refine": refine, "head": head,
+                                                 **({"prior_prob": 0.02} if official else {})})  # fmt: skip
         # the method's head initialisation and learnable parameters, as in training
         model = build_detector(cfg.model_copy(update={"model": model_cfg}), num_classes, assigner)
         scaler, autocast_dtype, memory_format = precision(cfg, device)

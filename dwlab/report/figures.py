@@ -19,6 +19,7 @@ from matplotlib.ticker import MaxNLocator
 FIGSIZE = (10.0, 5.0)  # inches
 DPI = 100  # -> 1000 x 500 pixels
 OURS, PAPER = "tab:blue", "tab:orange"
+LINES, MARKERS = ("-", "--", ":"), ("o", "s", "^")  # the curves' styles past tab10's 10 colours
 
 
 def _figure(ncols: int = 1) -> tuple[Figure, list]:
@@ -103,10 +104,6 @@ def bars_figure(rows: pd.DataFrame, title: str, scale: str, path: Path) -> Path:
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
     return _save(fig, path)
-
-
-LINES = ("-", "--", ":")
-MARKERS = ("o", "s", "^")
 
 
 def line_style(i: int) -> dict:
